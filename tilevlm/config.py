@@ -1,0 +1,216 @@
+"""VLMConfig: every size and switch of a tilevlm model, validated at construction.
+
+Field names follow the seed document (and nanoVLM, so its config.json files load).
+Derived fields (`vit_inter_dim` when unset, `lm_vocab_size`, `grid_side`) are computed in
+`__post_init__`, so overriding one field never leaves another stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Special-token strings, nanoVLM's, so its checkpoints keep their token ids.
+IMAGE_TOKEN = "<|image|>"
+GLOBAL_IMAGE_TOKEN = "<|global_image|>"
+
+
+def grid_token(row: int, col: int) -> str:
+    """The token string for tile (row, col), both 1-based: `r{row}c{col}` in the seed's names."""
+    return f"<row_{row}_col_{col}>"
+
+
+@dataclass
+class VLMConfig:
+    # Vision encoder (SigLIP-B/16-224 by default).
+    vit_img_size: int = 224  # the tile size: every tile is vit_img_size x vit_img_size pixels
+    vit_patch_size: int = 16
+    vit_hidden_dim: int = 768
+    vit_inter_dim: int | None = None  # None: 4 * vit_hidden_dim
+    vit_n_heads: int = 12
+    vit_n_blocks: int = 12
+    vit_ln_eps: float = 1e-6
+
+    # Language decoder (SmolLM2-135M by default).
+    lm_hidden_dim: int = 576
+    lm_inter_dim: int = 1536
+    lm_n_heads: int = 9
+    lm_n_kv_heads: int = 3
+    lm_n_blocks: int = 30
+    lm_base_vocab_size: int = 49152  # the base tokenizer's vocabulary, before our special tokens
+    lm_vocab_size: int | None = None  # derived: base + image + global + grid_side^2 grid tokens
+    lm_re_base: float = 100000.0  # RoPE theta
+    lm_rms_eps: float = 1e-5
+    lm_max_position_embeddings: int = 8192
+    lm_max_length: int = 1024  # longest sequence (text + image tokens) a sample may have
+    lm_tie_weights: bool = True
+
+    # Modality projector.
+    mp_pixel_shuffle_factor: int = 2
+    mp_image_token_length: int = 49
+
+    # Images.
+    max_img_size: int = 224  # the long side of a resized image is at most this
+    resize_to_max_side_len: bool = False  # True: always scale the long side to max_img_size
+    use_global_tile: bool = True  # a thumbnail tile before the grid (never for a 1x1 grid)
+    grid_side: int | None = None  # derived: grid tokens cover grid_side x grid_side tiles
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SigLIP; (0,0,0) for nanoVLM
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SigLIP; (1,1,1) for nanoVLM
+    max_image_pixels: int = 89_478_485  # larger images are refused (decompression bombs)
+
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
+        if self.vit_inter_dim is None:
+            self.vit_inter_dim = 4 * self.vit_hidden_dim
+        max_tiles_per_side = max(1, self.max_img_size // max(self.vit_img_size, 1))
+        needed_side = max(8, max_tiles_per_side)  # 8x8 as in nanoVLM, more when asked for
+        if self.grid_side is None:
+            self.grid_side = needed_side
+        vocab = self.lm_base_vocab_size + 2 + self.grid_side**2
+        if self.lm_vocab_size is None:
+            self.lm_vocab_size = vocab
+        self._validate(max_tiles_per_side, vocab)
+
+    def _validate(self, max_tiles_per_side: int, vocab: int) -> None:
+        positive = [f.name for f in dataclasses.fields(self) if f.type in ("int", "float")]
+        for name in positive:
+            value = getattr(self, name)
+            if name != "lm_vocab_size" and value is not None and value <= 0:
+                _fail(name, f"must be > 0, got {value}")
+        _check(self.vit_img_size % self.vit_patch_size == 0, "vit_img_size",
+               f"must be a multiple of vit_patch_size ({self.vit_img_size} % {self.vit_patch_size} != 0)")
+        side = self.vit_img_size // self.vit_patch_size
+        factor = self.mp_pixel_shuffle_factor
+        _check(side % factor == 0, "mp_pixel_shuffle_factor",
+               f"must divide the patches per side ({side} patches per side, factor {factor})")
+        expected = (side // factor) ** 2
+        _check(self.mp_image_token_length == expected, "mp_image_token_length",
+               f"must equal (vit_img_size / vit_patch_size / mp_pixel_shuffle_factor)^2 = "
+               f"({self.vit_img_size}/{self.vit_patch_size}/{factor})^2 = {expected}, "
+               f"got {self.mp_image_token_length}")
+        _check(self.vit_hidden_dim % self.vit_n_heads == 0, "vit_n_heads",
+               f"must divide vit_hidden_dim ({self.vit_hidden_dim} % {self.vit_n_heads} != 0)")
+        _check(self.lm_hidden_dim % self.lm_n_heads == 0, "lm_n_heads",
+               f"must divide lm_hidden_dim ({self.lm_hidden_dim} % {self.lm_n_heads} != 0)")
+        _check(self.lm_n_heads % self.lm_n_kv_heads == 0, "lm_n_kv_heads",
+               f"must divide lm_n_heads ({self.lm_n_heads} % {self.lm_n_kv_heads} != 0)")
+        _check((self.lm_hidden_dim // self.lm_n_heads) % 2 == 0, "lm_n_heads",
+               f"head dim lm_hidden_dim / lm_n_heads = {self.lm_hidden_dim / self.lm_n_heads} "
+               "must be even for rotary embeddings")
+        _check(self.max_img_size >= self.vit_img_size, "max_img_size",
+               f"must be at least one tile (vit_img_size = {self.vit_img_size}), got {self.max_img_size}")
+        _check(self.grid_side >= max_tiles_per_side, "grid_side",
+               f"must cover the largest grid, max_img_size // vit_img_size = {max_tiles_per_side}, "
+               f"got {self.grid_side}")
+        _check(self.lm_vocab_size >= vocab, "lm_vocab_size",
+               f"must hold the base vocabulary plus 2 + grid_side^2 special tokens = {vocab}, "
+               f"got {self.lm_vocab_size}")
+        _check(self.lm_max_length <= self.lm_max_position_embeddings, "lm_max_length",
+               f"must be <= lm_max_position_embeddings ({self.lm_max_position_embeddings})")
+        for name in ("image_mean", "image_std"):
+            _check(len(getattr(self, name)) == 3, name, "must have 3 values (R, G, B)")
+        _check(all(s > 0 for s in self.image_std), "image_std", "values must be > 0")
+
+    # Derived sizes, read-only.
+    @property
+    def patches_per_side(self) -> int:
+        return self.vit_img_size // self.vit_patch_size
+
+    @property
+    def max_tiles_per_side(self) -> int:
+        return self.max_img_size // self.vit_img_size
+
+    @property
+    def lm_head_dim(self) -> int:
+        return self.lm_hidden_dim // self.lm_n_heads
+
+    @property
+    def n_special_tokens(self) -> int:
+        return 2 + self.grid_side**2
+
+    # Serialisation.
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["image_mean"] = list(self.image_mean)
+        data["image_std"] = list(self.image_std)
+        return data
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "VLMConfig":
+        """Build a config from a dict; unknown keys are an error unless strict=False."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown and strict:
+            raise ValueError(f"unknown VLMConfig fields: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path, strict: bool = True) -> "VLMConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of VLMConfig fields")
+        return cls.from_dict(data, strict=strict)
+
+    def replace(self, **changes: Any) -> "VLMConfig":
+        """A new config with some fields changed; derived fields are recomputed unless given."""
+        data = dataclasses.asdict(self)
+        for derived in ("lm_vocab_size", "grid_side"):
+            if derived not in changes:
+                data[derived] = None
+        if "vit_hidden_dim" in changes and "vit_inter_dim" not in changes:
+            data["vit_inter_dim"] = None
+        data.update(changes)
+        return VLMConfig(**data)
+
+
+def _check(ok: bool, name: str, rule: str) -> None:
+    if not ok:
+        _fail(name, rule)
+
+
+def _fail(name: str, rule: str) -> None:
+    raise ValueError(f"VLMConfig.{name} {rule}")
+
+
+_SIGLIP_B16_224 = dict(vit_img_size=224, vit_patch_size=16, vit_hidden_dim=768, vit_inter_dim=3072,
+                       vit_n_heads=12, vit_n_blocks=12, vit_ln_eps=1e-6)
+_SMOLLM2_135M = dict(lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3,
+                     lm_n_blocks=30, lm_base_vocab_size=49152, lm_re_base=100000.0,
+                     lm_rms_eps=1e-5, lm_tie_weights=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed's working configuration: one 224 tile, 49 image tokens.
+    "original_small": dict(**_SIGLIP_B16_224, **_SMOLLM2_135M, max_img_size=224, lm_max_length=1024),
+    # Split presets: up to 2x2 / 4x4 tiles plus a global thumbnail tile.
+    "split_448": dict(**_SIGLIP_B16_224, **_SMOLLM2_135M, max_img_size=448, lm_max_length=1024),
+    "split_896": dict(**_SIGLIP_B16_224, **_SMOLLM2_135M, max_img_size=896, lm_max_length=2048),
+    # Small widths, same mechanism: tests and `tilevlm demo` (3x3 grids of 32-px tiles).
+    "tiny": dict(vit_img_size=32, vit_patch_size=4, vit_hidden_dim=64, vit_inter_dim=256,
+                 vit_n_heads=4, vit_n_blocks=2, lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4,
+                 lm_n_kv_heads=2, lm_n_blocks=2, lm_base_vocab_size=512, lm_re_base=10000.0,
+                 lm_max_length=512, lm_max_position_embeddings=1024, mp_pixel_shuffle_factor=2,
+                 mp_image_token_length=16, max_img_size=96, lm_tie_weights=True),
+}
+
+
+def preset(name: str, **overrides: Any) -> VLMConfig:
+    """A fresh config for a named preset, with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return VLMConfig(**{**PRESETS[name], **overrides, "name": overrides.get("name", name)})
