@@ -1,0 +1,134 @@
+import re
+
+import numpy as np
+import pytest
+
+from tilevlm.data import COLOURS, QUESTION_TYPES, SHAPES, SyntheticSpec, SyntheticVQA, corpus_texts
+from tilevlm.data.synthetic import IMAGE_PLACEHOLDER, SPLIT_CODES, make_sample
+
+CELL = re.compile(r"row (\d+), column (\d+)")
+
+
+def nearest_colour(pixel: np.ndarray) -> str:
+    return min(COLOURS, key=lambda name: np.linalg.norm(np.asarray(COLOURS[name]) - pixel))
+
+
+def test_deterministic_per_split_and_index():
+    a, b = make_sample("train", 17), make_sample("train", 17)
+    assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert (a["question"], a["answer"], a["grid"], a["objects"]) == \
+        (b["question"], b["answer"], b["grid"], b["objects"])
+
+
+def test_resume_matches_full_iteration():
+    ds = SyntheticVQA("validation", 12)
+    full = [s["question"] + s["answer"] for s in ds]
+    resumed = [s["question"] + s["answer"] for s in ds.iter_from(7)]
+    assert resumed == full[7:]
+    assert ds[-1]["index"] == 11
+    with pytest.raises(IndexError):
+        ds[12]
+
+
+def test_splits_are_disjoint():
+    fingerprints = {}
+    for split in SPLIT_CODES:
+        for i in range(60):
+            key = np.asarray(make_sample(split, i)["image"]).tobytes()
+            assert key not in fingerprints, f"{split}[{i}] equals {fingerprints[key]}"
+            fingerprints[key] = (split, i)
+
+
+def test_seed_changes_the_data():
+    a = make_sample("train", 3, SyntheticSpec(seed=0))
+    b = make_sample("train", 3, SyntheticSpec(seed=1))
+    assert not np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+
+
+@pytest.mark.parametrize("tile", [16, 32, 64])
+def test_image_is_tile_multiple_and_grid_in_range(tile):
+    for i in range(30):
+        s = make_sample("train", i, SyntheticSpec(tile_size=tile))
+        n_h, n_w = s["grid"]
+        assert 1 <= n_h <= 3 and 1 <= n_w <= 3
+        assert s["image"].size == (n_w * tile, n_h * tile)
+        assert s["image"].mode == "RGB"
+        assert len(s["objects"]) == n_h * n_w
+
+
+def test_objects_drawn_inside_their_tile_with_their_colour():
+    spec = SyntheticSpec(tile_size=32)
+    for i in range(40):
+        s = make_sample("test", i, spec)
+        pixels = np.asarray(s["image"]).astype(int)
+        for obj in s["objects"]:
+            x0, y0, x1, y1 = obj.box
+            t = spec.tile_size
+            assert (obj.col - 1) * t <= x0 < x1 < obj.col * t
+            assert (obj.row - 1) * t <= y0 < y1 < obj.row * t
+            cx, cy = obj.centre
+            assert nearest_colour(pixels[cy, cx]) == obj.colour
+            assert obj.shape in SHAPES
+
+
+def test_answers_match_the_drawn_content():
+    spec = SyntheticSpec(questions_per_image=6)
+    for i in range(80):
+        s = make_sample("train", i, spec)
+        pixels = np.asarray(s["image"]).astype(int)
+        cells = {(o.row, o.col): o for o in s["objects"]}
+        n_h, n_w = s["grid"]
+        for question, answer, qtype in s["turns"]:
+            if qtype in ("colour", "shape"):
+                obj = cells[tuple(int(v) for v in CELL.search(question).groups())]
+                if qtype == "colour":
+                    cx, cy = obj.centre
+                    assert answer == obj.colour == nearest_colour(pixels[cy, cx])
+                else:
+                    assert answer == obj.shape
+            elif qtype == "rows":
+                assert answer == str(n_h)
+            elif qtype == "columns":
+                assert answer == str(n_w)
+            else:
+                colour, shape = re.match(r"Where is the (\w+) (\w+)\?", question).groups()
+                matches = [o for o in s["objects"] if (o.colour, o.shape) == (colour, shape)]
+                assert len(matches) == 1, "where questions are only asked when unique"
+                assert answer == f"row {matches[0].row}, column {matches[0].col}"
+
+
+def test_all_question_types_present_and_weights_respected():
+    qtypes = [make_sample("train", i)["qtype"] for i in range(300)]
+    assert set(qtypes) == set(QUESTION_TYPES)
+    only_colour = SyntheticSpec(qtype_weights=(1, 0, 0, 0, 0))
+    assert {make_sample("train", i, only_colour)["qtype"] for i in range(30)} == {"colour"}
+
+
+def test_conversation_form():
+    s = make_sample("train", 5, SyntheticSpec(questions_per_image=3))
+    msgs = s["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
+    assert msgs[0]["content"] == IMAGE_PLACEHOLDER + s["question"]
+    assert msgs[1]["content"] == s["answer"]
+    assert all(IMAGE_PLACEHOLDER not in m["content"] for m in msgs[1:])
+
+
+def test_corpus_covers_every_question_and_answer():
+    corpus = set(corpus_texts(max_grid=3))
+    for i in range(100):
+        for question, answer, _ in make_sample("train", i, SyntheticSpec(questions_per_image=4))["turns"]:
+            assert question in corpus
+            assert answer in corpus
+    assert any(ch.isdigit() for text in corpus for ch in text)
+
+
+@pytest.mark.parametrize("bad", [dict(tile_size=4), dict(max_grid=0), dict(qtype_weights=(1, 0)),
+                                 dict(qtype_weights=(0, 0, 0, 0, 0)), dict(questions_per_image=0)])
+def test_bad_spec_is_refused(bad):
+    with pytest.raises(ValueError):
+        SyntheticSpec(**bad)
+
+
+def test_bad_split_is_refused():
+    with pytest.raises(ValueError, match="unknown split"):
+        make_sample("dev", 0)

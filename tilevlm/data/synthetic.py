@@ -1,0 +1,249 @@
+"""Built-in synthetic tile-grid VQA: the data `tilevlm demo` trains and evaluates on.
+
+An image is an `n_h x n_w` grid (1..max_grid per side) of `tile_size`-pixel tiles, so its size is
+already a tile multiple and the image pipeline's resize is the identity. Each tile holds one
+coloured shape at a random position and size on a noisy dark background. Questions need the grid:
+
+    colour   "What colour is the shape in row 2, column 3?"  -> "red"
+    shape    "What shape is in row 1, column 1?"             -> "circle"
+    rows     "How many rows of tiles are there?"             -> "2"
+    columns  "How many columns of tiles are there?"          -> "3"
+    where    "Where is the red triangle?"                    -> "row 2, column 1"  (only if unique)
+
+Determinism and disjoint splits: sample `index` of split `s` is drawn from
+`numpy.random.default_rng([seed, SPLIT_CODES[s], index])`. NumPy's SeedSequence hashes the whole
+entropy list, so different `(seed, split, index)` keys give independent streams; the split code is
+part of every key, so no train key is ever a validation or test key, and a sample depends only on
+its key (a data position can be resumed by index, in any order, in any process).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_PLACEHOLDER = "<image>"
+
+# Six colours far apart in RGB (the closest pair, blue/cyan, is ~150 apart) and far from the
+# dark background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 80, 250),
+    "yellow": (245, 230, 40),
+    "purple": (180, 40, 230),
+    "cyan": (30, 225, 225),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "rows", "columns", "where")
+SPLIT_CODES: dict[str, int] = {"train": 0, "validation": 1, "test": 2}
+
+TEMPLATES: dict[str, str] = {
+    "colour": "What colour is the shape in row {row}, column {col}?",
+    "shape": "What shape is in row {row}, column {col}?",
+    "rows": "How many rows of tiles are there?",
+    "columns": "How many columns of tiles are there?",
+    "where": "Where is the {colour} {shape}?",
+}
+WHERE_ANSWER = "row {row}, column {col}"
+
+BACKGROUND_MAX = 70  # background pixels are uniform noise in [0, BACKGROUND_MAX]
+SHAPE_NOISE = 12  # shape pixels are the colour +- this much
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What the generator draws. `qtype_weights` follows QUESTION_TYPES; `questions_per_image` > 1
+    makes multi-turn conversations (several questions about one image, all supervised)."""
+
+    tile_size: int = 32
+    max_grid: int = 3
+    seed: int = 0
+    qtype_weights: tuple[float, ...] = (0.3, 0.3, 0.1, 0.1, 0.2)
+    questions_per_image: int = 1
+    min_shape_frac: float = 0.45  # shape size as a fraction of the tile side
+    max_shape_frac: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 8:
+            raise ValueError(f"SyntheticSpec.tile_size must be >= 8, got {self.tile_size}")
+        if not 1 <= self.max_grid <= 8:
+            raise ValueError(f"SyntheticSpec.max_grid must be in 1..8, got {self.max_grid}")
+        if len(self.qtype_weights) != len(QUESTION_TYPES) or min(self.qtype_weights) < 0 \
+                or sum(self.qtype_weights) <= 0:
+            raise ValueError(f"SyntheticSpec.qtype_weights needs {len(QUESTION_TYPES)} "
+                             f"non-negative weights ({', '.join(QUESTION_TYPES)}), "
+                             f"got {self.qtype_weights}")
+        if self.questions_per_image < 1:
+            raise ValueError("SyntheticSpec.questions_per_image must be >= 1")
+        if not 0 < self.min_shape_frac <= self.max_shape_frac <= 1:
+            raise ValueError("SyntheticSpec needs 0 < min_shape_frac <= max_shape_frac <= 1")
+
+
+@dataclass(frozen=True)
+class TileObject:
+    """The shape drawn in tile (row, col), 1-based; `box` is (x0, y0, x1, y1) in image pixels."""
+
+    row: int
+    col: int
+    shape: str
+    colour: str
+    box: tuple[int, int, int, int]
+
+    @property
+    def centre(self) -> tuple[int, int]:
+        return (self.box[0] + self.box[2]) // 2, (self.box[1] + self.box[3]) // 2
+
+
+def sample_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
+    """The random stream of one sample: a pure function of (seed, split, index)."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLIT_CODES)}")
+    if index < 0:
+        raise ValueError(f"sample index must be >= 0, got {index}")
+    return np.random.default_rng([seed, SPLIT_CODES[split], index])
+
+
+def make_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Any]:
+    """One sample: image, first question/answer/qtype, grid, all turns, conversation messages."""
+    rng = sample_rng(split, index, spec.seed)
+    n_h, n_w = (int(v) for v in rng.integers(1, spec.max_grid + 1, size=2))
+    objects = [_draw_object(rng, spec, r + 1, c + 1) for r in range(n_h) for c in range(n_w)]
+    image = _render(rng, spec, n_h, n_w, objects)
+    turns = [_ask(rng, spec, n_h, n_w, objects) for _ in range(spec.questions_per_image)]
+    question, answer, qtype = turns[0]
+    return {"image": image, "question": question, "answer": answer, "qtype": qtype,
+            "grid": (n_h, n_w), "objects": objects, "turns": turns,
+            "messages": to_messages(turns), "split": split, "index": index}
+
+
+def to_messages(turns: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+    """Conversation form; the image placeholder opens the first user turn."""
+    messages = []
+    for i, (question, answer, _) in enumerate(turns):
+        prefix = IMAGE_PLACEHOLDER if i == 0 else ""
+        messages.append({"role": "user", "content": prefix + question})
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def _draw_object(rng: np.random.Generator, spec: SyntheticSpec, row: int, col: int) -> TileObject:
+    t = spec.tile_size
+    high = min(int(spec.max_shape_frac * t), t - 2)  # at least a 1-px margin on each side
+    low = min(math.ceil(spec.min_shape_frac * t), high)
+    size = int(rng.integers(low, high + 1))
+    x0 = (col - 1) * t + int(rng.integers(1, t - size))
+    y0 = (row - 1) * t + int(rng.integers(1, t - size))
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    return TileObject(row, col, shape, colour, (x0, y0, x0 + size - 1, y0 + size - 1))
+
+
+def _render(rng: np.random.Generator, spec: SyntheticSpec, n_h: int, n_w: int,
+            objects: list[TileObject]) -> Image.Image:
+    h, w = n_h * spec.tile_size, n_w * spec.tile_size
+    mask_img = Image.new("L", (w, h), 0)  # 0 = background, k = object k-1
+    draw = ImageDraw.Draw(mask_img)
+    for k, obj in enumerate(objects, start=1):
+        _draw_shape(draw, obj.shape, obj.box, k)
+    mask = np.asarray(mask_img)  # (h, w)
+    pixels = rng.integers(0, BACKGROUND_MAX + 1, size=(h, w, 3))  # (h, w, 3)
+    palette = np.array([(0, 0, 0)] + [COLOURS[o.colour] for o in objects])  # (1 + N, 3)
+    noise = rng.integers(-SHAPE_NOISE, SHAPE_NOISE + 1, size=(h, w, 3))
+    shaded = np.clip(palette[mask] + noise, 0, 255)
+    pixels = np.where(mask[..., None] > 0, shaded, pixels)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
+                fill: int) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif shape == "cross":
+        arm = max(1, (x1 - x0 + 1) // 6)  # half the bar thickness
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        draw.rectangle((cx - arm, y0, cx + arm, y1), fill=fill)
+        draw.rectangle((x0, cy - arm, x1, cy + arm), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _ask(rng: np.random.Generator, spec: SyntheticSpec, n_h: int, n_w: int,
+         objects: list[TileObject]) -> tuple[str, str, str]:
+    """One (question, answer, qtype); a `where` draw falls back to another type when no
+    colour+shape pair in the image is unique."""
+    weights = np.asarray(spec.qtype_weights, dtype=float)
+    counts: dict[tuple[str, str], int] = {}
+    for obj in objects:
+        counts[(obj.colour, obj.shape)] = counts.get((obj.colour, obj.shape), 0) + 1
+    unique = [o for o in objects if counts[(o.colour, o.shape)] == 1]
+    if not unique:
+        weights[QUESTION_TYPES.index("where")] = 0.0
+    if weights.sum() <= 0:
+        weights = np.ones(len(QUESTION_TYPES))
+        weights[QUESTION_TYPES.index("where")] = 0.0
+    qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights / weights.sum()))]
+    if qtype in ("colour", "shape"):
+        obj = objects[int(rng.integers(len(objects)))]
+        question = TEMPLATES[qtype].format(row=obj.row, col=obj.col)
+        return question, obj.colour if qtype == "colour" else obj.shape, qtype
+    if qtype in ("rows", "columns"):
+        return TEMPLATES[qtype], str(n_h if qtype == "rows" else n_w), qtype
+    obj = unique[int(rng.integers(len(unique)))]
+    question = TEMPLATES["where"].format(colour=obj.colour, shape=obj.shape)
+    return question, WHERE_ANSWER.format(row=obj.row, col=obj.col), qtype
+
+
+class SyntheticVQA:
+    """`length` samples of one split, indexable (`ds[i]`) and iterable; `iter_from(start)` resumes
+    a data position. Works with `torch.utils.data.DataLoader` (map-style)."""
+
+    def __init__(self, split: str, length: int, spec: SyntheticSpec = SyntheticSpec()) -> None:
+        sample_rng(split, 0, spec.seed)  # validates the split name
+        if length < 0:
+            raise ValueError(f"dataset length must be >= 0, got {length}")
+        self.split, self.length, self.spec = split, length, spec
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} samples")
+        return make_sample(self.split, index, self.spec)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[dict[str, Any]]:
+        for index in range(start, self.length):
+            yield make_sample(self.split, index, self.spec)
+
+
+def corpus_texts(max_grid: int = 8) -> list[str]:
+    """Every question and answer the generator can produce (grids up to `max_grid` per side),
+    plus the digits and the chat roles: the text a tokenizer for this data is trained from."""
+    texts = [TEMPLATES["rows"], TEMPLATES["columns"], "0 1 2 3 4 5 6 7 8 9", "user", "assistant"]
+    cells = [(r, c) for r in range(1, max_grid + 1) for c in range(1, max_grid + 1)]
+    for row, col in cells:
+        texts.append(TEMPLATES["colour"].format(row=row, col=col))
+        texts.append(TEMPLATES["shape"].format(row=row, col=col))
+        texts.append(WHERE_ANSWER.format(row=row, col=col))
+    for colour in COLOURS:
+        for shape in SHAPES:
+            texts.append(TEMPLATES["where"].format(colour=colour, shape=shape))
+    texts.extend(COLOURS)
+    texts.extend(SHAPES)
+    texts.extend(str(n) for n in range(1, max_grid + 1))
+    return texts
