@@ -1,0 +1,278 @@
+"""Generation with a static KV cache: one prefill over text + image embeddings, then one token
+per step, never recomputing the prefix.
+
+The loop keeps every shape static (the cache is allocated once for prompt + max_new_tokens, the
+attention mask is [B, max_len] from the start), so `decode_step` can be captured by
+`torch.compile(mode="reduce-overhead")` on CUDA. The only host-device synchronisation per step is
+the stop decision ("are all rows finished?"), and with stop strings the text check.
+Finished rows keep running inside the batch (static shapes) but stop growing in the output.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from tilevlm.sampling import SamplingParams, StopStrings, sample_next_token
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # real (non-pad) prompt tokens over the batch
+    image_tokens: int = 0  # of which image placeholders
+    tiles: int = 0
+    new_tokens: int = 0  # generated tokens kept in the outputs, over the batch
+    steps: int = 0  # decode steps run
+    time_to_first_token: float = 0.0  # seconds: prefill + first sample
+    decode_seconds: float = 0.0  # seconds after the first token
+    batch_rows: int = 1
+
+    @property
+    def text_tokens(self) -> int:
+        return self.prompt_tokens - self.image_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode throughput of the batch: rows x decode steps after the first token, per second."""
+        later = (self.steps - 1) * self.batch_rows
+        return later / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"prompt {self.prompt_tokens} tokens ({self.text_tokens} text / {self.image_tokens} "
+                f"image), {self.tiles} tiles, {self.new_tokens} new tokens, time to first token "
+                f"{self.time_to_first_token:.3f} s, {self.tokens_per_second:.1f} tokens/s")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated ids per row, without EOS and without padding
+    texts: list[str] | None  # decoded (and cut at a stop string) when a tokenizer was given
+    finish_reasons: list[str]  # "eos" | "stop_string" | "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class _Row:
+    """What one batch row has produced so far."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+
+
+def _check_batch(model: Any, batch: dict[str, Any], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, seq] with seq > 0, got {list(input_ids.shape)}")
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("generation needs LEFT padding (the last prompt token of every row must be "
+                         "real): build the batch with padding_side='left'")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = model.cfg.lm_max_position_embeddings
+    if input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
+                         f"exceeds the model's {limit} positions")
+    return input_ids, mask
+
+
+def decode_step(model: Any, tokens: torch.Tensor, positions: torch.Tensor,
+                cache_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One cached step: tokens [B] at positions [B] into slot cache_position [1] -> logits [B, V]."""
+    embeds = model.decoder.embed(tokens.unsqueeze(1))  # (B, 1, D)
+    hidden = model.decoder(embeds, attention_mask=mask, position_ids=positions.unsqueeze(1),
+                           cache_position=cache_position)  # (B, 1, D)
+    return model.decoder.logits(hidden[:, -1])  # (B, V)
+
+
+def _prefill(model: Any, input_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: Any,
+             full_mask: torch.Tensor) -> torch.Tensor:
+    """Run the prompt through the decoder, filling cache slots [0, T) -> last logits [B, V]."""
+    t = input_ids.shape[1]
+    embeds = model.embed_inputs(input_ids, pixel_values)  # (B, T, D)
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    cache_position = torch.arange(t, device=input_ids.device)
+    hidden = model.decoder(embeds, attention_mask=full_mask, position_ids=positions,
+                           cache_position=cache_position)  # (B, T, D)
+    return model.decoder.logits(hidden[:, -1])  # (B, V)
+
+
+def _seen_tokens(input_ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    counts = torch.zeros(input_ids.shape[0], vocab, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids, mask.float()) > 0  # (B, V), pads not counted
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: Any,
+    batch: dict[str, Any],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    eos_token_ids: Sequence[int] = (),
+    seed: int | None = None,
+    step_fn: Callable[..., torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens [B], finished-before-this-step [B]) once per generated position.
+
+    The caller decides when to stop (it may break out early); the cache is freed at the end.
+    """
+    input_ids, prompt_mask = _check_batch(model, batch, max_new_tokens)
+    device = next(model.parameters()).device
+    input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+    b, t = input_ids.shape
+    max_len = t + max_new_tokens
+    full_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
+    full_mask[:, :t] = prompt_mask
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    eos = torch.tensor(list(eos_token_ids) or [-1], device=device)
+    seen = (_seen_tokens(input_ids, prompt_mask, model.cfg.lm_vocab_size)
+            if sampling.repetition_penalty != 1.0 else None)
+    step_fn = step_fn or decode_step
+    model.decoder.setup_cache(b, max_len)
+    try:
+        logits = _prefill(model, input_ids, prompt_mask, batch.get("pixel_values"), full_mask)
+        positions = prompt_mask.long().sum(-1)  # (B,) next position of each row
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        for i in range(max_new_tokens):
+            tokens = sample_next_token(logits, sampling, seen, generator)  # (B,)
+            yield tokens, done
+            done = done | torch.isin(tokens, eos)
+            if seen is not None:
+                seen.scatter_(1, tokens.unsqueeze(1), True)
+            if i + 1 == max_new_tokens:
+                break
+            cache_position = torch.tensor([t + i], device=device)
+            logits = step_fn(model, tokens, positions, cache_position, full_mask)
+            positions = positions + 1
+    finally:
+        model.decoder.clear_cache()
+
+
+def _batch_stats(model: Any, batch: dict[str, Any]) -> GenerationStats:
+    mask = batch.get("attention_mask")
+    ids = batch["input_ids"]
+    real = int(mask.sum()) if mask is not None else ids.numel()
+    image = int((ids == model.image_token_id).sum())
+    pixels = batch.get("pixel_values")
+    tiles = 0 if pixels is None else image // model.cfg.mp_image_token_length
+    return GenerationStats(prompt_tokens=real, image_tokens=image, tiles=tiles,
+                           batch_rows=ids.shape[0])
+
+
+def generate(
+    model: Any,
+    batch: dict[str, Any],
+    max_new_tokens: int = 64,
+    sampling: SamplingParams = SamplingParams(),
+    eos_token_ids: Sequence[int] | int | None = None,
+    tokenizer: Any = None,
+    stop_strings: Sequence[str] | None = None,
+    seed: int | None = None,
+    step_fn: Callable[..., torch.Tensor] | None = None,
+) -> GenerationOutput:
+    """Generate for every row of a left-padded batch; finished rows stop growing.
+
+    EOS defaults to the tokenizer's `eos_token_id`. Stop strings need the tokenizer (text level).
+    """
+    eos_ids = _eos_ids(eos_token_ids, tokenizer)
+    stops = StopStrings(stop_strings)
+    if stops and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to decode the text")
+    rows = [_Row() for _ in range(batch["input_ids"].shape[0])]
+    stats = _batch_stats(model, batch)
+    start = time.perf_counter()
+    steps = generate_ids(model, batch, max_new_tokens, sampling, eos_ids, seed, step_fn)
+    with closing(steps):  # frees the KV cache at once, also when we stop early
+        for step, (tokens, _) in enumerate(steps):
+            if step == 0:
+                stats.time_to_first_token = time.perf_counter() - start
+            _extend_rows(rows, tokens.tolist(), eos_ids, stops, tokenizer)
+            stats.steps = step + 1
+            if all(r.finish for r in rows):
+                break
+    stats.decode_seconds = time.perf_counter() - start - stats.time_to_first_token
+    for r in rows:
+        r.finish = r.finish or "length"
+    stats.new_tokens = sum(len(r.tokens) for r in rows)
+    texts = None if tokenizer is None else [_final_text(tokenizer, r.tokens, stops) for r in rows]
+    return GenerationOutput([r.tokens for r in rows], texts, [r.finish for r in rows], stats)
+
+
+def _eos_ids(eos_token_ids: Sequence[int] | int | None, tokenizer: Any) -> list[int]:
+    if eos_token_ids is None:
+        return [] if tokenizer is None else [tokenizer.eos_token_id]
+    return [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+
+
+def _extend_rows(rows: list[_Row], tokens: list[int], eos_ids: list[int], stops: StopStrings,
+                 tokenizer: Any) -> None:
+    for row, token in zip(rows, tokens):
+        if row.finish:
+            continue
+        if token in eos_ids:
+            row.finish = "eos"
+            continue
+        row.tokens.append(token)
+        if stops and stops.find(tokenizer.decode(row.tokens)) >= 0:
+            row.finish = "stop_string"
+
+
+def _final_text(tokenizer: Any, tokens: list[int], stops: StopStrings) -> str:
+    text = tokenizer.decode(tokens)
+    cut = stops.find(text)
+    return text if cut < 0 else text[:cut]
+
+
+def stream_generate(
+    model: Any,
+    batch: dict[str, Any],
+    tokenizer: Any,
+    max_new_tokens: int = 64,
+    sampling: SamplingParams = SamplingParams(),
+    stop_strings: Sequence[str] | None = None,
+    seed: int | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """Yield text pieces for a batch of one as tokens arrive; their concatenation equals
+    `generate(...).texts[0]`. Pieces that might be the start of a stop string, or half of a
+    multi-byte character, are held back until they are safe."""
+    if batch["input_ids"].shape[0] != 1:
+        raise ValueError(f"streaming works on one sequence, got a batch of {batch['input_ids'].shape[0]}")
+    stops = StopStrings(stop_strings)
+    eos_ids = _eos_ids(None, tokenizer)
+    own = stats if stats is not None else GenerationStats()
+    own.__dict__.update(_batch_stats(model, batch).__dict__)
+    tokens: list[int] = []
+    text, sent, cut = "", 0, -1
+    start = time.perf_counter()
+    steps = generate_ids(model, batch, max_new_tokens, sampling, eos_ids, seed)
+    with closing(steps):  # frees the KV cache at once, also when we stop early
+        for step, (token, _) in enumerate(steps):
+            if step == 0:
+                own.time_to_first_token = time.perf_counter() - start
+            own.steps = step + 1
+            token_id = int(token[0])
+            if token_id in eos_ids:
+                break
+            tokens.append(token_id)
+            text = tokenizer.decode(tokens)
+            cut = stops.find(text)
+            if cut >= 0:
+                break
+            safe = len(text) - stops.holdback(text)
+            while safe > sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                safe -= 1
+            if safe > sent:
+                yield text[sent:safe]
+                sent = safe
+    end = cut if cut >= 0 else len(text)
+    if end > sent:  # what was held back, now that the text is final
+        yield text[sent:end]
+    own.new_tokens = len(tokens)
+    own.decode_seconds = time.perf_counter() - start - own.time_to_first_token
