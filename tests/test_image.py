@@ -1,0 +1,304 @@
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tilevlm import PRESETS, preset
+from tilevlm.image import (ImageTransform, load_image, reassemble_tiles, resize_to_tiles,
+                           split_tiles, tile_grid, tiles_per_image, to_tensor)
+
+SIZES = [(1, 1), (223, 225), (224, 224), (448, 224), (1000, 10), (5000, 1), (1, 5000)]
+# Expected (n_h, n_w) per preset for SIZES (round to nearest tile, at least 1, at most max).
+EXPECTED_GRIDS = {
+    "original_small": [(1, 1)] * 7,
+    "split_448": [(1, 1), (1, 1), (1, 1), (1, 2), (1, 2), (1, 2), (2, 1)],
+    "split_896": [(1, 1), (1, 1), (1, 1), (1, 2), (1, 4), (1, 4), (4, 1)],
+    "tiny": [(1, 1), (3, 3), (3, 3), (2, 3), (1, 3), (1, 3), (3, 1)],
+}
+
+
+# ----------------------------------------------------------------------------- grid and resize
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_tile_grid_for_many_sizes(name):
+    cfg = preset(name)
+    grids = [tile_grid(w, h, cfg.vit_img_size, cfg.max_img_size) for w, h in SIZES]
+    assert grids == EXPECTED_GRIDS[name]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("size", SIZES)
+def test_resize_matches_the_grid(name, size):
+    cfg = preset(name)
+    img = Image.new("RGB", size, (10, 120, 200))
+    resized = resize_to_tiles(img, cfg.vit_img_size, cfg.max_img_size)
+    n_h, n_w = tile_grid(*size, cfg.vit_img_size, cfg.max_img_size)
+    assert resized.size == (n_w * cfg.vit_img_size, n_h * cfg.vit_img_size)
+    assert max(resized.size) <= cfg.max_img_size
+
+
+def test_tile_grid_rounds_to_nearest_and_keeps_aspect():
+    assert tile_grid(335, 224, 224, 896) == (1, 1)  # 1.496 tiles wide -> 1
+    assert tile_grid(336, 224, 224, 896) == (1, 2)  # 1.5 -> 2 (half up)
+    assert tile_grid(2000, 1000, 224, 896) == (2, 4)  # long side scaled to 896
+    assert tile_grid(100, 60, 224, 896) == (1, 1)  # small images become one whole tile
+
+
+def test_resize_to_max_side_len_scales_up():
+    assert tile_grid(224, 112, 224, 896) == (1, 1)
+    assert tile_grid(224, 112, 224, 896, resize_to_max_side_len=True) == (2, 4)
+    assert tile_grid(10, 10, 224, 896, resize_to_max_side_len=True) == (4, 4)
+
+
+def test_tile_grid_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="positive"):
+        tile_grid(0, 10, 224, 448)
+    with pytest.raises(ValueError, match="tile_size"):
+        tile_grid(10, 10, 224, 100)
+
+
+def test_tiles_per_image():
+    assert tiles_per_image((1, 1), True) == 1
+    assert tiles_per_image((2, 3), True) == 7
+    assert tiles_per_image((2, 3), False) == 6
+
+
+# ----------------------------------------------------------------------------- tensors and tiles
+
+def test_to_tensor_is_float_chw_in_unit_range():
+    img = Image.new("RGB", (5, 3), (255, 0, 51))
+    x = to_tensor(img)
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 5)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
+
+
+def test_split_tiles_is_row_major_and_reassembles_exactly():
+    pixels = torch.rand(3, 2 * 4, 3 * 4)
+    tiles = split_tiles(pixels, 4)
+    assert tiles.shape == (6, 3, 4, 4)
+    assert torch.equal(tiles[4], pixels[:, 4:8, 4:8])  # row 2, column 2
+    assert torch.equal(tiles[2], pixels[:, 0:4, 8:12])  # row 1, column 3
+    assert torch.equal(reassemble_tiles(tiles, (2, 3)), pixels)
+
+
+def test_split_tiles_rejects_non_multiples():
+    with pytest.raises(ValueError, match="multiple"):
+        split_tiles(torch.rand(3, 10, 8), 4)
+    with pytest.raises(ValueError, match="grid"):
+        reassemble_tiles(torch.rand(5, 3, 4, 4), (2, 3))
+
+
+def test_transform_tiles_reassemble_to_the_resized_image(photo, tiny_config):
+    img = photo(300, 170)
+    tiles, grid = ImageTransform(tiny_config)(img)
+    assert grid == (2, 3) and tiles.shape == (7, 3, 32, 32)
+    expected = to_tensor(resize_to_tiles(img, 32, 96)) * 2 - 1  # mean 0.5, std 0.5
+    assert torch.allclose(reassemble_tiles(tiles[1:], grid), expected, atol=1e-6)
+
+
+def test_transform_global_thumbnail_first(photo, tiny_config):
+    img = photo(300, 170)
+    transform = ImageTransform(tiny_config)
+    resized, thumb, grid = transform.resize(img)
+    tiles, _ = transform(img)
+    assert thumb.size == (32, 32)
+    assert torch.allclose(tiles[0], to_tensor(thumb) * 2 - 1, atol=1e-6)
+
+
+def test_transform_no_global_for_1x1_or_when_disabled(photo, tiny_config):
+    tiles, grid = ImageTransform(tiny_config)(photo(30, 30))
+    assert grid == (1, 1) and tiles.shape[0] == 1
+    tiles, grid = ImageTransform(tiny_config.replace(use_global_tile=False))(photo(96, 96))
+    assert grid == (3, 3) and tiles.shape[0] == 9
+
+
+def test_transform_normalizes_with_config_mean_std(tiny_config):
+    cfg = tiny_config.replace(image_mean=(0.0, 0.0, 0.0), image_std=(1.0, 1.0, 1.0))
+    tiles, _ = ImageTransform(cfg)(Image.new("RGB", (32, 32), (255, 0, 0)))
+    assert torch.allclose(tiles[0, :, 5, 5], torch.tensor([1.0, 0.0, 0.0]))
+
+
+# ----------------------------------------------------------------------------- loading: bad input
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (1-bit gray), with a tiny compressed body."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    body = zlib.compress(b"\x00" * 1024)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", body)
+            + _png_chunk(b"IEND", b""))
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.jpg"
+    with pytest.raises(ValueError, match=f"{path}: file not found"):
+        load_image(path)
+    with pytest.raises(ValueError, match="not a file"):
+        load_image(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{path}: empty file"):
+        load_image(path)
+    with pytest.raises(ValueError, match="<bytes>: empty"):
+        load_image(b"")
+
+
+def test_text_file_named_jpg(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a picture\n")
+    with pytest.raises(ValueError, match=f"{path}: not an image"):
+        load_image(str(path))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_file(tmp_path, photo, fmt):
+    buf = io.BytesIO()
+    photo(120, 90).save(buf, format=fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ValueError, match=f"{path}: truncated or corrupt"):
+        load_image(path)
+    with pytest.raises(ValueError, match="<bytes>: truncated or corrupt"):
+        load_image(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def test_decompression_bomb_is_refused_from_the_header(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(30000, 30000))
+    assert path.stat().st_size < 5000
+    start = time.perf_counter()
+    message = f"{path}: 30000x30000 = 900000000 pixels, more than the limit of 89478485"
+    with pytest.raises(ValueError, match=message):
+        load_image(path)
+    assert time.perf_counter() - start < 5  # nothing was decoded
+
+
+def test_max_pixels_is_checked_before_decoding(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_header_only(400, 300))  # the body is too short: decoding would fail
+    with pytest.raises(ValueError, match="400x300 = 120000 pixels, more than the limit of 1000"):
+        load_image(path, max_pixels=1000)
+
+
+def test_zero_sized_image(tmp_path):
+    with pytest.raises(ValueError, match="<PIL image>: zero-sized"):
+        load_image(Image.new("RGB", (0, 4)))
+    path = tmp_path / "zero.png"
+    path.write_bytes(_png_header_only(0, 10))
+    with pytest.raises(ValueError, match=f"{path}: "):
+        load_image(path)
+
+
+def test_wrong_source_type():
+    with pytest.raises(ValueError, match="int"):
+        load_image(42)
+
+
+# ----------------------------------------------------------------------------- loading: modes
+
+def test_sources_path_bytes_and_pil_agree(tmp_path, photo):
+    img = photo(40, 30)
+    path = tmp_path / "a.png"
+    img.save(path)
+    for source in (path, str(path), path.read_bytes(), img):
+        out = load_image(source)
+        assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(img))
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    return np.asarray(load_image(img)).astype(int)
+
+
+def test_gray_and_bilevel_modes():
+    assert _rgb(Image.new("L", (4, 4), 77))[0, 0].tolist() == [77, 77, 77]
+    assert _rgb(Image.new("1", (4, 4), 1))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_alpha_is_composited_on_white():
+    assert _rgb(Image.new("RGBA", (4, 4), (255, 0, 0, 0)))[0, 0].tolist() == [255, 255, 255]
+    assert _rgb(Image.new("RGBA", (4, 4), (255, 0, 0, 255)))[0, 0].tolist() == [255, 0, 0]
+    half = _rgb(Image.new("RGBA", (4, 4), (0, 0, 0, 128)))[0, 0]
+    assert np.all(np.abs(half - 127) <= 1)
+    assert _rgb(Image.new("LA", (4, 4), (0, 0)))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_palette_with_transparency(tmp_path):
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([0, 0, 255, 0, 255, 0] + [0] * 762)
+    img.putpixel((1, 1), 1)
+    img.info["transparency"] = 0  # index 0 (blue) is transparent
+    path = tmp_path / "p.png"
+    img.save(path, transparency=0)
+    out = np.asarray(load_image(path)).astype(int)
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [0, 255, 0]
+
+
+def test_cmyk():
+    out = _rgb(Image.new("CMYK", (4, 4), (0, 255, 255, 0)))
+    assert out[0, 0].tolist() == [255, 0, 0]
+
+
+def test_16_bit_is_scaled_not_clipped(tmp_path):
+    arr = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    img = Image.fromarray(arr)
+    assert img.mode == "I;16"
+    path = tmp_path / "g16.png"
+    img.save(path)
+    for source in (img, path):
+        assert np.asarray(load_image(source))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_32_bit_int_and_float_modes():
+    ints = Image.fromarray(np.array([[0, 1000, 70000]], dtype=np.int32))
+    assert ints.mode == "I"
+    assert np.asarray(load_image(ints))[0, :, 0].tolist() == [0, 4, 255]  # min-max
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert unit.mode == "F"
+    assert np.asarray(load_image(unit))[0, :, 0].tolist() == [0, 128, 255]
+    wide = Image.fromarray(np.array([[-1.0, 0.0, 1.0, np.nan]], dtype=np.float32))
+    assert np.asarray(load_image(wide))[0, :, 0].tolist() == [0, 128, 255, 128]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # a red top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display rotated 90 degrees clockwise
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif, quality=95)
+    out = load_image(path)
+    assert out.size == (20, 40)
+    assert np.asarray(out)[2, 17].tolist()[0] > 200  # the red corner is now top-right
+
+
+def test_animated_gif_gives_first_frame_with_warning(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.warns(UserWarning, match="animated image; using the first frame"):
+        out = load_image(path)
+    assert np.asarray(out)[0, 0].tolist() == [255, 0, 0]
+
+
+def test_lazily_opened_corrupt_pil_image(photo):
+    data = _png_bytes(photo(120, 90))
+    lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # header read, pixels not yet
+    with pytest.raises(ValueError, match="<PIL image>: truncated or corrupt"):
+        load_image(lazy)

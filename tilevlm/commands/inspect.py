@@ -1,0 +1,66 @@
+"""`tilevlm inspect IMAGE`: how an image is resized and tiled, and how many tokens it costs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy modules are imported in run() only
+    from PIL import Image
+
+HELP = "show how an image is resized and tiled and how many image tokens it takes"
+DEFAULT_PRESET = "split_448"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tilevlm.config import PRESETS  # light: the config module only
+
+    parser.add_argument("image", help="image file (any format Pillow reads)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                        help="configuration whose tile size and max_img_size are used")
+    parser.add_argument("--save-png", metavar="OUT.png", default=None,
+                        help="also draw the tiles, grid labels and global thumbnail to this PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.config import preset
+    from tilevlm.image import ImageTransform, load_image, tiles_per_image
+    from tilevlm.processor import count_image_tokens
+
+    config = preset(args.preset)
+    img = load_image(args.image, max_pixels=config.max_image_pixels)
+    resized, thumb, grid = ImageTransform(config).resize(img)
+    n_tiles = tiles_per_image(grid, config.use_global_tile)
+    n_tokens = count_image_tokens(img.width, img.height, config)
+    global_note = " (incl. 1 global thumbnail)" if thumb is not None else ""
+    print(f"image:        {args.image}")
+    print(f"preset:       {config.name} (tile {config.vit_img_size} px, "
+          f"max side {config.max_img_size} px)")
+    print(f"original:     {img.width}x{img.height}")
+    print(f"resized:      {resized.width}x{resized.height}")
+    print(f"grid:         {grid[0]}x{grid[1]} (rows x cols)")
+    print(f"tiles:        {n_tiles}{global_note}")
+    print(f"image tokens: {n_tokens} ({n_tiles} x (1 marker + {config.mp_image_token_length}))")
+    if args.save_png:
+        _save_png(args.save_png, resized, grid, config.vit_img_size, thumb,
+                  f"{args.image}: {img.width}x{img.height} -> {resized.width}x{resized.height}, "
+                  f"{grid[0]}x{grid[1]} tiles, {n_tokens} tokens")
+    return 0
+
+
+def _save_png(path: str, resized: Image.Image, grid: tuple[int, int], tile_size: int,
+              thumb: Image.Image | None, title: str) -> None:
+    from pathlib import Path
+
+    from tilevlm.visualize import draw_tiles
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        draw_tiles(resized, grid, tile_size, thumb, title).save(out, format="PNG")
+    except OSError as e:
+        raise ValueError(f"cannot write {out}: {e}") from None
+    logger.info("wrote the tile figure to %s", out)

@@ -1,0 +1,280 @@
+"""Images in, tiles out: load safely, resize to tile multiples, normalize, split into tiles.
+
+Pillow + NumPy + torch only (no torchvision). The tile grid is a pure function of the image size
+(`tile_grid`), so token counts are known before any pixel is decoded.
+
+Resize rule (`tile_grid`): scale so the long side is at most `max_img_size` (exactly
+`max_img_size` with `resize_to_max_side_len`), keeping the aspect ratio; images already smaller
+are not scaled up at this step. Then each side is rounded to the *nearest* multiple of the tile
+size, clamped to [1, max_img_size // tile_size] tiles. So a small image (say 100x60) still becomes
+one whole tile (it is scaled up to 224x224): tiles have a fixed size. nanoVLM rounds *up* instead
+(its 225x225 becomes a 2x2 grid of 448 pixels); rounding to nearest keeps a 225x225 image at one
+tile and avoids four-fold token costs for images a pixel over a tile boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from tilevlm.config import VLMConfig
+
+ImageLike = Union[str, Path, bytes, Image.Image]
+
+# Modes with an alpha channel: composited on white.
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+# Modes whose samples are not 8-bit: rescaled to 8 bits before conversion.
+_WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
+_RESAMPLE = Image.Resampling.BICUBIC
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+# ----------------------------------------------------------------------------- loading
+
+class ImageLoadError(ValueError):
+    """An image that cannot be used; the message starts with the input's name."""
+
+
+def load_image(source: ImageLike, max_pixels: int = 89_478_485) -> Image.Image:
+    """Open `source` (a path, encoded bytes or a PIL image) as an RGB image.
+
+    EXIF orientation is applied; alpha is composited on white; 16-bit and float images are
+    rescaled to 8 bits; an animated image gives its first frame (with a warning). Any failure is an
+    ImageLoadError (a ValueError) naming the input and the reason; images over `max_pixels` are
+    refused from their header, before any pixel is decoded.
+    """
+    name = _source_name(source)
+    if isinstance(source, Image.Image):
+        _check_size(source.size, max_pixels, name)
+        try:
+            source.load()  # a lazily opened image may still hold undecoded (corrupt) data
+        except (OSError, SyntaxError, EOFError, ValueError) as e:
+            raise ImageLoadError(f"{name}: truncated or corrupt image ({e})") from None
+        return _finish(source, name)
+    fp = _as_file(source, name)
+    try:
+        with _our_pixel_limit():
+            img = Image.open(fp)  # reads the header only
+        with img:
+            _check_size(img.size, max_pixels, name)  # before a single pixel is decoded
+            img.load()  # a full decode: truncated or corrupt data fails here, not later
+            return _finish(img, name)
+    except ImageLoadError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(f"{name}: not an image (unknown or unsupported format)") from None
+    except (OSError, SyntaxError, EOFError, ValueError, IndexError, TypeError) as e:
+        raise ImageLoadError(f"{name}: truncated or corrupt image "
+                             f"({type(e).__name__}: {e})") from None
+
+
+def _source_name(source: ImageLike) -> str:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    if isinstance(source, Image.Image):
+        return "<PIL image>"
+    if isinstance(source, (str, Path)):
+        return str(source)
+    raise ImageLoadError(f"cannot load an image from a {type(source).__name__}; "
+                         "give a path, encoded bytes or a PIL image")
+
+
+def _as_file(source: str | Path | bytes, name: str) -> Path | io.BytesIO:
+    """A path that exists and is not empty, or the bytes wrapped in a file object."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageLoadError(f"{name}: file not found")
+        if not path.is_file():
+            raise ImageLoadError(f"{name}: not a file")
+        if path.stat().st_size == 0:
+            raise ImageLoadError(f"{name}: empty file, not an image")
+        return path
+    if len(source) == 0:
+        raise ImageLoadError(f"{name}: empty data, not an image")
+    return io.BytesIO(bytes(source))
+
+
+def _finish(img: Image.Image, name: str) -> Image.Image:
+    """First frame, EXIF orientation, RGB."""
+    if getattr(img, "is_animated", False):
+        warnings.warn(f"{name}: animated image; using the first frame", stacklevel=3)
+    try:
+        return _to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, ValueError, SyntaxError, TypeError) as e:
+        raise ImageLoadError(f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
+
+
+@contextlib.contextmanager
+def _our_pixel_limit() -> Iterator[None]:
+    """Switch Pillow's own bomb check off while a header is parsed: `_check_size` applies ours.
+
+    Otherwise Pillow warns above its limit and raises above twice it, before our check runs and
+    whatever `max_pixels` the caller chose. A lock keeps threads from restoring a stale value.
+    """
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(f"{name}: zero-sized image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageLoadError(f"{name}: {width}x{height} = {width * height} pixels, more than the "
+                             f"limit of {max_pixels} (a decompression bomb?); raise max_pixels "
+                             "to allow it")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; alpha on white; wide samples rescaled, not clipped."""
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _WIDE_MODES:
+        img = Image.fromarray(_wide_to_uint8(np.asarray(img), img.mode))
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _wide_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Rescale 16-bit / 32-bit / float samples to 0..255 (documented heuristics, never clipping).
+
+    I;16: the full 0..65535 range. I: as is when within 0..255 (8-bit data in a wide mode), else
+    0..65535 when within it, else min-max. F: times 255 when within [0, 1], as is when within
+    [0, 255], else min-max. NaN and infinities become 0.
+    """
+    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(arr.min()), float(arr.max())
+    if mode.startswith("I;16"):
+        scaled = arr / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1.0:
+        scaled = arr * 255.0
+    elif lo >= 0 and hi <= 255:
+        scaled = arr
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        scaled = arr / 257.0
+    else:
+        scaled = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- tiling
+
+def tile_grid(width: int, height: int, tile_size: int, max_img_size: int,
+              resize_to_max_side_len: bool = False) -> tuple[int, int]:
+    """The (n_h, n_w) tile grid of a width x height image; see the module docstring for the rule.
+
+    Integer arithmetic only, so the grid (and every token count) is exact and reproducible.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    if tile_size <= 0 or max_img_size < tile_size:
+        raise ValueError(f"need 0 < tile_size <= max_img_size, got {tile_size} and {max_img_size}")
+    long_side = max(width, height)
+    # Scaled side = side * target / long_side, where target is the scaled long side.
+    target = max_img_size if resize_to_max_side_len else min(long_side, max_img_size)
+    max_tiles = max_img_size // tile_size
+    return (_round_tiles(height, target, long_side, tile_size, max_tiles),
+            _round_tiles(width, target, long_side, tile_size, max_tiles))
+
+
+def _round_tiles(side: int, target: int, long_side: int, tile_size: int, max_tiles: int) -> int:
+    """round(side * target / long_side / tile_size), half up, clamped to [1, max_tiles]."""
+    n = (2 * side * target + long_side * tile_size) // (2 * long_side * tile_size)
+    return min(max(n, 1), max_tiles)
+
+
+def tiles_per_image(grid: tuple[int, int], use_global: bool) -> int:
+    """Tiles an image with this grid takes: the grid, plus the global tile when the grid > 1x1."""
+    n_h, n_w = grid
+    return n_h * n_w + (1 if use_global and n_h * n_w > 1 else 0)
+
+
+def resize_to_tiles(img: Image.Image, tile_size: int, max_img_size: int,
+                    resize_to_max_side_len: bool = False) -> Image.Image:
+    """Resize once (bicubic, antialiased) to the tile-multiple size `tile_grid` gives."""
+    n_h, n_w = tile_grid(img.width, img.height, tile_size, max_img_size, resize_to_max_side_len)
+    size = (n_w * tile_size, n_h * tile_size)
+    if img.size == size:
+        return img
+    # reducing_gap: a fast box pre-shrink for huge inputs, visually identical at 3.0.
+    return img.resize(size, _RESAMPLE, reducing_gap=3.0)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as float32 [3, H, W] in [0, 1]."""
+    arr = np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div_(255.0)  # (3, H, W)
+
+
+def split_tiles(pixels: torch.Tensor, tile_size: int) -> torch.Tensor:
+    """[C, H, W] -> [n_h * n_w, C, T, T], tiles in row-major order."""
+    c, h, w = pixels.shape
+    if h % tile_size or w % tile_size:
+        raise ValueError(f"image size {w}x{h} is not a multiple of the tile size {tile_size}")
+    n_h, n_w = h // tile_size, w // tile_size
+    tiles = pixels.reshape(c, n_h, tile_size, n_w, tile_size)  # (C, n_h, T, n_w, T)
+    return tiles.permute(1, 3, 0, 2, 4).reshape(n_h * n_w, c, tile_size, tile_size)
+
+
+def reassemble_tiles(tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `split_tiles`: [n_h * n_w, C, T, T] -> [C, n_h * T, n_w * T]."""
+    n_h, n_w = grid
+    n, c, t, t2 = tiles.shape
+    if n != n_h * n_w or t != t2:
+        raise ValueError(f"{n} tiles of {t}x{t2} do not form a {n_h}x{n_w} grid of square tiles")
+    grid_tiles = tiles.reshape(n_h, n_w, c, t, t)  # (n_h, n_w, C, T, T)
+    return grid_tiles.permute(2, 0, 3, 1, 4).reshape(c, n_h * t, n_w * t)
+
+
+class ImageTransform:
+    """PIL image -> normalized tiles [N, 3, T, T] (global thumbnail first) and the grid (n_h, n_w).
+
+    The global tile (the whole image resized to one tile) is added when `config.use_global_tile`
+    and the grid is larger than 1x1; a 1x1 grid's only tile already is the whole image.
+    """
+
+    def __init__(self, config: VLMConfig) -> None:
+        self.tile_size = config.vit_img_size
+        self.max_img_size = config.max_img_size
+        self.resize_to_max_side_len = config.resize_to_max_side_len
+        self.use_global = config.use_global_tile
+        self.mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
+
+    def resize(self, img: Image.Image) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
+        """The resized image, the global thumbnail (or None) and the grid; for display too."""
+        resized = resize_to_tiles(img, self.tile_size, self.max_img_size,
+                                  self.resize_to_max_side_len)
+        grid = (resized.height // self.tile_size, resized.width // self.tile_size)
+        thumb = None
+        if tiles_per_image(grid, self.use_global) > grid[0] * grid[1]:
+            thumb = resized.resize((self.tile_size, self.tile_size), _RESAMPLE)
+        return resized, thumb, grid
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        resized, thumb, grid = self.resize(img)
+        pixels = self.normalize(to_tensor(resized))  # (3, H, W)
+        tiles = split_tiles(pixels, self.tile_size)  # (n_h * n_w, 3, T, T)
+        if thumb is not None:
+            tiles = torch.cat([self.normalize(to_tensor(thumb)).unsqueeze(0), tiles])
+        return tiles, grid
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (pixels - self.mean) / self.std

@@ -1,0 +1,190 @@
+"""Processor: chat messages + images -> a model batch (input_ids, attention_mask, labels, tiles).
+
+Each `<image>` in a message's content is replaced by that image's image string (grid tokens and
+image tokens, see `image_string`), in order. The contract checked here and again by the model:
+the number of IMAGE_TOKEN ids equals total tiles x `mp_image_token_length`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, VLMConfig, grid_token
+from tilevlm.image import ImageLike, ImageTransform, load_image, tile_grid, tiles_per_image
+from tilevlm.tokenizer import IM_END, IM_START, VLMTokenizer, chat_header
+
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+
+
+def image_string(tokenizer: VLMTokenizer, grid: tuple[int, int], mp_image_token_length: int,
+                 use_global: bool) -> str:
+    """The token string standing for one image with this tile grid.
+
+    Grid larger than 1x1: (with `use_global`) GLOBAL_IMAGE_TOKEN + IMAGE_TOKEN * L for the
+    thumbnail, then grid_token(i, j) + IMAGE_TOKEN * L per tile, row-major.
+    A 1x1 grid: grid_token(1, 1) + IMAGE_TOKEN * L, as in the seed's single-tile configuration.
+    (nanoVLM's newer global-token code writes GLOBAL_IMAGE_TOKEN for a 1x1 grid instead; the token
+    count is the same, 1 + L, and we keep the seed's r1c1 so a tile is always named by its cell.)
+    """
+    n_h, n_w = grid
+    if not (1 <= n_h <= tokenizer.grid_side and 1 <= n_w <= tokenizer.grid_side):
+        raise ValueError(f"a {n_h}x{n_w} tile grid does not fit the tokenizer's "
+                         f"{tokenizer.grid_side}x{tokenizer.grid_side} grid tokens")
+    tokens = IMAGE_TOKEN * mp_image_token_length
+    parts = [GLOBAL_IMAGE_TOKEN + tokens] if tiles_per_image(grid, use_global) > n_h * n_w else []
+    parts += [grid_token(i, j) + tokens for i in range(1, n_h + 1) for j in range(1, n_w + 1)]
+    return "".join(parts)
+
+
+def count_image_tokens(width: int, height: int, config: VLMConfig) -> int:
+    """Tokens (markers + image tokens) a width x height image takes, without reading pixels."""
+    grid = tile_grid(width, height, config.vit_img_size, config.max_img_size,
+                     config.resize_to_max_side_len)
+    return tiles_per_image(grid, config.use_global_tile) * (1 + config.mp_image_token_length)
+
+
+class Processor:
+    """Turns conversations (lists of {"role", "content"} dicts) and their images into a batch.
+
+    Images go where `<image>` appears in the messages, in order. A sample with images but no
+    `<image>` at all gets them at the very start of its first user message. Labels are -100
+    everywhere except the assistant replies' content tokens and their closing `<|im_end|>`.
+    Samples longer than `config.lm_max_length` are refused, never truncated.
+    """
+
+    def __init__(self, config: VLMConfig, tokenizer: VLMTokenizer) -> None:
+        if tokenizer.grid_side < config.max_tiles_per_side:
+            raise ValueError(f"the tokenizer's {tokenizer.grid_side}x{tokenizer.grid_side} grid "
+                             f"tokens cannot name the {config.max_tiles_per_side}-tile sides that "
+                             f"max_img_size {config.max_img_size} allows")
+        # The model finds image tokens by id and embeds every id: both must agree with the config.
+        if (tokenizer.image_token_id != config.lm_base_vocab_size
+                or len(tokenizer) > config.lm_vocab_size):
+            raise ValueError(f"tokenizer and config disagree: the tokenizer has "
+                             f"{tokenizer.base_vocab_size} base tokens and {len(tokenizer)} in "
+                             f"all, the config lm_base_vocab_size {config.lm_base_vocab_size} and "
+                             f"lm_vocab_size {config.lm_vocab_size}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.transform = ImageTransform(config)
+
+    def __call__(self, conversations: list[list[dict[str, str]]],
+                 images: list[list[ImageLike]] | None = None, padding_side: str = "right",
+                 add_generation_prompt: bool = False) -> dict[str, Any]:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if images is not None and len(images) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but images for {len(images)} "
+                             "samples; give one (possibly empty) list of images per sample")
+        ids, labels, tiles, grids = [], [], [], []
+        for index, messages in enumerate(conversations):
+            sample_images = images[index] if images is not None else []
+            sample_tiles, sample_grids = self._process_images(index, sample_images)
+            messages = self._place_images(index, messages, sample_grids)
+            sample_ids, sample_labels = self._tokenize(messages, add_generation_prompt)
+            self._check_sample(index, sample_ids, sum(t.shape[0] for t in sample_tiles))
+            ids.append(sample_ids)
+            labels.append(sample_labels)
+            tiles.append(sample_tiles)
+            grids.append(sample_grids)
+        batch = self._pad(ids, labels, padding_side)
+        flat = [t for sample in tiles for t in sample]
+        batch["pixel_values"] = torch.cat(flat) if flat else None  # (N_tiles, 3, T, T)
+        batch["grids"] = grids
+        batch["n_tiles"] = [sum(t.shape[0] for t in sample) for sample in tiles]
+        return batch
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _process_images(self, index: int, images: Sequence[ImageLike]
+                        ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        tiles, grids = [], []
+        for k, source in enumerate(images):
+            try:
+                img = load_image(source, max_pixels=self.config.max_image_pixels)
+            except ValueError as e:
+                raise ValueError(f"sample {index}, image {k}: {e}") from None
+            image_tiles, grid = self.transform(img)  # (n, 3, T, T), (n_h, n_w)
+            tiles.append(image_tiles)
+            grids.append(grid)
+        return tiles, grids
+
+    def _place_images(self, index: int, messages: list[dict[str, str]],
+                      grids: list[tuple[int, int]]) -> list[dict[str, str]]:
+        """Copies of the messages with each `<image>` replaced by its image string."""
+        for i, m in enumerate(messages):
+            chat_header(m, i)  # validates role and content
+        found = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        if found == 0 and grids:
+            messages = _prepend_to_first_user(index, messages, IMAGE_PLACEHOLDER * len(grids))
+            found = len(grids)
+        if found != len(grids):
+            raise ValueError(f"sample {index}: {found} {IMAGE_PLACEHOLDER} placeholders in the "
+                             f"text but {len(grids)} images")
+        strings = iter(image_string(self.tokenizer, g, self.config.mp_image_token_length,
+                                    self.config.use_global_tile) for g in grids)
+        placed = []
+        for m in messages:
+            pieces = m["content"].split(IMAGE_PLACEHOLDER)
+            content = pieces[0] + "".join(next(strings) + p for p in pieces[1:])
+            placed.append({**m, "content": content})
+        return placed
+
+    def _tokenize(self, messages: list[dict[str, str]], add_generation_prompt: bool
+                  ) -> tuple[list[int], list[int]]:
+        """ChatML token ids, and labels that keep only assistant content and its <|im_end|>."""
+        segments: list[tuple[str, bool]] = []
+        for m in messages:
+            reply = m["role"] == "assistant"
+            segments += [(chat_header(m), False), (m["content"], reply), (IM_END, reply),
+                         ("\n", False)]
+        if add_generation_prompt:
+            segments.append((f"{IM_START}assistant\n", False))
+        encoded = self.tokenizer.encode_batch([text for text, _ in segments])
+        ids: list[int] = []
+        labels: list[int] = []
+        for seg_ids, (_, labelled) in zip(encoded, segments):
+            ids += seg_ids
+            labels += seg_ids if labelled else [IGNORE_INDEX] * len(seg_ids)
+        return ids, labels
+
+    def _check_sample(self, index: int, ids: list[int], n_tiles: int) -> None:
+        limit = self.config.lm_max_length
+        if len(ids) > limit:
+            raise ValueError(f"sample {index}: {len(ids)} tokens, more than lm_max_length {limit} "
+                             "(samples are never truncated; shorten the text or use fewer or "
+                             "smaller images)")
+        found = sum(1 for i in ids if i == self.tokenizer.image_token_id)
+        expected = n_tiles * self.config.mp_image_token_length
+        if found != expected:
+            raise ValueError(f"sample {index}: {found} {IMAGE_TOKEN} tokens in the text but "
+                             f"{n_tiles} tiles x {self.config.mp_image_token_length} = {expected} "
+                             f"expected (is {IMAGE_TOKEN} written in the text itself?)")
+
+    def _pad(self, ids: list[list[int]], labels: list[list[int]], side: str
+             ) -> dict[str, torch.Tensor]:
+        length = max((len(x) for x in ids), default=0)
+        batch = len(ids)
+        input_ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((batch, length), dtype=torch.long)
+        label_ids = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        for b, (x, y) in enumerate(zip(ids, labels)):
+            span = slice(0, len(x)) if side == "right" else slice(length - len(x), length)
+            input_ids[b, span] = torch.tensor(x, dtype=torch.long)
+            label_ids[b, span] = torch.tensor(y, dtype=torch.long)
+            attention[b, span] = 1
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+
+
+def _prepend_to_first_user(index: int, messages: list[dict[str, str]], text: str
+                           ) -> list[dict[str, str]]:
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            return [*messages[:i], {**m, "content": text + m["content"]}, *messages[i + 1:]]
+    raise ValueError(f"sample {index}: has images but no user message to put them in")

@@ -1,0 +1,243 @@
+"""Tokenizers for tilevlm: a Hugging Face tokenizer directory read offline, or a small byte-level
+BPE trained here, plus our special tokens and the ChatML chat template.
+
+Special tokens (nanoVLM's, so its checkpoints keep their ids) come right after the base
+vocabulary, in this order: IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, then grid_token(r, c) for r, c in
+1..grid_side row-major. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
+
+logger = logging.getLogger(__name__)
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+CHAT_ROLES = ("system", "user", "assistant")
+# The same template in Jinja, saved in tokenizer_config.json for `transformers` users.
+_CHATML_JINJA = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def special_token_strings(grid_side: int) -> list[str]:
+    """Our special tokens in id order: image, global image, then the grid row-major."""
+    grid = [grid_token(r, c) for r in range(1, grid_side + 1) for c in range(1, grid_side + 1)]
+    return [IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *grid]
+
+
+class VLMTokenizer:
+    """A `tokenizers.Tokenizer` with tilevlm's special tokens, ids and chat template.
+
+    Build one with `load_tokenizer` or `train_bpe_tokenizer`. `pad_token_id` is the base
+    tokenizer's pad token, or its eos token when it has none (as nanoVLM does); padded positions are
+    masked by the attention mask and the labels, so the choice never reaches the loss.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, grid_side: int, base_vocab_size: int,
+                 eos_token: str, pad_token: str | None = None,
+                 bos_token: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.grid_side = grid_side
+        self.base_vocab_size = base_vocab_size
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.pad_token = pad_token if pad_token is not None else eos_token
+        self.eos_token_id = self._require_id(self.eos_token, "eos")
+        self.pad_token_id = self._require_id(self.pad_token, "pad")
+        self.bos_token_id = self._require_id(bos_token, "bos") if bos_token is not None else None
+        self.image_token_id = self._require_id(IMAGE_TOKEN, "image")
+        self.global_image_token_id = self._require_id(GLOBAL_IMAGE_TOKEN, "global image")
+        self.im_start_id = self._require_id(IM_START, "chat start")
+        self.im_end_id = self._require_id(IM_END, "chat end")
+        self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        self._grid_base = self.global_image_token_id + 1
+
+    def _require_id(self, token: str, what: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"the {what} token {token!r} is not in the tokenizer's vocabulary")
+        return token_id
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def grid_token_id(self, row: int, col: int) -> int:
+        """The id of grid token (row, col), both 1-based."""
+        if not (1 <= row <= self.grid_side and 1 <= col <= self.grid_side):
+            raise ValueError(f"grid cell r{row}c{col} is outside the tokenizer's "
+                             f"{self.grid_side}x{self.grid_side} grid tokens")
+        return self._grid_base + (row - 1) * self.grid_side + (col - 1)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens in it are kept whole; no BOS/EOS is added."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = False) -> str:
+        """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message."""
+        parts = [chat_header(m, i) + m["content"] + IM_END + "\n" for i, m in enumerate(messages)]
+        if add_generation_prompt:
+            parts.append(f"{IM_START}assistant\n")
+        return "".join(parts)
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (read back by `load_tokenizer`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
+                  "pad_token": self.pad_token, "bos_token": self.bos_token,
+                  "chat_template": _CHATML_JINJA, "tilevlm_grid_side": self.grid_side,
+                  "tilevlm_base_vocab_size": self.base_vocab_size}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def chat_header(message: dict[str, str], index: int = 0) -> str:
+    """`<|im_start|>{role}\\n` for a validated message."""
+    if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+        raise ValueError(f"message {index}: expected a dict with role in {CHAT_ROLES}, "
+                         f"got {message!r:.200}")
+    if not isinstance(message.get("content"), str):
+        raise ValueError(f"message {index}: content must be a string, "
+                         f"got {type(message.get('content')).__name__}")
+    return f"{IM_START}{message['role']}\n"
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
+    """Read a Hugging Face tokenizer directory and add tilevlm's special tokens.
+
+    Needs `tokenizer.json`; eos/pad/bos token strings come from `tokenizer_config.json` or
+    `special_tokens_map.json` when present. Without an eos token, `<|im_end|>` is used (it ends
+    every assistant turn). Tokens a saved tilevlm tokenizer already has keep their ids (checked).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: tokenizer directory not found; give a directory with "
+                         "tokenizer.json (and tokenizer_config.json) from a Hugging Face model")
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{directory}: no tokenizer.json; a fast Hugging Face tokenizer "
+                         "(tokenizer.json, plus tokenizer_config.json for eos/pad/bos) is needed")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a plain Exception on malformed files
+        raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
+    names = _special_token_names(directory)
+    _ensure_chat_markers(tok, str(directory))
+    base = _add_vlm_tokens(tok, grid_side, str(directory))
+    eos = names.get("eos_token") or IM_END
+    if "eos_token" not in names:
+        logger.info("%s: no eos token configured; using %s", directory, IM_END)
+    return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"))
+
+
+def _special_token_names(directory: Path) -> dict[str, str]:
+    """eos/pad/bos strings; tokenizer_config.json wins over special_tokens_map.json."""
+    names: dict[str, str] = {}
+    for filename in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = _read_json(directory / filename)
+        for key in ("eos_token", "pad_token", "bos_token"):
+            value = data.get(key)
+            if isinstance(value, dict):  # a serialized AddedToken
+                value = value.get("content")
+            if isinstance(value, str) and value:
+                names[key] = value
+    return names
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _special(content: str) -> AddedToken:
+    return AddedToken(content, special=True, normalized=False)
+
+
+def _ensure_chat_markers(tok: Tokenizer, source: str) -> None:
+    missing = [t for t in (IM_START, IM_END) if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens([_special(t) for t in missing])
+        logger.info("%s: added ChatML markers %s as special tokens", source, ", ".join(missing))
+
+
+def _vocab_size(tok: Tokenizer) -> int:
+    return max(tok.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def _add_vlm_tokens(tok: Tokenizer, grid_side: int, source: str) -> int:
+    """Add image/global/grid tokens after the base vocabulary; return the base vocabulary size.
+
+    Tokens already present (a tokenizer we saved) must sit exactly where they would be added.
+    """
+    existing = tok.token_to_id(IMAGE_TOKEN)
+    base = existing if existing is not None else _vocab_size(tok)
+    before = _vocab_size(tok)
+    for index, content in enumerate(special_token_strings(grid_side)):
+        if tok.token_to_id(content) is None:
+            tok.add_special_tokens([_special(content)])
+        token_id = tok.token_to_id(content)
+        if token_id != base + index:
+            raise ValueError(
+                f"{source}: special token {content} has id {token_id}, expected {base + index}: "
+                f"{IMAGE_TOKEN}, {GLOBAL_IMAGE_TOKEN} and the grid tokens must follow the base "
+                f"vocabulary ({base} tokens) in that order")
+    logger.info("%s: base vocabulary %d tokens, %d with image/grid tokens (%d new)",
+                source, base, _vocab_size(tok), _vocab_size(tok) - before)
+    return base
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, grid_side: int = 8) -> VLMTokenizer:
+    """A byte-level BPE trained on `texts`, with exactly `vocab_size` base tokens.
+
+    Its first ids are <|endoftext|> (pad), <|im_start|> and <|im_end|> (eos, so generation stops at
+    the end of an assistant turn). A small corpus that yields fewer merges is padded with unused
+    `<|unused_{i}|>` tokens, so the base size always equals the config's `lm_base_vocab_size`.
+    """
+    first = [ENDOFTEXT, IM_START, IM_END]
+    minimum = len(first) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} (3 special tokens + 256 bytes), "
+                         f"got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=first, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    filler = vocab_size - _vocab_size(tok)
+    if filler < 0:
+        raise ValueError(f"BPE training produced {_vocab_size(tok)} tokens, more than {vocab_size}")
+    tok.add_special_tokens([_special(f"<|unused_{i}|>") for i in range(filler)])
+    base = _add_vlm_tokens(tok, grid_side, "trained BPE")
+    if base != vocab_size:
+        raise ValueError(f"trained BPE has {base} base tokens, expected {vocab_size}")
+    return VLMTokenizer(tok, grid_side, base, eos_token=IM_END, pad_token=ENDOFTEXT)
