@@ -1,0 +1,92 @@
+"""`tilevlm chat`: an interactive conversation with images; earlier turns and images stay."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "chat with a model interactively (/image PATH attaches an image, /reset, /quit)"
+
+COMMANDS_HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tilevlm.commands.generate import add_sampling_arguments
+
+    add_sampling_arguments(parser)
+
+
+class Conversation:
+    """Messages and the images they refer to, in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, str]] = []
+        self.images: list[str] = []
+        self.pending: list[str] = []  # attached, waiting for the next user message
+
+    def attach(self, path: str) -> None:
+        self.pending.append(path)
+
+    def add_user(self, text: str) -> None:
+        placeholders = "<image>" * len(self.pending)
+        self.messages.append({"role": "user", "content": placeholders + text})
+        self.images.extend(self.pending)
+        self.pending = []
+
+    def add_assistant(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+
+def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
+    """Run a /command; False means quit."""
+    from tilevlm.image import load_image
+
+    name, _, arg = line.partition(" ")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        conv.__init__()
+        print("(conversation cleared)")
+    elif name == "/image" and arg.strip():
+        try:
+            load_image(arg.strip(), max_pixels=max_pixels)
+        except ValueError as e:
+            print(f"error: {e}")
+            return True
+        conv.attach(arg.strip())
+        print(f"(attached {arg.strip()}; it goes with your next message)")
+    else:
+        print(COMMANDS_HELP)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.commands.generate import sampling_params, stream_answer
+    from tilevlm.inference import load_for_inference
+
+    sampling_params(args)
+    model, processor = load_for_inference(args.model, args.device, args.tokenizer)
+    conv = Conversation()
+    print(f"tilevlm chat: {args.model}. {COMMANDS_HELP}")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _handle_command(line, conv, model.cfg.max_image_pixels):
+                return 0
+            continue
+        n_images = len(conv.images)
+        conv.add_user(line)
+        sys.stdout.write("model> ")
+        try:
+            reply = stream_answer(model, processor, conv.messages, conv.images, args)
+        except ValueError as e:  # e.g. the conversation outgrew lm_max_length
+            print(f"error: {e}")
+            conv.messages.pop()
+            conv.images = conv.images[:n_images]
+            continue
+        conv.add_assistant(reply)

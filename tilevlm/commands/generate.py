@@ -1,0 +1,74 @@
+"""`tilevlm generate`: answer one prompt about one or more images, streaming the answer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "answer a prompt about images with a trained model, streaming the answer"
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model, device and sampling options shared with `tilevlm chat`."""
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="model directory (from `tilevlm demo`/`train`, or a nanoVLM checkpoint)")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="tokenizer directory (needed for nanoVLM checkpoints)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when this text appears (repeatable)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", action="append", default=[], metavar="IMG",
+                        help="image file (repeatable; placed where <image> appears in the prompt, "
+                        "else before it)")
+    parser.add_argument("--prompt", required=True, help="the question or instruction")
+    add_sampling_arguments(parser)
+
+
+def sampling_params(args: argparse.Namespace):
+    from tilevlm.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty)
+
+
+def stream_answer(model, processor, messages, images, args, out=None) -> str:
+    """Stream the reply to `out` (stdout); print the stats line to stderr; return the reply."""
+    out = out or sys.stdout
+    from tilevlm.generate import GenerationStats, stream_generate
+    from tilevlm.image import load_image
+
+    loaded = [load_image(i, max_pixels=model.cfg.max_image_pixels) for i in images]
+    batch = processor([messages], [loaded], padding_side="left", add_generation_prompt=True)
+    stats = GenerationStats()
+    pieces = []
+    for piece in stream_generate(model, batch, processor.tokenizer, args.max_new_tokens,
+                                 sampling_params(args), args.stop, args.seed, stats):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    print(f"[{stats.summary()}]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.image import load_image
+    from tilevlm.inference import load_for_inference
+
+    sampling_params(args)  # bad sampling options fail before the model loads
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, processor = load_for_inference(args.model, args.device, args.tokenizer)
+    for path in args.image:  # every image is checked before any generation starts
+        load_image(path, max_pixels=model.cfg.max_image_pixels)
+    stream_answer(model, processor, [{"role": "user", "content": args.prompt}], args.image, args)
+    return 0

@@ -1,0 +1,73 @@
+"""Loading a model and its processor for inference, whatever the checkpoint's format.
+
+One place for what `generate`, `chat` and `eval` need: pick the device, read our own directory or
+a nanoVLM one, load the tokenizer that goes with it, and check that the two agree before any
+heavy work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.processor import Processor
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' / None: CUDA when present, else CPU. 'cuda' without a GPU is a clear error."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA GPU; "
+                         "use --device cpu")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (fast, safe for these models); fp32 on CPU, where decode is fastest in fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _is_nanovlm(model_dir: Path) -> bool:
+    try:
+        data = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and ("vlm_extra_tokens" in data or "extra_token_amount" in data)
+
+
+def load_for_inference(model_dir: str | Path, device: str | None = "auto",
+                       tokenizer_dir: str | Path | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, Processor]:
+    """(model in eval mode on the device, its processor) from a model directory.
+
+    Our directories hold their tokenizer; a nanoVLM checkpoint needs `tokenizer_dir`.
+    """
+    from tilevlm.checkpoint import load_nanovlm, load_pretrained
+    from tilevlm.tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{model_dir}: no config.json here; give a directory written by "
+                         "`tilevlm train`/`tilevlm demo` (or save_pretrained), or a nanoVLM checkpoint")
+    target = resolve_device(device)
+    dtype = dtype or default_dtype(target)
+    if _is_nanovlm(model_dir):
+        if tokenizer_dir is None:
+            raise ValueError(f"{model_dir} is a nanoVLM checkpoint: give its tokenizer directory "
+                             "with --tokenizer DIR")
+        model = load_nanovlm(model_dir, tokenizer_dir, dtype=dtype)
+    else:
+        model = load_pretrained(model_dir, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir, grid_side=model.cfg.grid_side)
+    processor = Processor(model.cfg, tokenizer)  # checks that model and tokenizer agree
+    model = model.to(target).eval()
+    log.debug("loaded %s (%s parameters) on %s in %s", model_dir,
+              f"{model.num_parameters():,}", target, dtype)
+    return model, processor
