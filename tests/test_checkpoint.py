@@ -1,0 +1,226 @@
+"""Weights: own-format round trip, HF build, nanoVLM directories, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_fixtures import LLAMA_VOCAB, base_config, make_llama, make_siglip
+from tilevlm.checkpoint import build_from_hf, load_nanovlm, load_pretrained, save_pretrained
+from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, preset
+from tilevlm.model import VisionLanguageModel
+
+
+def _tiny(tie: bool = True) -> VisionLanguageModel:
+    torch.manual_seed(0)
+    return VisionLanguageModel(preset("tiny", lm_tie_weights=tie))
+
+
+def _assert_same_weights(a: VisionLanguageModel, b: VisionLanguageModel) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+def _tiny_input(model: VisionLanguageModel):
+    ids = torch.randint(0, model.cfg.lm_base_vocab_size, (1, 24))
+    ids[0, 2:2 + model.cfg.mp_image_token_length] = model.image_token_id
+    return ids, torch.rand(1, 3, 32, 32)
+
+
+class _FakeTokenizer:
+    def save(self, directory) -> None:
+        (Path(directory) / "tokenizer.json").write_text("{}")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_round_trip_is_bit_exact(tmp_path, tie):
+    model = _tiny(tie)
+    save_pretrained(model, tmp_path, tokenizer=_FakeTokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    stored = load_file(tmp_path / "model.safetensors")
+    assert ("decoder.lm_head.weight" in stored) is (not tie)  # a tied head is never stored twice
+    loaded = load_pretrained(tmp_path)
+    assert loaded.cfg == model.cfg
+    _assert_same_weights(model, loaded)
+    ids, pixels = _tiny_input(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixels).logits, loaded(ids, pixels).logits)
+
+
+def test_model_wrappers_and_dtype(tmp_path):
+    model = _tiny()
+    model.save_pretrained(tmp_path)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+    assert not any(p.is_meta for p in loaded.parameters())
+    expected = model.decoder.token_embedding.weight.to(torch.bfloat16)
+    assert torch.equal(loaded.decoder.token_embedding.weight, expected)
+
+
+def test_build_from_hf_keeps_base_weights_and_adds_special_rows(tmp_path):
+    hf_llama = make_llama(tmp_path / "llama", tie=False, sharded=True)
+    make_siglip(tmp_path / "siglip")
+    model = build_from_hf(tmp_path / "siglip", tmp_path / "llama", base_config(), grid_side=8)
+    cfg = model.cfg
+    assert (cfg.lm_base_vocab_size, cfg.lm_vocab_size) == (LLAMA_VOCAB, LLAMA_VOCAB + 66)
+    assert (cfg.vit_hidden_dim, cfg.vit_img_size, cfg.mp_image_token_length) == (32, 32, 16)
+    assert (cfg.lm_re_base, cfg.lm_n_kv_heads, cfg.lm_tie_weights) == (50000.0, 2, False)
+    for ours, theirs in ((model.decoder.token_embedding.weight, hf_llama.model.embed_tokens.weight),
+                         (model.decoder.lm_head.weight, hf_llama.lm_head.weight)):
+        assert torch.equal(ours[:LLAMA_VOCAB], theirs)
+        new_rows = ours[LLAMA_VOCAB:]
+        assert new_rows.shape[0] == 66
+        torch.testing.assert_close(new_rows, theirs.mean(0).expand_as(new_rows))
+    q = hf_llama.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(model.decoder.blocks[1].attn.qkv.weight[: q.shape[0]], q)
+    ids, pixels = _tiny_input(model)
+    assert torch.isfinite(model(ids, pixels).logits).all()
+
+
+def _nanovlm_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """Our weights under nanoVLM's key names, written out by hand (independent of the maps)."""
+    sd, cfg, out = model.state_dict(), model.cfg, {}
+    out["vision_encoder.patch_embedding.conv.weight"] = sd["vision_encoder.patch_embed.weight"]
+    out["vision_encoder.patch_embedding.conv.bias"] = sd["vision_encoder.patch_embed.bias"]
+    out["vision_encoder.patch_embedding.position_embedding"] = sd["vision_encoder.pos_embed"][None]
+    for part in ("weight", "bias"):
+        out[f"vision_encoder.layer_norm.{part}"] = sd[f"vision_encoder.norm.{part}"]
+        for i in range(cfg.vit_n_blocks):
+            ours, theirs = f"vision_encoder.blocks.{i}.", f"vision_encoder.blocks.{i}."
+            for a, b in (("ln1", "ln1"), ("ln2", "ln2"), ("attn.qkv", "attn.qkv_proj"),
+                         ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[f"{theirs}{b}.{part}"] = sd[f"{ours}{a}.{part}"]
+    out["MP.proj.weight"] = sd["projector.proj.weight"]
+    out["decoder.head.weight"] = sd["decoder.token_embedding.weight"]  # tied: save_model keeps `head`
+    out["decoder.norm.weight"] = sd["decoder.norm.weight"]
+    out["decoder.rotary_embd.inv_freq"] = torch.ones(4)
+    hd = cfg.lm_head_dim
+    for i in range(cfg.lm_n_blocks):
+        p = f"decoder.blocks.{i}."
+        q, k, v = sd[p + "attn.qkv.weight"].split(
+            [cfg.lm_n_heads * hd, cfg.lm_n_kv_heads * hd, cfg.lm_n_kv_heads * hd])
+        gate, up = sd[p + "mlp.gate_up.weight"].chunk(2)
+        out.update({p + "attn.q_proj.weight": q, p + "attn.k_proj.weight": k,
+                    p + "attn.v_proj.weight": v, p + "attn.out_proj.weight": sd[p + "attn.out.weight"],
+                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                    p + "mlp.down_proj.weight": sd[p + "mlp.down.weight"],
+                    p + "norm1.weight": sd[p + "norm1.weight"], p + "norm2.weight": sd[p + "norm2.weight"]})
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _nanovlm_config(model: VisionLanguageModel) -> dict:
+    cfg = model.cfg
+    extra = {"image_token": IMAGE_TOKEN, "global_image_token": GLOBAL_IMAGE_TOKEN}
+    extra.update({f"r{r}c{c}": grid_token(r, c) for r in range(1, 9) for c in range(1, 9)})
+    data = {k: v for k, v in cfg.to_dict().items()
+            if k not in ("name", "grid_side", "image_mean", "image_std", "max_image_pixels",
+                         "use_global_tile")}
+    data.update(vit_dropout=0.0, vit_cls_flag=False, vit_model_type="google/siglip2-base-patch16-512",
+                lm_dropout=0.0, lm_attn_scaling=1.0, lm_use_tokens=False, extra_token_amount=66,
+                lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct", lm_chat_template="{{x}}",
+                vlm_extra_tokens=extra, vlm_load_backbone_weights=True, hf_repo_name="nanoVLM")
+    return data
+
+
+def _write_nanovlm(directory: Path, model: VisionLanguageModel) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(_nanovlm_config(model)))
+    save_file(_nanovlm_state(model), directory / "model.safetensors")
+
+
+def test_nanovlm_directory_loads_and_runs(tmp_path):
+    source = _tiny()
+    _write_nanovlm(tmp_path / "nano", source)
+    tokenizer = {"added_tokens": [{"id": source.image_token_id, "content": IMAGE_TOKEN},
+                                  {"id": source.grid_token_id(1, 2), "content": grid_token(1, 2)}]}
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    model = load_nanovlm(tmp_path / "nano", tokenizer_dir=tmp_path / "tok")
+    assert (model.cfg.image_mean, model.cfg.image_std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    _assert_same_weights(source, model)
+    ids, pixels = _tiny_input(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixels).logits, source(ids, pixels).logits)
+    tokenizer["added_tokens"][0]["id"] += 1
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match="special token ids"):
+        load_nanovlm(tmp_path / "nano", tokenizer_dir=tmp_path / "tok")
+    with pytest.raises(ValueError, match="load_nanovlm"):
+        load_pretrained(tmp_path / "nano")
+
+
+def test_older_nanovlm_with_one_extra_token_is_grown(tmp_path):
+    source = _tiny()
+    base = source.cfg.lm_base_vocab_size
+    _write_nanovlm(tmp_path, source)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(vlm_extra_tokens={"image_token": IMAGE_TOKEN}, extra_token_amount=1,
+                lm_vocab_size=base + 1)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+
+    def shrink(t):
+        t["decoder.head.weight"] = t["decoder.head.weight"][: base + 1].contiguous()
+    _rewrite(tmp_path, shrink)
+    model = load_nanovlm(tmp_path)
+    emb = model.decoder.token_embedding.weight
+    kept = source.decoder.token_embedding.weight[: base + 1]
+    assert emb.shape[0] == base + 66 and torch.equal(emb[: base + 1], kept)
+    torch.testing.assert_close(emb[base + 1:], kept.mean(0).expand(65, -1))
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    save_pretrained(_tiny(), tmp_path)
+    return tmp_path
+
+
+def _rewrite(directory: Path, change) -> None:
+    tensors = load_file(directory / "model.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors")
+
+
+def test_missing_tensor_is_named(saved):
+    _rewrite(saved, lambda t: t.pop("decoder.blocks.1.mlp.down.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors: decoder\.blocks\.1\.mlp\.down\.weight"):
+        load_pretrained(saved)
+
+
+def test_wrong_shape_is_named(saved):
+    def shrink(t):
+        t["projector.proj.weight"] = t["projector.proj.weight"][:, :10].contiguous()
+    _rewrite(saved, shrink)
+    with pytest.raises(ValueError, match=r"wrong shapes: projector\.proj\.weight \(checkpoint"):
+        load_pretrained(saved)
+
+
+def test_truncated_safetensors(saved):
+    path = saved / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="not a complete safetensors file"):
+        load_pretrained(saved)
+
+
+def test_pickle_only_is_refused_without_unpickling(tmp_path):
+    (tmp_path / "config.json").write_text(preset("tiny").to_json())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(ValueError, match="convert them to safetensors|Convert them to safetensors"):
+        load_pretrained(tmp_path)
+
+
+def test_hf_missing_layer_is_listed(tmp_path):
+    make_siglip(tmp_path / "siglip")
+    make_llama(tmp_path / "llama")
+    _rewrite(tmp_path / "llama", lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.0\.self_attn\.k_proj"):
+        build_from_hf(tmp_path / "siglip", tmp_path / "llama", base_config())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        build_from_hf(tmp_path / "empty", tmp_path / "llama", base_config())
