@@ -412,8 +412,11 @@ def convert_siglip(tensors: dict[str, torch.Tensor], cfg: VLMConfig,
 
 
 def convert_llama(tensors: dict[str, torch.Tensor], cfg: VLMConfig,
-                  what: str = "Llama weights") -> dict[str, torch.Tensor]:
-    """HF Llama tensors -> ours under `decoder.`, vocabulary grown to cfg.lm_vocab_size."""
+                  what: str = "Llama weights", hf_vocab: int | None = None) -> dict[str, torch.Tensor]:
+    """HF Llama tensors -> ours under `decoder.`, vocabulary grown to cfg.lm_vocab_size.
+
+    `hf_vocab`: rows in the HF embedding when the tokenizer's base vocabulary is larger (it
+    gained ChatML markers); default cfg.lm_base_vocab_size."""
     tied = cfg.lm_tie_weights
     flat = LLAMA_KEYS if tied else {**LLAMA_KEYS, **LLAMA_HEAD_KEYS}
     key_map = _expand(flat, LLAMA_BLOCK_KEYS, cfg.lm_n_blocks, "blocks.", "model.layers.")
@@ -422,7 +425,7 @@ def convert_llama(tensors: dict[str, torch.Tensor], cfg: VLMConfig,
                   what)
     for key in ("token_embedding.weight", "lm_head.weight"):
         if key in out:
-            out[key] = grow_rows(out[key], cfg.lm_vocab_size, cfg.lm_base_vocab_size,
+            out[key] = grow_rows(out[key], cfg.lm_vocab_size, hf_vocab or cfg.lm_base_vocab_size,
                                  f"{what}: {key}")
     return {f"decoder.{k}": v for k, v in out.items()}
 
@@ -441,16 +444,27 @@ def hf_config(siglip_dir: str | Path, llama_dir: str | Path, base_config: VLMCon
 
 def build_from_hf(siglip_dir: str | Path, llama_dir: str | Path,
                   base_config: VLMConfig | None = None, grid_side: int = 8,
-                  dtype: torch.dtype = torch.float32) -> VisionLanguageModel:
+                  dtype: torch.dtype = torch.float32,
+                  tokenizer_base_vocab: int | None = None) -> VisionLanguageModel:
     """A VLM from a local HF SigLIP directory and a local HF Llama/SmolLM2 directory.
 
     The projector is freshly initialised; the embedding (and an untied lm_head) gains
     2 + grid_side^2 rows for our special tokens, initialised to the mean of the existing rows.
+    `tokenizer_base_vocab`: the base vocabulary of the tokenizer that goes with the model, when it
+    is larger than the HF embedding (a base tokenizer that gained the ChatML markers); those rows
+    are added too, so our special tokens keep the ids the tokenizer gives them.
     """
     cfg = hf_config(siglip_dir, llama_dir, base_config, grid_side)
+    hf_vocab = cfg.lm_base_vocab_size
+    if tokenizer_base_vocab is not None and tokenizer_base_vocab != hf_vocab:
+        if tokenizer_base_vocab < hf_vocab:
+            raise ValueError(f"the tokenizer has {tokenizer_base_vocab} base tokens but {llama_dir} "
+                             f"has {hf_vocab} embedding rows; give the tokenizer that belongs to it")
+        cfg = cfg.replace(lm_base_vocab_size=tokenizer_base_vocab)
     siglip = read_safetensors(siglip_dir, keep=lambda k: not k.startswith(("text_model.", "logit_")))
     vision = convert_siglip(siglip, cfg, f"SigLIP weights in {siglip_dir}")
-    decoder = convert_llama(read_safetensors(llama_dir), cfg, f"Llama weights in {llama_dir}")
+    decoder = convert_llama(read_safetensors(llama_dir), cfg, f"Llama weights in {llama_dir}",
+                            hf_vocab=hf_vocab)
     model = _assemble(cfg, {**vision, **decoder}, f"{siglip_dir} + {llama_dir}", dtype,
                       fresh=("projector",))
     log.info("built a %s-parameter VLM from %s and %s", f"{model.num_parameters():,}",

@@ -20,6 +20,7 @@ COMMANDS = {
     "generate": "tilevlm.commands.generate",
     "chat": "tilevlm.commands.chat",
     "inspect": "tilevlm.commands.inspect",
+    "build": "tilevlm.commands.build",
     "bench": "tilevlm.commands.bench",
 }
 

@@ -1,0 +1,57 @@
+"""`tilevlm build`: make a tilevlm model directory from pretrained local weights.
+
+Either a Hugging Face SigLIP directory + a Llama/SmolLM2 directory (with its tokenizer), or a
+nanoVLM checkpoint + its tokenizer. The result loads with `tilevlm generate/chat/eval/train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "build a model directory from local HF SigLIP + SmolLM2 weights, or from a nanoVLM checkpoint"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tilevlm.config import PRESETS
+
+    parser.add_argument("--siglip", metavar="DIR", help="HF SiglipVisionModel or SiglipModel directory")
+    parser.add_argument("--llm", metavar="DIR",
+                        help="HF Llama / SmolLM2 directory (safetensors, config.json, tokenizer)")
+    parser.add_argument("--nanovlm", metavar="DIR", help="nanoVLM checkpoint directory instead")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="tokenizer directory (default: the --llm directory; required with --nanovlm)")
+    parser.add_argument("--preset", default="split_448", choices=sorted(PRESETS),
+                        help="image settings (max_img_size, global tile, lm_max_length) for an HF build")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the model")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.checkpoint import build_from_hf, load_nanovlm, save_pretrained
+    from tilevlm.config import preset
+    from tilevlm.processor import Processor
+    from tilevlm.tokenizer import load_tokenizer
+
+    if args.nanovlm:
+        if args.siglip or args.llm:
+            raise ValueError("give either --nanovlm, or --siglip and --llm, not both")
+        if not args.tokenizer:
+            raise ValueError("--nanovlm needs --tokenizer DIR (nanoVLM checkpoints hold no tokenizer)")
+        model = load_nanovlm(args.nanovlm, args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer, grid_side=model.cfg.grid_side)
+    elif args.siglip and args.llm:
+        base = preset(args.preset)
+        tokenizer = load_tokenizer(args.tokenizer or args.llm, grid_side=base.grid_side)
+        model = build_from_hf(args.siglip, args.llm, base, grid_side=base.grid_side,
+                              tokenizer_base_vocab=tokenizer.base_vocab_size)
+    else:
+        raise ValueError("give --siglip DIR and --llm DIR (or --nanovlm DIR --tokenizer DIR)")
+    Processor(model.cfg, tokenizer)  # model and tokenizer must agree before anything is written
+    save_pretrained(model, args.out, tokenizer=tokenizer)
+    cfg = model.cfg
+    print(f"wrote {args.out}: {model.num_parameters():,} parameters, tile {cfg.vit_img_size} px, "
+          f"max_img_size {cfg.max_img_size}, {cfg.mp_image_token_length} tokens per tile, "
+          f"vocabulary {cfg.lm_base_vocab_size} + {cfg.n_special_tokens} special tokens")
+    return 0
