@@ -1,0 +1,126 @@
+"""`tilevlm train`: train a model from a preset or config file on a named data source.
+
+    tilevlm train --preset tiny --data synthetic --out runs/tiny --steps 300
+    tilevlm train --resume runs/tiny --data synthetic --out runs/tiny --steps 600
+
+Every TrainConfig field is a flag (`--lr-decoder`, `--save-every`, ...) with TrainConfig's
+default; `--out` is `out_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from typing import Any
+
+HELP = "train a model (or continue a run) on a data source"
+
+log = logging.getLogger(__name__)
+
+_SKIP_FIELDS = ("out_dir",)  # set by --out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tilevlm.config import PRESETS
+    from tilevlm.trainconfig import TrainConfig
+
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--preset", choices=sorted(PRESETS), help="model configuration by name")
+    model.add_argument("--config", metavar="FILE", help="model configuration (VLMConfig JSON)")
+    parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or a run "
+                        "directory (its latest checkpoint); the model comes from it")
+    parser.add_argument("--data", required=True, help="data source: 'synthetic'")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    parser.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory "
+                        "(default for synthetic data: a BPE trained on its corpus)")
+    parser.add_argument("--train-size", type=int, default=100_000,
+                        help="synthetic training samples (the order repeats after this many)")
+    parser.add_argument("--val-size", type=int, default=256, help="synthetic validation samples")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in _SKIP_FIELDS:
+            _add_field(parser, f)
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    flag = "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool):
+        parser.add_argument(flag, default=f.default, action=argparse.BooleanOptionalAction,
+                            help=f.metadata.get("help"))
+    else:
+        parser.add_argument(flag, type=type(f.default), default=f.default,
+                            choices=f.metadata.get("choices"), help=f.metadata.get("help"))
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    from tilevlm.trainconfig import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+              if f.name not in _SKIP_FIELDS}
+    return TrainConfig(**values, out_dir=args.out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.data.sources import open_dataset
+    from tilevlm.processor import Processor
+    from tilevlm.train import train
+
+    cfg = train_config(args)
+    model, tokenizer = _model_and_tokenizer(args, cfg.seed)
+    train_data = open_dataset(args.data, "train", args.train_size, model.cfg)
+    val_data = open_dataset(args.data, "validation", args.val_size, model.cfg)
+    result = train(model, Processor(model.cfg, tokenizer), train_data, val_data, cfg,
+                   resume_from=args.resume)
+    if result.interrupted:
+        log.info("interrupted at step %d; continue with: tilevlm train --resume %s --data %s "
+                 "--out %s", result.step, args.out, args.data, args.out)
+        return 130
+    val = result.val or {}
+    log.info("done: step %d, loss %.4f%s; checkpoint %s", result.step, result.loss,
+             f", validation exact match {100 * val['val_accuracy']:.1f}%" if val else "",
+             result.checkpoint)
+    return 0
+
+
+def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
+    """A fresh model from --preset/--config (or the model of --resume) and its tokenizer."""
+    import torch
+
+    from tilevlm.checkpoint import load_pretrained
+    from tilevlm.config import VLMConfig, preset
+    from tilevlm.model.vlm import VisionLanguageModel
+    from tilevlm.tokenizer import load_tokenizer
+    from tilevlm.trainstate import find_latest
+
+    if args.resume and not (args.preset or args.config):
+        ckpt = find_latest(args.resume)
+        if ckpt is None:
+            raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
+        model = load_pretrained(ckpt).train()
+        return model, load_tokenizer(ckpt, grid_side=model.cfg.grid_side)
+    if not (args.preset or args.config):
+        raise ValueError("give --preset NAME or --config FILE (or --resume DIR)")
+    config = preset(args.preset) if args.preset else VLMConfig.from_json(args.config)
+    tokenizer, config = _tokenizer_for(args, config)
+    torch.manual_seed(seed)
+    return VisionLanguageModel(config), tokenizer
+
+
+def _tokenizer_for(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
+    """--tokenizer, or for synthetic data a BPE trained on its corpus; the config's base
+    vocabulary follows the tokenizer."""
+    from tilevlm.data.sources import synthetic_tokenizer
+
+    if args.tokenizer:
+        from tilevlm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer, grid_side=config.grid_side)
+        if tokenizer.base_vocab_size != config.lm_base_vocab_size:
+            log.info("lm_base_vocab_size %d -> %d (the tokenizer's)", config.lm_base_vocab_size,
+                     tokenizer.base_vocab_size)
+            config = config.replace(lm_base_vocab_size=tokenizer.base_vocab_size)
+        return tokenizer, config
+    if args.data != "synthetic":
+        raise ValueError("--tokenizer DIR is needed for data other than 'synthetic'")
+    return synthetic_tokenizer(config)
+

@@ -1,0 +1,88 @@
+"""From raw samples to model batches, skipping (and counting) bad samples instead of crashing.
+
+A raw sample is a dict with `messages` (chat turns, `<image>` placeholders in the text) and either
+`image` (one image) or `images` (a list); an image is anything `load_image` takes (a path, bytes,
+a PIL image). A sample is bad when reading it raises, when an image does not load, or when it is
+longer than `lm_max_length`: it is logged, dropped and counted in the batch's `n_skipped`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+
+from tilevlm.image import ImageLike
+
+log = logging.getLogger(__name__)
+
+Sample = dict[str, Any]
+# What the processor raises for a sample it cannot use (bad image, too long, malformed).
+BAD_SAMPLE_ERRORS = (ValueError, KeyError, TypeError)
+
+
+def sample_messages(sample: Sample) -> list[dict[str, str]]:
+    return sample["messages"]
+
+
+def sample_images(sample: Sample) -> list[ImageLike]:
+    if "images" in sample:
+        return list(sample["images"])
+    return [sample["image"]] if sample.get("image") is not None else []
+
+
+class SkipBadSamples:
+    """A map-style dataset wrapper: `ds[i]` is the sample, or None when reading it raised."""
+
+    def __init__(self, dataset: Sequence[Sample]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        try:
+            return self.dataset[index]
+        except (IndexError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a reader error of any kind: skip the sample, never crash
+            log.warning("skipping sample %d: %s: %s", index, type(e).__name__, e)
+            return None
+
+
+class VLMCollator:
+    """`collate_fn` for a DataLoader: a list of raw samples (None = already bad) -> a Processor
+    batch plus `n_skipped`; None when every sample was bad."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+
+    def __call__(self, samples: list[Sample | None]) -> dict[str, Any] | None:
+        good = [s for s in samples if s is not None]
+        try:
+            batch = self._process(good) if good else None
+        except BAD_SAMPLE_ERRORS:  # find the bad ones; the rest still make a batch
+            good = [s for s in good if self._usable(s)]
+            batch = self._process(good) if good else None
+        if batch is not None:
+            batch["n_skipped"] = len(samples) - len(good)
+        return batch
+
+    def _process(self, samples: list[Sample]) -> dict[str, Any]:
+        return self.processor([sample_messages(s) for s in samples],
+                              [sample_images(s) for s in samples])
+
+    def _usable(self, sample: Sample) -> bool:
+        try:
+            self._process([sample])
+        except BAD_SAMPLE_ERRORS as e:
+            log.warning("skipping a sample: %s", e)
+            return False
+        return True
+
+
+def to_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch tensors the model's forward takes, moved to `device`."""
+    names = ("input_ids", "attention_mask", "labels", "pixel_values")
+    return {k: batch[k].to(device, non_blocking=True) for k in names if batch.get(k) is not None}

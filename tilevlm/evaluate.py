@@ -1,0 +1,173 @@
+"""Evaluation: exact-match accuracy of greedy answers (overall and per question type) and the mean
+teacher-forced loss.
+
+A sample is a raw sample (see `tilevlm.data.collate`): its last message is the reference answer
+and everything before it is the prompt. `greedy_answers` decodes with one full forward per new
+token: simple and obviously correct, O(n^2); the KV-cached `generate` replaces it later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from tilevlm.data.collate import Sample, sample_images, sample_messages, to_model_inputs
+from tilevlm.processor import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+AnswerFn = Callable[[nn.Module, Any, list[list[dict[str, str]]], list[list[Any]], int], list[str]]
+
+
+@dataclass
+class EvalReport:
+    n: int
+    accuracy: float  # exact match over all samples
+    loss: float  # mean cross-entropy per answer token
+    per_qtype: dict[str, dict[str, float]] = field(default_factory=dict)  # qtype: {n, accuracy}
+    examples: list[dict[str, str]] = field(default_factory=list)  # the first few predictions
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def normalize_answer(text: str) -> str:
+    """Case, surrounding whitespace, inner runs of spaces and a final period do not count."""
+    return " ".join(text.strip().lower().split()).rstrip(".").strip()
+
+
+def split_prompt(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
+    """(the messages before the final assistant answer, that answer)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("an evaluation sample must end with an assistant message (the reference)")
+    return messages[:-1], messages[-1]["content"]
+
+
+@torch.no_grad()
+def greedy_answers(model: nn.Module, processor: Any, conversations: list[list[dict[str, str]]],
+                   images: list[list[Any]], max_new_tokens: int) -> list[str]:
+    """Greedy answers for prompts that end with a user turn, by one full forward per token.
+
+    Rows are right-padded; each row's next token is read at its own last position and written
+    just after it, so padding (always after a row's tokens) never influences it."""
+    batch = processor(conversations, images, add_generation_prompt=True)
+    device = next(model.parameters()).device
+    prompt_len = batch["attention_mask"].sum(1).to(device)  # (B,)
+    pixel_values = batch["pixel_values"]
+    pixel_values = pixel_values.to(device) if pixel_values is not None else None
+    ids, lengths = _decode_loop(model, batch["input_ids"].to(device), prompt_len, pixel_values,
+                                max_new_tokens, processor.tokenizer)
+    eos = processor.tokenizer.eos_token_id
+    answers = []
+    for row, start, end in zip(ids.tolist(), prompt_len.tolist(), lengths.tolist()):
+        new = row[start:end]
+        answers.append(processor.decode(new[:new.index(eos)] if eos in new else new))
+    return answers
+
+
+def _decode_loop(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
+                 pixel_values: torch.Tensor | None, max_new_tokens: int,
+                 tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append up to `max_new_tokens` greedy tokens per row; returns (ids, row lengths)."""
+    batch_size = input_ids.shape[0]
+    pad = tokenizer.pad_token_id
+    ids = torch.cat([input_ids, input_ids.new_full((batch_size, max_new_tokens), pad)], 1)
+    rows = torch.arange(batch_size, device=ids.device)
+    done = torch.zeros(batch_size, dtype=torch.bool, device=ids.device)
+    for _ in range(max_new_tokens):
+        width = int(lengths.max())
+        mask = (torch.arange(width, device=ids.device) < lengths[:, None]).long()  # (B, W)
+        logits = model(ids[:, :width], pixel_values=pixel_values, attention_mask=mask).logits
+        next_ids = logits[rows, lengths - 1].argmax(-1)  # (B,)
+        next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
+        ids[rows, lengths] = next_ids
+        lengths = lengths + (~done).long()
+        done |= next_ids == tokenizer.eos_token_id
+        if bool(done.all()):
+            break
+    return ids, lengths
+
+
+@dataclass
+class _Scored:
+    prompt: str  # the last prompt message
+    reference: str
+    prediction: str
+    qtype: str | None
+
+    @property
+    def hit(self) -> bool:
+        return normalize_answer(self.prediction) == normalize_answer(self.reference)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, processor: Any, samples: Iterable[Sample], batch_size: int = 8,
+             max_new_tokens: int = 16, answer_fn: AnswerFn = greedy_answers,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             n_examples: int = 5) -> EvalReport:
+    """Exact match of `answer_fn`'s answers against each sample's final assistant message, and
+    the token-weighted mean loss of the full conversations. The model's train/eval mode is
+    restored afterwards."""
+    was_training = model.training
+    model.eval()
+    scored, loss_sum, tokens = [], 0.0, 0
+    try:
+        with autocast():
+            for chunk in _chunks(samples, batch_size):
+                scored += _answer(model, processor, chunk, max_new_tokens, answer_fn)
+                chunk_loss, n = _loss(model, processor, chunk)
+                loss_sum, tokens = loss_sum + chunk_loss * n, tokens + n
+    finally:
+        model.train(was_training)
+    return _report(scored, loss_sum / max(tokens, 1), n_examples)
+
+
+def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    it = iter(samples)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _answer(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int,
+            answer_fn: AnswerFn) -> list[_Scored]:
+    prompts, refs = zip(*(split_prompt(sample_messages(s)) for s in chunk))
+    preds = answer_fn(model, processor, list(prompts), [sample_images(s) for s in chunk],
+                      max_new_tokens)
+    return [_Scored(prompt[-1]["content"], ref, pred, s.get("qtype"))
+            for s, prompt, ref, pred in zip(chunk, prompts, refs, preds)]
+
+
+def _loss(model: nn.Module, processor: Any, chunk: list[Sample]) -> tuple[float, int]:
+    """Mean loss over the chunk's answer tokens, and how many there are."""
+    batch = processor([sample_messages(s) for s in chunk], [sample_images(s) for s in chunk])
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    device = next(model.parameters()).device
+    return float(model(**to_model_inputs(batch, device)).loss), n
+
+
+def _report(scored: list[_Scored], loss: float, n_examples: int) -> EvalReport:
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for s in scored:
+        if s.qtype is not None:
+            by_type[s.qtype].append(s.hit)
+    per_qtype = {q: {"n": len(h), "accuracy": sum(h) / len(h)} for q, h in sorted(by_type.items())}
+    examples = [{"prompt": s.prompt, "reference": s.reference, "prediction": s.prediction}
+                for s in scored[:n_examples]]
+    accuracy = sum(s.hit for s in scored) / max(len(scored), 1)
+    return EvalReport(len(scored), accuracy, loss, per_qtype, examples)
+
+
+def write_report(report: EvalReport, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return path

@@ -1,0 +1,80 @@
+"""TrainConfig: every training knob, with the one set of defaults that `train()` and the
+`tilevlm train` command share. Light on purpose (no torch import): the CLI builds its flags
+from these fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "fp32", "bf16")
+NONFINITE_ACTIONS = ("stop", "skip")
+
+
+def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its CLI help (and choices) attached."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every training knob, with the one set of defaults the CLI uses too."""
+
+    steps: int = _knob(1000, "optimizer steps")
+    batch_size: int = _knob(8, "samples per micro-batch")
+    grad_accum: int = _knob(1, "micro-batches per optimizer step")
+    lr_projector: float = _knob(1e-3, "projector learning rate (0 freezes it)")
+    lr_vision: float = _knob(5e-5, "vision encoder learning rate (0 freezes it)")
+    lr_decoder: float = _knob(5e-5, "decoder learning rate (0 freezes it)")
+    weight_decay: float = _knob(0.01, "AdamW weight decay of matrices and embeddings")
+    adam_beta1: float = _knob(0.9, "AdamW beta1")
+    adam_beta2: float = _knob(0.95, "AdamW beta2")
+    warmup_steps: int = _knob(50, "linear warmup steps")
+    min_lr_ratio: float = _knob(0.1, "cosine decay ends at this fraction of each learning rate")
+    grad_clip: float = _knob(1.0, "max global gradient norm (0: no clipping)")
+    dtype: str = _knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (CPU too)",
+                       DTYPES)
+    device: str = _knob("auto", "auto: cuda when available, else cpu; or a torch device name")
+    eval_every: int = _knob(100, "validate every N steps (0: only at the end)")
+    eval_batches: int = _knob(4, "validation set size, in batches")
+    eval_max_new_tokens: int = _knob(16, "longest validation answer, in tokens")
+    save_every: int = _knob(500, "checkpoint every N steps (0: only at the end and on Ctrl-C)")
+    out_dir: str = _knob("runs/train", "checkpoints and metrics.jsonl go here")
+    seed: int = _knob(0, "seed of the data order, the RNGs and the model init")
+    on_nonfinite: str = _knob("stop", "a NaN/inf loss: stop with an error, or skip the update",
+                              NONFINITE_ACTIONS)
+    num_workers: int = _knob(0, "DataLoader worker processes")
+    progress: bool = _knob(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_projector", "lr_vision", "lr_decoder", "weight_decay", "warmup_steps",
+                     "grad_clip", "eval_every", "eval_batches", "save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE_ACTIONS}, "
+                             f"got {self.on_nonfinite!r}")
+
+    @property
+    def part_lrs(self) -> dict[str, float]:
+        return {"vision_encoder": self.lr_vision, "projector": self.lr_projector,
+                "decoder": self.lr_decoder}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,220 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+Layout of `out_dir/checkpoint-{step}/`:
+
+    config.json, model.safetensors, tokenizer files   the model (checkpoint.save_pretrained)
+    optimizer.safetensors                             optimizer state tensors, `state.{i}.{name}`
+    optimizer.json                                    param groups + non-tensor state + schedule
+    rng.safetensors                                   torch CPU/CUDA generator states, numpy keys
+    trainer_state.json                                step, data position, counters, RNG scalars,
+                                                      the TrainConfig
+
+Writes are atomic: everything goes into `out_dir/.tmp-ckpt-XXXX`, every file is fsynced, the
+directory is renamed to `checkpoint-{step}` with `os.replace`, and then the `latest` pointer file
+(the checkpoint's directory name) is replaced atomically. A kill at any point leaves the previous
+checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+RNG_TENSORS = "rng.safetensors"
+TMP_PREFIX = ".tmp-ckpt-"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------- optimizer state
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """`optimizer.state_dict()` -> (tensors for safetensors, JSON-able rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    """The inverse of `flatten_optimizer_state`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["state"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- RNG state
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch (CPU and every CUDA device), numpy and python `random` states."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy.keys"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss_next = random.getstate()
+    scalars = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                         "cached_gaussian": float(cached)},
+               "python": {"version": version, "internal": list(internal),
+                          "gauss_next": gauss_next}}
+    return tensors, scalars
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    n = scalars["numpy"]
+    np.random.set_state((n["kind"], tensors["numpy.keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = scalars["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------- writing
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_training_files(directory: Path, optimizer: torch.optim.Optimizer,
+                        trainer_state: dict[str, Any]) -> None:
+    """Optimizer, RNG and trainer state into `directory` (the model is written by the caller)."""
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+    save_file(opt_tensors, str(directory / OPTIMIZER_TENSORS))
+    write_json(directory / OPTIMIZER_META, opt_meta)
+    rng_tensors, rng_scalars = capture_rng()
+    save_file(rng_tensors, str(directory / RNG_TENSORS))
+    write_json(directory / TRAINER_STATE, {**trainer_state, "rng": rng_scalars})
+
+
+def atomic_checkpoint(out_dir: str | Path, step: int,
+                      write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)`, fsync, rename to `out_dir/checkpoint-{step}`, update `latest`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
+    try:
+        os.chmod(tmp, 0o755)
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = out_dir / f"checkpoint-{step}"
+    _replace_dir(tmp, final)
+    _atomic_write_text(out_dir / LATEST, final.name + "\n")
+    return final
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """`os.replace` for directories; an existing `dst` (the same step saved again) is moved aside
+    first and deleted after."""
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_tmp(out_dir: str | Path) -> None:
+    """Delete half-written checkpoint directories left by a killed run."""
+    for path in Path(out_dir).glob(TMP_PREFIX + "*"):
+        log.info("removing an unfinished checkpoint directory %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- reading
+def is_complete(directory: Path) -> bool:
+    return (directory / TRAINER_STATE).is_file() and (directory / OPTIMIZER_TENSORS).is_file()
+
+
+def find_latest(path: str | Path) -> Path | None:
+    """The checkpoint to resume from: `path` itself if it is a checkpoint, else the one `latest`
+    names in it, else its highest-numbered complete `checkpoint-*`; None if there is none."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        target = path / pointer.read_text().strip()
+        if is_complete(target):
+            return target
+    steps = [(int(m.group(1)), p) for p in path.glob("checkpoint-*")
+             if (m := _CHECKPOINT_RE.match(p.name)) and is_complete(p)]
+    return max(steps)[1] if steps else None
+
+
+def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Copy a checkpoint's `model.safetensors` into `model` (same keys and shapes, checked)."""
+    from tilevlm.checkpoint import check_tensors, read_safetensors
+
+    tensors = read_safetensors(directory)
+    check_tensors(model, tensors, f"{directory}")
+    model.load_state_dict(tensors)
+
+
+def load_training_files(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore optimizer and RNG states from a checkpoint; returns the trainer state."""
+    meta = json.loads((directory / OPTIMIZER_META).read_text())
+    tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+    state = json.loads((directory / TRAINER_STATE).read_text())
+    restore_rng(load_file(str(directory / RNG_TENSORS)), state["rng"])
+    return state
