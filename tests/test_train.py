@@ -146,6 +146,16 @@ def test_checkpoint_complete_or_absent_after_sigkill(tmp_path):
     assert not list(out.glob(".tmp-ckpt-*"))
 
 
+def test_atomic_checkpoint_replaces_the_same_step(tmp_path):
+    for text in ("first", "second"):
+        path = trainstate.atomic_checkpoint(
+            tmp_path, 5, lambda d, text=text: (d / "trainer_state.json").write_text(text))
+    assert path == tmp_path / "checkpoint-5"
+    assert (path / "trainer_state.json").read_text() == "second"
+    assert (tmp_path / "latest").read_text() == "checkpoint-5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-5", "latest"]
+
+
 def test_smoke_run_reduces_loss(setup, tmp_path):
     config, processor, train_data, val_data = setup
     cfg = quick(tmp_path, steps=30, batch_size=8, warmup_steps=3, lr_projector=3e-3,
@@ -156,6 +166,8 @@ def test_smoke_run_reduces_loss(setup, tmp_path):
     last = sum(losses[s] for s in (28, 29, 30)) / 3
     assert last < first - 1.0, (first, last)
     assert result.val is not None and math.isfinite(result.val["val_loss"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [15, 30]
     assert result.checkpoint == tmp_path / "checkpoint-30"
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-30"
 

@@ -95,6 +95,7 @@ def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]]
             if not interrupted:
                 _finish(run)
     finally:
+        run.batches = None  # shuts DataLoader workers down
         run.metrics.close()
     return TrainResult(run.state.step, run.last_loss, run.last_val, run.last_checkpoint,
                        interrupted, run.state.skipped_samples, run.state.nonfinite_steps)
@@ -115,15 +116,14 @@ def _loop(run: _Run, stop: "_SigintFlag") -> bool:
 
 
 def _finish(run: _Run) -> None:
-    """Final validation and checkpoint, unless the last step just did them."""
-    step = run.state.step
-    if run.val_samples and (run.cfg.eval_every == 0 or step % run.cfg.eval_every):
+    """Final validation and checkpoint."""
+    if run.val_samples:
         _validate(run)
-    if run.last_checkpoint is None or run.last_checkpoint.name != f"checkpoint-{step}":
-        _save(run)
+    _save(run)
 
 
 def _periodic(run: _Run) -> None:
+    """Validation and checkpoints every N steps (those of the last step are `_finish`'s)."""
     step, cfg = run.state.step, run.cfg
     if run.val_samples and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         _validate(run)
@@ -185,7 +185,7 @@ def _batches(run: _Run, train_data: Sequence[dict[str, Any]]) -> Iterator[dict[s
         SkipBadSamples(train_data), batch_sampler=sampler, collate_fn=VLMCollator(run.processor),
         num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
         generator=torch.Generator().manual_seed(cfg.seed),
-        persistent_workers=cfg.num_workers > 0, worker_init_fn=_ignore_sigint)
+        worker_init_fn=_ignore_sigint)
     return iter(loader)
 
 
