@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(model, Processor(model.cfg, tokenizer), train_data, val_data, cfg,
                    resume_from=args.resume)
     if result.interrupted:
-        log.info("interrupted at step %d; continue with: tilevlm train --resume %s --data %s "
-                 "--out %s", result.step, args.out, args.data, args.out)
+        log.info("interrupted at step %d; to continue, run the same command with --resume %s",
+                 result.step, args.out)
         return 130
     val = result.val or {}
     log.info("done: step %d, loss %.4f%s; checkpoint %s", result.step, result.loss,
