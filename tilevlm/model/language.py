@@ -7,6 +7,8 @@ weights: `attn.qkv` holds the q, k, v rows in that order and `mlp.gate_up` the g
 Without a cache:
     hidden = decoder(inputs_embeds, attention_mask=None | [B, T])        # [B, T, D]
     No mask (or an all-ones mask, outside torch.compile) uses SDPA's `is_causal=True`.
+    A boolean [B, 1, T, T] mask (True = may attend; e.g. packing's document mask, several samples
+    in one row) is used as is; see `_forward_4d_mask`.
 
 With the cache (generation; gpt-fast style, shapes never change so the decode step compiles):
     decoder.setup_cache(batch_size, max_len)  # once; K, V buffers [B, n_kv, max_len, hd]
@@ -219,6 +221,9 @@ class LanguageModel(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 cache_position: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, D] embeddings -> [B, T, D] final hidden states (after the last norm)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return self._forward_4d_mask(inputs_embeds, attention_mask, position_ids,
+                                         cache_position)
         b, t, _ = inputs_embeds.shape
         if cache_position is None:
             key_valid, query_pos, key_len = self._uncached_layout(
@@ -234,6 +239,28 @@ class LanguageModel(nn.Module):
         x = inputs_embeds
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache_position)  # (B, T, D)
+        return self.norm(x)
+
+    def _forward_4d_mask(self, inputs_embeds: torch.Tensor, mask: torch.Tensor,
+                         position_ids: torch.Tensor | None,
+                         cache_position: torch.Tensor | None) -> torch.Tensor:
+        """Uncached forward with an explicit boolean mask [B or 1, 1, T, T] (True = may attend).
+
+        Without `position_ids`, a query's position is the number of keys it sees minus one:
+        for a mask causal within each sample (packing) that is 0, 1, 2, ... restarting per sample.
+        """
+        b, t, _ = inputs_embeds.shape
+        if cache_position is not None:
+            raise ValueError("a 4-D attention_mask is for uncached forward passes only")
+        if mask.dtype != torch.bool or mask.shape[1:] != (1, t, t) or mask.shape[0] not in (1, b):
+            raise ValueError(f"a 4-D attention_mask must be boolean [batch, 1, seq, seq] = "
+                             f"[{b}, 1, {t}, {t}], got {mask.dtype} {list(mask.shape)}")
+        if position_ids is None:
+            position_ids = (mask[:, 0].sum(-1) - 1).clamp(min=0).expand(b, t)  # (B, T)
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, None)  # (B, T, D)
         return self.norm(x)
 
     def _uncached_layout(self, attention_mask: torch.Tensor | None, b: int, t: int,

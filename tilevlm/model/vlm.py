@@ -124,7 +124,9 @@ class VisionLanguageModel(nn.Module):
         """input_ids [B, T] (+ tiles, mask [B, T], labels [B, T]) -> logits [B, T, V] and loss.
 
         `labels` are aligned with `input_ids` (-100 where no loss); the loss is shifted inside:
-        logits[:, t] predicts labels[:, t + 1]."""
+        logits[:, t] predicts labels[:, t + 1]. `attention_mask` may also be a boolean
+        [B, 1, T, T] mask (packed rows: `tilevlm.data.packing.document_attention_mask`), passed
+        to the decoder as is, with `position_ids` restarting at 0 for each packed sample."""
         embeds = self.embed_inputs(input_ids, pixel_values, image_token_id)  # (B, T, D)
         hidden = self.decoder(embeds, attention_mask=attention_mask, position_ids=position_ids)
         logits = self.decoder.logits(hidden)  # (B, T, V)

@@ -1,0 +1,93 @@
+"""Hugging Face `datasets` directories written by `save_to_disk`, read with pyarrow alone.
+
+A saved `Dataset` is a directory with `state.json` (its `_data_files` list the Arrow files in
+order), `dataset_info.json` and `data-XXXXX-of-YYYYY.arrow` files in Arrow's IPC stream format;
+a saved `DatasetDict` has `dataset_dict.json` and one such directory per split. The files are
+memory-mapped and read record batch by record batch, so `datasets` is not needed at run time and
+nothing is loaded whole. Rows are The Cauldron / FineVision style (see `tilevlm.data.parquet`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from tilevlm.data.parquet import (BATCH_ROWS, cauldron_sample, find_columns, require_pyarrow,
+                                  take_rows)
+from tilevlm.data.rowreader import Keep, RowReader, Sample
+from tilevlm.data.skips import SkipCounter
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "state.json").is_file()
+                              or (path / "dataset_info.json").is_file()
+                              or (path / "dataset_dict.json").is_file())
+
+
+def arrow_files(path: Path, split: str = "train") -> list[Path]:
+    """The Arrow files of a saved Dataset (or of `split` of a saved DatasetDict), in order."""
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        if split not in splits:
+            raise ValueError(f"{path}: a saved DatasetDict without a {split!r} split "
+                             f"(it has {', '.join(splits) or 'none'})")
+        path = path / split
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise ValueError(f"{path}: no state.json; expected a directory written by "
+                         "datasets' save_to_disk")
+    state = json.loads(state_file.read_text())
+    if state.get("_indices_data_files"):
+        raise ValueError(f"{path}: saved with an indices mapping; re-save it after "
+                         "`dataset.flatten_indices()`")
+    files = [path / f["filename"] for f in state.get("_data_files", [])]
+    if not files:
+        raise ValueError(f"{path}: state.json lists no data files")
+    return files
+
+
+def _open_arrow(pa: Any, path: Path) -> tuple[Any, Iterator[Any]]:
+    """(schema, record batches) of an Arrow IPC stream (or file) on a memory map."""
+    source = pa.memory_map(str(path))
+    try:
+        reader = pa.ipc.open_stream(source)
+        return reader.schema, iter(reader)
+    except pa.ArrowInvalid:  # an IPC *file* (random-access format) instead of a stream
+        reader = pa.ipc.open_file(source)
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+
+class HFDiskReader(RowReader):
+    """Raw samples from a `save_to_disk` directory, this rank's shard only."""
+
+    def __init__(self, path: str | Path, split: str = "train",
+                 image_root: str | Path | None = None, rank: int = 0, world_size: int = 1,
+                 skips: SkipCounter | None = None) -> None:
+        super().__init__(rank, world_size, skips)
+        pa = require_pyarrow()
+        self.path = Path(path)
+        self.files = arrow_files(self.path, split)
+        self.image_root = Path(image_root) if image_root is not None else self.files[0].parent
+        try:
+            schema, _ = _open_arrow(pa, self.files[0])
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{self.files[0]}: not a readable Arrow stream ({e})") from None
+        self.columns = find_columns(schema.names, str(self.path))
+
+    def _rows(self, keep: Keep) -> Iterator[tuple[str, Any]]:
+        pa = require_pyarrow()
+        wanted = [c for c in self.columns if c is not None]
+        first = 0
+        for path in self.files:
+            file_start = first
+            for batch in _open_arrow(pa, path)[1]:
+                batch = batch.select(wanted)
+                for chunk_start in range(0, batch.num_rows, BATCH_ROWS):  # zero-copy slices
+                    chunk = batch.slice(chunk_start, BATCH_ROWS)
+                    for i, row in take_rows(chunk, first + chunk_start, keep):
+                        yield f"{path}:{i - file_start}", row
+                first += batch.num_rows
+
+    def _to_sample(self, row: Any, where: str) -> Sample:
+        return cauldron_sample(row, self.columns[1], self.image_root, where)

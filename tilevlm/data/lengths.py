@@ -1,0 +1,126 @@
+"""Sample lengths known before any pixel is decoded: image sizes from headers, exact token counts.
+
+The Processor's token count is text tokens plus, per image, `count_image_tokens` of its size, and
+the text around `<image>` is tokenized in pieces (special tokens split the text the same way), so
+`measure` equals `len(processor(...)["input_ids"][0])` exactly while reading only image headers
+(`PIL.Image.open` parses the header; pixels are decoded later, in the collator).
+
+`LengthFilter` drops (and counts) samples over `lm_max_length` and images whose header does not
+parse, and adds `n_tokens` and `n_tiles` to each sample it passes on, for packing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from PIL import Image
+
+from tilevlm.data.rowreader import IMAGE_PLACEHOLDER, Sample
+from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
+from tilevlm.image import tile_grid, tiles_per_image
+from tilevlm.processor import count_image_tokens
+from tilevlm.tokenizer import IM_END, chat_header
+
+_ORIENTATION = 0x0112  # the EXIF orientation tag
+_TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
+
+
+def image_size(source: Any, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header of a path, encoded bytes or a PIL image; SkipSample
+    (image_error) when it does not open or is over `max_pixels`."""
+    if isinstance(source, Image.Image):
+        size = source.size
+    else:
+        size = _header_size(source)
+    if size[0] <= 0 or size[1] <= 0 or size[0] * size[1] > max_pixels:
+        raise SkipSample(IMAGE_ERROR, f"image size {size[0]}x{size[1]} is empty or over the "
+                                      f"{max_pixels}-pixel limit")
+    return size
+
+
+def _header_size(source: Any) -> tuple[int, int]:
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else Path(source)
+        with warnings.catch_warnings():
+            # Our own pixel limit applies (above); Pillow's would only warn or raise early.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                return _displayed_size(img)
+    except Image.UnidentifiedImageError:
+        raise SkipSample(IMAGE_ERROR, f"{name}: not an image (unknown or unsupported format)"
+                         ) from None
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError,
+            Image.DecompressionBombError) as e:
+        raise SkipSample(IMAGE_ERROR, f"{name}: cannot read the image header "
+                                      f"({type(e).__name__}: {e})") from None
+
+
+def _displayed_size(img: Image.Image) -> tuple[int, int]:
+    """The size after `load_image` applies the EXIF orientation: orientations 5-8 swap the sides
+    (phone photos), and the tile grid must be computed on the turned image. The EXIF block is
+    part of the header, so no pixel is decoded."""
+    width, height = img.size
+    return (height, width) if _orientation(img) in _TRANSPOSING else (width, height)
+
+
+def _orientation(img: Image.Image) -> int:
+    if img.format == "PNG" and "exif" not in img.info:
+        # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the
+        # pixel data. Such files are rare; the processor's own count check still catches them.
+        return 1
+    return img.getexif().get(_ORIENTATION, 1)
+
+
+class SampleMeter:
+    """Token and tile counts of raw samples, from text and image headers only."""
+
+    def __init__(self, processor: Any) -> None:
+        self.config = processor.config
+        self.tokenizer = processor.tokenizer
+
+    def measure(self, sample: Sample) -> tuple[int, int]:
+        """(tokens, tiles) the Processor will produce for this sample."""
+        cfg = self.config
+        sizes = [image_size(s, cfg.max_image_pixels) for s in sample["images"]]
+        n_tiles = sum(tiles_per_image(tile_grid(w, h, cfg.vit_img_size, cfg.max_img_size,
+                                                cfg.resize_to_max_side_len), cfg.use_global_tile)
+                      for w, h in sizes)
+        image_tokens = sum(count_image_tokens(w, h, cfg) for w, h in sizes)
+        return self.text_tokens(sample["messages"]) + image_tokens, n_tiles
+
+    def text_tokens(self, messages: list[dict[str, str]]) -> int:
+        """ChatML tokens of the messages with every `<image>` removed (no generation prompt)."""
+        pieces: list[str] = []
+        for i, m in enumerate(messages):
+            pieces += [chat_header(m, i), *m["content"].split(IMAGE_PLACEHOLDER), IM_END, "\n"]
+        return sum(len(ids) for ids in self.tokenizer.encode_batch(pieces))
+
+
+class LengthFilter:
+    """Samples of `samples` that fit `max_tokens` (default `lm_max_length`), each with `n_tokens`
+    and `n_tiles` added; the rest are counted in `skips` (too_long, image_error)."""
+
+    def __init__(self, samples: Iterable[Sample], processor: Any, max_tokens: int | None = None,
+                 skips: SkipCounter | None = None) -> None:
+        self.samples = samples
+        self.meter = SampleMeter(processor)
+        self.max_tokens = max_tokens or processor.config.lm_max_length
+        self.skips = skips if skips is not None else getattr(samples, "skips", SkipCounter())
+
+    def __iter__(self) -> Iterator[Sample]:
+        for sample in self.samples:
+            where = sample.get("source", "")
+            try:
+                n_tokens, n_tiles = self.meter.measure(sample)
+            except SkipSample as e:
+                self.skips.skip(e, where)
+                continue
+            if n_tokens > self.max_tokens:
+                self.skips.add(TOO_LONG, where, f"{n_tokens} tokens, more than {self.max_tokens} "
+                                                "(never truncated)")
+                continue
+            yield {**sample, "n_tokens": n_tokens, "n_tiles": n_tiles}

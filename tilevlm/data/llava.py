@@ -1,0 +1,91 @@
+"""LLaVA-style conversations: a JSON list (or JSON lines) of records plus an image folder.
+
+    {"id": "000001", "image": "coco/train2017/000001.jpg",          # or a list, or absent
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}]}
+
+Image names are joined to the image root (default: the JSON file's directory) and must stay
+inside it: `../../etc/passwd` or an absolute path elsewhere is refused for that sample (counted as
+`path_escape`), never opened. A `.json` file is parsed whole (that is what JSON allows); use
+`.jsonl` (one record a line) to stream very large sets.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tilevlm.data.rowreader import Keep, RowReader, Sample, make_sample, safe_image_path
+from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+              "system": "system"}
+
+
+def llava_sample(record: Any, root: Path, where: str) -> Sample:
+    """One LLaVA record -> a raw sample (SkipSample when malformed or a path escapes)."""
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise SkipSample(MALFORMED, "expected an object with a 'conversations' list")
+    messages = []
+    for turn in record["conversations"]:
+        role = ROLE_NAMES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise SkipSample(MALFORMED, f"a turn needs 'from' (human|gpt|system) and a 'value' "
+                                        f"string, got {turn!r:.120}")
+        messages.append({"role": role, "content": turn["value"]})
+    names = record.get("image")
+    names = [] if names is None else names if isinstance(names, list) else [names]
+    return make_sample(messages, [safe_image_path(root, n) for n in names], where)
+
+
+class LlavaReader(RowReader):
+    """Raw samples from LLaVA `.json` / `.jsonl` files (in the order given), this shard only."""
+
+    def __init__(self, files: Sequence[str | Path], image_root: str | Path | None = None,
+                 rank: int = 0, world_size: int = 1, skips: SkipCounter | None = None) -> None:
+        super().__init__(rank, world_size, skips)
+        if not files:
+            raise ValueError("no LLaVA json files given")
+        self.files = [Path(f) for f in files]
+        for path in self.files:
+            if not path.is_file():
+                raise ValueError(f"{path}: file not found")
+        self.image_root = Path(image_root) if image_root is not None else self.files[0].parent
+
+    def _rows(self, keep: Keep) -> Iterator[tuple[str, Any]]:
+        first = 0
+        for path in self.files:
+            records = _jsonl_lines(path) if path.suffix == ".jsonl" else _json_records(path)
+            n = 0
+            for n, record in enumerate(records, start=1):
+                if keep(first + n - 1):
+                    yield f"{path}:{n - 1}", record
+            first += n
+
+    def _to_sample(self, row: Any, where: str) -> Sample:
+        if isinstance(row, str):  # a JSON line, parsed only by the rank that keeps it
+            try:
+                row = json.loads(row)
+            except json.JSONDecodeError as e:
+                raise SkipSample(MALFORMED, f"not valid JSON ({e})") from None
+        return llava_sample(row, self.image_root, where)
+
+
+def _json_records(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected a LLaVA-style list of "
+                         "{image, conversations} records") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of LLaVA records, "
+                         f"got a {type(data).__name__}")
+    return data
+
+
+def _jsonl_lines(path: Path) -> Iterator[str]:
+    """The non-blank lines of a JSON-lines file, streamed (a line that does not parse is skipped
+    and counted later, so one bad line never stops a run)."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        yield from (line for line in f if line.strip())

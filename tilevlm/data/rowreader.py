@@ -1,0 +1,107 @@
+"""What every dataset reader shares: the raw-sample form, sharding, skip counting, safe paths.
+
+A raw sample (what `tilevlm.data.collate` and the Processor take):
+
+    {"messages": [{"role": "user" | "assistant", "content": "...<image>..."}, ...],
+     "images": [bytes | path | PIL image, ...],   # one per `<image>`, in text order
+     "source": "file:row"}                        # where it came from, for error messages
+
+Sharding: global row i (counted over all files, in sorted order) belongs to rank
+`i % world_size`; inside a rank, DataLoader worker w of n takes the rank's k-th row when
+`k % n == w`. Every rank reads the same order, so the split is deterministic and disjoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tilevlm.data.skips import MALFORMED, PATH_ESCAPE, PLACEHOLDERS, SkipCounter, SkipSample
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+Sample = dict[str, Any]
+Keep = Callable[[int], bool]  # global row index -> whether this process reads the row
+
+
+class RowReader:
+    """An iterable of raw samples from one shard of a dataset, dropping (and counting) bad rows.
+
+    Subclasses implement `_rows(keep)`, yielding `(where, row)` for the kept global row indices
+    in a fixed order (and may skip the others without decoding them), and `_to_sample`, which
+    raises `SkipSample` for a row it cannot use.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1,
+                 skips: SkipCounter | None = None) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self.skips = skips if skips is not None else SkipCounter()
+
+    def __iter__(self) -> Iterator[Sample]:
+        for where, row in self._rows(self._keep()):
+            try:
+                yield self._to_sample(row, where)
+            except SkipSample as e:
+                self.skips.skip(e, where)
+
+    def _keep(self) -> Keep:
+        rank, world = self.rank, self.world_size
+        worker, n_workers = _worker_split()
+        return lambda i: i % world == rank and (i // world) % n_workers == worker
+
+    def _rows(self, keep: Keep) -> Iterator[tuple[str, Any]]:
+        raise NotImplementedError
+
+    def _to_sample(self, row: Any, where: str) -> Sample:
+        raise NotImplementedError
+
+
+def _worker_split() -> tuple[int, int]:
+    """(worker id, number of workers) inside a DataLoader worker, else (0, 1)."""
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def make_sample(messages: list[dict[str, str]], images: list[Any], where: str) -> Sample:
+    """A raw sample, checked: roles, string contents, one `<image>` per image.
+
+    Without any `<image>` in the text, the images go at the start of the first user turn.
+    """
+    for m in messages:
+        if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise SkipSample(MALFORMED, f"bad message {m!r:.120}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SkipSample(MALFORMED, "no assistant turn (nothing to learn from)")
+    found = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if found == 0 and images:
+        messages = _prepend_placeholders(messages, len(images))
+    elif found != len(images):
+        raise SkipSample(PLACEHOLDERS, f"{found} {IMAGE_PLACEHOLDER} in the text but "
+                                       f"{len(images)} images")
+    return {"messages": messages, "images": images, "source": where}
+
+
+def _prepend_placeholders(messages: list[dict[str, str]], n: int) -> list[dict[str, str]]:
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            first = {**m, "content": IMAGE_PLACEHOLDER * n + m["content"]}
+            return [*messages[:i], first, *messages[i + 1:]]
+    raise SkipSample(MALFORMED, "images but no user turn to put them in")
+
+
+def safe_image_path(root: str | Path, name: str) -> Path:
+    """`root / name`, refused (SkipSample) when it leaves `root`: `..` parts or an absolute path
+    elsewhere. The check is lexical, so symlinks the data owner placed inside the root still work;
+    what it stops is a data file pointing at arbitrary files (`../../etc/passwd`)."""
+    if not isinstance(name, str) or not name:
+        raise SkipSample(MALFORMED, f"image path must be a non-empty string, got {name!r:.80}")
+    base = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.join(base, name))  # an absolute `name` replaces `base`
+    if os.path.commonpath([base, path]) != base:
+        raise SkipSample(PATH_ESCAPE, f"image path {name!r} is outside the image root {base}")
+    return Path(path)
