@@ -132,3 +132,19 @@ def test_bad_spec_is_refused(bad):
 def test_bad_split_is_refused():
     with pytest.raises(ValueError, match="unknown split"):
         make_sample("dev", 0)
+
+
+def test_multi_turn_never_leaks_an_answer():
+    spec = SyntheticSpec(questions_per_image=8, qtype_weights=(1, 1, 1, 1, 1))
+    for i in range(60):
+        s = make_sample("train", i, spec)
+        questions = [q for q, _, _ in s["turns"]]
+        assert len(questions) == len(set(questions)), "no question is asked twice"
+        cells = []
+        for question, answer, qtype in s["turns"]:
+            text = answer if qtype == "where" else question
+            match = CELL.search(text)
+            if match:
+                cells.append(match.groups())
+        assert len(cells) == len(set(cells)), "each cell is the subject of one question at most"
+        assert 1 <= len(s["turns"]) <= 8

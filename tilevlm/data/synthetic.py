@@ -64,7 +64,7 @@ class SyntheticSpec:
     max_grid: int = 3
     seed: int = 0
     qtype_weights: tuple[float, ...] = (0.3, 0.3, 0.1, 0.1, 0.2)
-    questions_per_image: int = 1
+    questions_per_image: int = 1  # at most; fewer when no unleaked question is left
     min_shape_frac: float = 0.45  # shape size as a fraction of the tile side
     max_shape_frac: float = 0.8
 
@@ -114,7 +114,7 @@ def make_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -
     n_h, n_w = (int(v) for v in rng.integers(1, spec.max_grid + 1, size=2))
     objects = [_draw_object(rng, spec, r + 1, c + 1) for r in range(n_h) for c in range(n_w)]
     image = _render(rng, spec, n_h, n_w, objects)
-    turns = [_ask(rng, spec, n_h, n_w, objects) for _ in range(spec.questions_per_image)]
+    turns = _ask_all(rng, spec, n_h, n_w, objects)
     question, answer, qtype = turns[0]
     return {"image": image, "question": question, "answer": answer, "qtype": qtype,
             "grid": (n_h, n_w), "objects": objects, "turns": turns,
@@ -177,30 +177,51 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         raise ValueError(f"unknown shape {shape!r}")
 
 
+def _ask_all(rng: np.random.Generator, spec: SyntheticSpec, n_h: int, n_w: int,
+             objects: list[TileObject]) -> list[tuple[str, str, str]]:
+    """Up to `questions_per_image` turns about one image, none answerable from the earlier turns:
+    each cell is the subject of at most one question (a `where` answer names the cell, and a
+    colour and a shape answer together would answer a `where`), rows/columns are asked once."""
+    turns: list[tuple[str, str, str]] = []
+    free = list(objects)  # cells no question has mentioned yet
+    asked: set[str] = set()  # "rows" / "columns" once asked
+    for _ in range(spec.questions_per_image):
+        turn = _ask(rng, spec, n_h, n_w, objects, free, asked)
+        if turn is None:
+            break
+        turns.append(turn)
+    return turns
+
+
 def _ask(rng: np.random.Generator, spec: SyntheticSpec, n_h: int, n_w: int,
-         objects: list[TileObject]) -> tuple[str, str, str]:
-    """One (question, answer, qtype); a `where` draw falls back to another type when no
-    colour+shape pair in the image is unique."""
-    weights = np.asarray(spec.qtype_weights, dtype=float)
+         objects: list[TileObject], free: list[TileObject], asked: set[str]
+         ) -> tuple[str, str, str] | None:
+    """One (question, answer, qtype) drawn by `spec.qtype_weights` among the types still possible;
+    `where` is possible only for a free cell whose colour+shape pair is unique in the image.
+    Updates `free` and `asked`; None when no question is left."""
     counts: dict[tuple[str, str], int] = {}
     for obj in objects:
         counts[(obj.colour, obj.shape)] = counts.get((obj.colour, obj.shape), 0) + 1
-    unique = [o for o in objects if counts[(o.colour, o.shape)] == 1]
-    if not unique:
-        weights[QUESTION_TYPES.index("where")] = 0.0
-    if weights.sum() <= 0:
-        weights = np.ones(len(QUESTION_TYPES))
-        weights[QUESTION_TYPES.index("where")] = 0.0
+    unique = [o for o in free if counts[(o.colour, o.shape)] == 1]
+    possible = {"colour": bool(free), "shape": bool(free), "rows": "rows" not in asked,
+                "columns": "columns" not in asked, "where": bool(unique)}
+    weights = np.array([w if possible[q] else 0.0 for q, w in zip(QUESTION_TYPES, spec.qtype_weights)])
+    if weights.sum() <= 0:  # only zero-weight types are left: take any possible one
+        weights = np.array([1.0 if possible[q] else 0.0 for q in QUESTION_TYPES])
+        if weights.sum() <= 0:
+            return None
     qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights / weights.sum()))]
-    if qtype in ("colour", "shape"):
-        obj = objects[int(rng.integers(len(objects)))]
-        question = TEMPLATES[qtype].format(row=obj.row, col=obj.col)
-        return question, obj.colour if qtype == "colour" else obj.shape, qtype
     if qtype in ("rows", "columns"):
+        asked.add(qtype)
         return TEMPLATES[qtype], str(n_h if qtype == "rows" else n_w), qtype
-    obj = unique[int(rng.integers(len(unique)))]
-    question = TEMPLATES["where"].format(colour=obj.colour, shape=obj.shape)
-    return question, WHERE_ANSWER.format(row=obj.row, col=obj.col), qtype
+    pool = unique if qtype == "where" else free
+    obj = pool[int(rng.integers(len(pool)))]
+    free.remove(obj)
+    if qtype == "where":
+        question = TEMPLATES["where"].format(colour=obj.colour, shape=obj.shape)
+        return question, WHERE_ANSWER.format(row=obj.row, col=obj.col), qtype
+    question = TEMPLATES[qtype].format(row=obj.row, col=obj.col)
+    return question, obj.colour if qtype == "colour" else obj.shape, qtype
 
 
 class SyntheticVQA:
