@@ -159,7 +159,8 @@ def test_atomic_checkpoint_replaces_the_same_step(tmp_path):
 def test_smoke_run_reduces_loss(setup, tmp_path):
     config, processor, train_data, val_data = setup
     cfg = quick(tmp_path, steps=30, batch_size=8, warmup_steps=3, lr_projector=3e-3,
-                lr_vision=3e-3, lr_decoder=3e-3, eval_every=15, eval_batches=1)
+                lr_vision=3e-3, lr_decoder=3e-3, eval_every=15, eval_batches=1,
+                eval_max_new_tokens=4)
     result = train(make_model(config), processor, train_data, val_data, cfg)
     losses = step_losses(tmp_path)
     first = sum(losses[s] for s in (1, 2, 3)) / 3
