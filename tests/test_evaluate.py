@@ -12,7 +12,8 @@ from torch import nn
 from tilevlm import preset
 from tilevlm.cli import main
 from tilevlm.data.sources import open_dataset, synthetic_tokenizer
-from tilevlm.evaluate import evaluate, greedy_answers, normalize_answer, split_prompt
+from tilevlm.evaluate import (evaluate, full_forward_answers, greedy_answers, normalize_answer,
+                              split_prompt)
 from tilevlm.model.vlm import VLMOutput, VisionLanguageModel, causal_lm_loss
 from tilevlm.processor import Processor
 
@@ -72,7 +73,8 @@ def test_perfect_model_scores_100_percent(setup):
     config, processor, samples = setup
     model, samples = scripted(processor, samples, reply=lambda answer: answer)
     assert len(samples) >= 8
-    report = evaluate(model, processor, samples, batch_size=5, max_new_tokens=12)
+    report = evaluate(model, processor, samples, batch_size=5, max_new_tokens=12,
+                      answer_fn=full_forward_answers)
     assert report.n == len(samples) and report.accuracy == 1.0
     assert report.per_qtype and all(v["accuracy"] == 1.0 for v in report.per_qtype.values())
     assert sum(v["n"] for v in report.per_qtype.values()) == len(samples)
@@ -82,7 +84,8 @@ def test_perfect_model_scores_100_percent(setup):
 def test_wrong_model_scores_0_percent(setup):
     config, processor, samples = setup
     model, samples = scripted(processor, samples, reply=lambda answer: "banana " + answer)
-    report = evaluate(model, processor, samples, batch_size=5, max_new_tokens=12)
+    report = evaluate(model, processor, samples, batch_size=5, max_new_tokens=12,
+                      answer_fn=full_forward_answers)
     assert report.accuracy == 0.0
     assert all(v["accuracy"] == 0.0 for v in report.per_qtype.values())
 
@@ -97,6 +100,8 @@ def test_greedy_answers_do_not_depend_on_padding(setup):
     alone = [greedy_answers(model, processor, [p], [i], max_new_tokens=4)[0]
              for p, i in zip(prompts, images)]
     assert batched == alone
+    # The KV-cached answers equal the full-forward reference.
+    assert batched == full_forward_answers(model, processor, prompts, images, max_new_tokens=4)
 
 
 def test_normalize_answer():

@@ -2,8 +2,8 @@
 teacher-forced loss.
 
 A sample is a raw sample (see `tilevlm.data.collate`): its last message is the reference answer
-and everything before it is the prompt. `greedy_answers` decodes with one full forward per new
-token: simple and obviously correct, O(n^2); the KV-cached `generate` replaces it later.
+and everything before it is the prompt. `greedy_answers` decodes with the KV-cached
+`tilevlm.generate.generate` (prefill once, then one token per step).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tilevlm.data.collate import Sample, sample_images, sample_messages, to_model_inputs
+from tilevlm.generate import generate
 from tilevlm.processor import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,17 @@ def split_prompt(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
 @torch.no_grad()
 def greedy_answers(model: nn.Module, processor: Any, conversations: list[list[dict[str, str]]],
                    images: list[list[Any]], max_new_tokens: int) -> list[str]:
-    """Greedy answers for prompts that end with a user turn, by one full forward per token.
+    """Greedy answers for prompts that end with a user turn: one left-padded batch, KV-cached
+    decoding; each row stops at its own EOS."""
+    batch = processor(conversations, images, padding_side="left", add_generation_prompt=True)
+    return generate(model, batch, max_new_tokens, tokenizer=processor.tokenizer).texts
+
+
+@torch.no_grad()
+def full_forward_answers(model: nn.Module, processor: Any, conversations: list[list[dict[str, str]]],
+                   images: list[list[Any]], max_new_tokens: int) -> list[str]:
+    """Greedy answers by one full forward per token: slow (O(n^2)) but needs nothing from the
+    model beyond `forward`, so it also serves stub models and as the reference for the cache.
 
     Rows are right-padded; each row's next token is read at its own last position and written
     just after it, so padding (always after a row's tokens) never influences it."""
