@@ -211,6 +211,19 @@ def read_safetensors(directory: str | Path, keep: Callable[[str], bool] = lambda
     return tensors
 
 
+def read_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of a checkpoint directory, from the safetensors headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+    return shapes
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -270,11 +283,17 @@ def _concat(src: dict[str, torch.Tensor], keys: tuple[str, ...], what: str) -> t
 def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str,
                   skip: tuple[str, ...] = ()) -> None:
     """Keys and shapes of `tensors` must be exactly the model's (minus `skip` prefixes)."""
+    check_shapes(model, {k: tuple(t.shape) for k, t in tensors.items()}, what, skip)
+
+
+def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], what: str,
+                 skip: tuple[str, ...] = ()) -> None:
+    """`check_tensors` on shapes alone (e.g. from safetensors headers, before any tensor is read)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(skip)}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(f"{k} (checkpoint {list(t.shape)}, model {list(expected[k])})"
-                   for k, t in tensors.items() if k in expected and tuple(t.shape) != expected[k])
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(f"{k} (checkpoint {list(s)}, model {list(expected[k])})"
+                   for k, s in shapes.items() if k in expected and tuple(s) != expected[k])
     problems = [f"{name}: {_listing(keys)}" for name, keys in
                 (("missing tensors", missing), ("unexpected tensors", unexpected),
                  ("wrong shapes", wrong)) if keys]
@@ -333,14 +352,28 @@ def save_pretrained(model: VisionLanguageModel, directory: str | Path,
     return directory
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Load a directory written by `save_pretrained` (dtype None: as stored)."""
+def load_config(directory: str | Path) -> VLMConfig:
+    """The VLMConfig of a directory written by `save_pretrained` (validated; no weights read)."""
     directory = Path(directory)
     data = _read_json(directory / CONFIG_FILE)
     if "vlm_extra_tokens" in data or "extra_token_amount" in data:
         raise ValueError(f"{directory}: this is a nanoVLM checkpoint; load it with load_nanovlm()")
-    cfg = VLMConfig.from_dict(data)
+    try:
+        return VLMConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """Load a directory written by `save_pretrained` (dtype None: as stored).
+
+    The config, and the tensor names and shapes in the safetensors headers, are checked before
+    any tensor is read."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    with torch.device("meta"):
+        check_shapes(VisionLanguageModel(cfg), read_shapes(directory), f"{directory / WEIGHTS_FILE}")
     tensors = read_safetensors(directory, device=device)
     return _assemble(cfg, tensors, f"{directory / WEIGHTS_FILE}", dtype)
 

@@ -2,7 +2,9 @@
 
 Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
 Modules are imported only when their command runs, so `tilevlm --help` stays fast.
-A `ValueError` from the library is a user error: one line on stderr and exit code 2.
+A `ValueError` from the library is a user error: one line on stderr and exit code 2. An
+`OSError` (disk full, permission denied, ...) is one line and exit code 1; warnings (an animated
+image, ...) are one line each. `-v` adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import contextlib
 import logging
 import sys
+import warnings
+from typing import Iterator
 
 COMMANDS = {
     "demo": "tilevlm.commands.demo",
@@ -60,13 +65,30 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        with _one_line_warnings(args.command):
+            return int(args._run(args) or 0)
     except ValueError as e:
+        logging.debug("traceback", exc_info=True)
         print(f"tilevlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine, not the input: disk full, permissions, ...
+        logging.debug("traceback", exc_info=True)
+        print(f"tilevlm {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"tilevlm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Warnings as `tilevlm COMMAND: warning: MESSAGE`, not Python's two-line source excerpt."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"tilevlm {command}: warning: {message}", file=file or sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 if __name__ == "__main__":

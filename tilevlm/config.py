@@ -65,8 +65,9 @@ class VLMConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
+        self._check_types()
+        self.image_mean = _floats(self.image_mean, "image_mean")
+        self.image_std = _floats(self.image_std, "image_std")
         if self.vit_inter_dim is None:
             self.vit_inter_dim = 4 * self.vit_hidden_dim
         max_tiles_per_side = max(1, self.max_img_size // max(self.vit_img_size, 1))
@@ -78,8 +79,22 @@ class VLMConfig:
             self.lm_vocab_size = vocab
         self._validate(max_tiles_per_side, vocab)
 
+    def _check_types(self) -> None:
+        """Each field has its declared type (a config.json may hold "224", 4.5 or null); ints
+        are accepted for floats. Runs first, so the rules below compare numbers only."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and kind.endswith("| None"):
+                continue
+            base = kind.split(" |")[0]
+            if base == "float" and _is_int(value):
+                setattr(self, f.name, float(value))
+            elif base in _TYPES and not _TYPES[base](value):
+                _fail(f.name, f"must be {_TYPE_NAMES[base]}, got {value!r:.60}")
+
     def _validate(self, max_tiles_per_side: int, vocab: int) -> None:
-        positive = [f.name for f in dataclasses.fields(self) if f.type in ("int", "float")]
+        positive = [f.name for f in dataclasses.fields(self)
+                    if str(f.type).split(" |")[0] in ("int", "float")]
         for name in positive:
             value = getattr(self, name)
             if name != "lm_vocab_size" and value is not None and value <= 0:
@@ -177,6 +192,23 @@ class VLMConfig:
             data["vit_inter_dim"] = None
         data.update(changes)
         return VLMConfig(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_TYPES = {"int": _is_int, "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+          "float": lambda v: isinstance(v, float) and math.isfinite(v)}
+_TYPE_NAMES = {"int": "an integer", "bool": "true or false", "str": "a string",
+               "float": "a finite number"}
+
+
+def _floats(values: Any, name: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        _fail(name, f"must be a list of 3 numbers (R, G, B), got {values!r:.60}")
 
 
 def _check(ok: bool, name: str, rule: str) -> None:

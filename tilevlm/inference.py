@@ -42,32 +42,63 @@ def _is_nanovlm(model_dir: Path) -> bool:
     return isinstance(data, dict) and ("vlm_extra_tokens" in data or "extra_token_amount" in data)
 
 
-def load_for_inference(model_dir: str | Path, device: str | None = "auto",
-                       tokenizer_dir: str | Path | None = None,
-                       dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, Processor]:
-    """(model in eval mode on the device, its processor) from a model directory.
+def load_processor(model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Processor:
+    """The processor of a model directory: its config and tokenizer, checked against each other.
 
-    Our directories hold their tokenizer; a nanoVLM checkpoint needs `tokenizer_dir`.
+    Light (JSON and the tokenizer only, no weights): a contradictory config, a missing weights
+    file (or a pickle in its place), a tokenizer that does not fit the model's vocabulary, all
+    fail here, before any heavy work.
     """
-    from tilevlm.checkpoint import load_nanovlm, load_pretrained
+    from tilevlm.checkpoint import load_config, nanovlm_config, weight_files
     from tilevlm.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir}: no config.json here; give a directory written by "
                          "`tilevlm train`/`tilevlm demo` (or save_pretrained), or a nanoVLM checkpoint")
-    target = resolve_device(device)
-    dtype = dtype or default_dtype(target)
     if _is_nanovlm(model_dir):
         if tokenizer_dir is None:
             raise ValueError(f"{model_dir} is a nanoVLM checkpoint: give its tokenizer directory "
                              "with --tokenizer DIR")
+        config = nanovlm_config(model_dir)
+    else:
+        config = load_config(model_dir)
+    weight_files(model_dir)  # safetensors present (a pickle is refused, never read)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir, grid_side=config.grid_side)
+    try:
+        return Processor(config, tokenizer)
+    except ValueError as e:
+        raise ValueError(f"{model_dir}: {e}") from None
+
+
+def load_model(model_dir: str | Path, processor: Processor, device: str | None = "auto",
+               tokenizer_dir: str | Path | None = None,
+               dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """The weights of a model directory whose `processor` (`load_processor`) is already checked;
+    in eval mode on the device."""
+    from tilevlm.checkpoint import load_nanovlm, load_pretrained
+
+    model_dir = Path(model_dir)
+    target = resolve_device(device)
+    dtype = dtype or default_dtype(target)
+    if _is_nanovlm(model_dir):
         model = load_nanovlm(model_dir, tokenizer_dir, dtype=dtype)
     else:
         model = load_pretrained(model_dir, dtype=dtype)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir, grid_side=model.cfg.grid_side)
-    processor = Processor(model.cfg, tokenizer)  # checks that model and tokenizer agree
     model = model.to(target).eval()
     log.debug("loaded %s (%s parameters) on %s in %s", model_dir,
               f"{model.num_parameters():,}", target, dtype)
-    return model, processor
+    return model
+
+
+def load_for_inference(model_dir: str | Path, device: str | None = "auto",
+                       tokenizer_dir: str | Path | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, Processor]:
+    """(model in eval mode on the device, its processor) from a model directory.
+
+    Our directories hold their tokenizer; a nanoVLM checkpoint needs `tokenizer_dir`. Everything
+    light (config, tokenizer, their agreement, the device) is checked before the weights load.
+    """
+    processor = load_processor(model_dir, tokenizer_dir)
+    resolve_device(device)
+    return load_model(model_dir, processor, device, tokenizer_dir, dtype), processor

@@ -40,14 +40,27 @@ def sampling_params(args: argparse.Namespace):
                           repetition_penalty=args.repetition_penalty)
 
 
-def stream_answer(model, processor, messages, images, args, out=None) -> str:
-    """Stream the reply to `out` (stdout); print the stats line to stderr; return the reply."""
-    out = out or sys.stdout
-    from tilevlm.generate import GenerationStats, stream_generate
+def prepare_batch(processor, messages, images, max_new_tokens: int) -> dict:
+    """The model batch for one conversation, or a ValueError (a bad image, placeholders that do
+    not match the images, too long for lm_max_length or for max_new_tokens more) from the
+    processor alone: no weights are needed to find these."""
     from tilevlm.image import load_image
 
-    loaded = [load_image(i, max_pixels=model.cfg.max_image_pixels) for i in images]
+    config = processor.config
+    loaded = [load_image(i, max_pixels=config.max_image_pixels) for i in images]
     batch = processor([messages], [loaded], padding_side="left", add_generation_prompt=True)
+    prompt, limit = batch["input_ids"].shape[1], config.lm_max_position_embeddings
+    if prompt + max_new_tokens > limit:
+        raise ValueError(f"the prompt ({prompt} tokens) + --max-new-tokens ({max_new_tokens}) "
+                         f"exceed lm_max_position_embeddings ({limit}); ask for fewer new tokens")
+    return batch
+
+
+def stream_batch(model, processor, batch, args, out=None) -> str:
+    """Stream the reply to `out` (stdout); print the stats line to stderr; return the reply."""
+    from tilevlm.generate import GenerationStats, stream_generate
+
+    out = out or sys.stdout
     stats = GenerationStats()
     pieces = []
     for piece in stream_generate(model, batch, processor.tokenizer, args.max_new_tokens,
@@ -60,15 +73,22 @@ def stream_answer(model, processor, messages, images, args, out=None) -> str:
     return "".join(pieces)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tilevlm.image import load_image
-    from tilevlm.inference import load_for_inference
+def stream_answer(model, processor, messages, images, args, out=None) -> str:
+    """`prepare_batch` then `stream_batch`."""
+    batch = prepare_batch(processor, messages, images, args.max_new_tokens)
+    return stream_batch(model, processor, batch, args, out)
 
-    sampling_params(args)  # bad sampling options fail before the model loads
-    if args.max_new_tokens < 1:
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.inference import load_model, load_processor, resolve_device
+
+    sampling_params(args)  # bad options, model directory, images and prompt all fail
+    if args.max_new_tokens < 1:  # before the weights load or the vision encoder runs
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, processor = load_for_inference(args.model, args.device, args.tokenizer)
-    for path in args.image:  # every image is checked before any generation starts
-        load_image(path, max_pixels=model.cfg.max_image_pixels)
-    stream_answer(model, processor, [{"role": "user", "content": args.prompt}], args.image, args)
+    resolve_device(args.device)
+    processor = load_processor(args.model, args.tokenizer)
+    messages = [{"role": "user", "content": args.prompt}]
+    batch = prepare_batch(processor, messages, args.image, args.max_new_tokens)
+    model = load_model(args.model, processor, args.device, args.tokenizer)
+    stream_batch(model, processor, batch, args)
     return 0

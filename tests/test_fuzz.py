@@ -1,0 +1,198 @@
+"""Property tests (hypothesis) for the image pipeline, the processor and `load_image`.
+
+- any size (1 px to strips), mode and aspect ratio: the grid follows `tile_grid`, the tiles
+  reassemble the resized image exactly, and the processor's token count equals the contract,
+  `count_image_tokens`, and the length the data pipeline measures from headers;
+- any byte string, and mutated valid PNG / JPEG / GIF / WebP / TIFF files: `load_image` returns an
+  RGB image or raises ValueError, nothing else (no other exception, no hang).
+
+`max_examples` is kept small so the file runs in well under 30 s on two cores.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from tilevlm import preset
+from tilevlm.config import IMAGE_TOKEN, grid_token
+from tilevlm.data.lengths import SampleMeter
+from tilevlm.image import (ImageTransform, load_image, reassemble_tiles, tile_grid,
+                           tiles_per_image, to_tensor)
+from tilevlm.processor import Processor, count_image_tokens
+
+FAST = settings(max_examples=60, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+MODES = ("RGB", "RGBA", "L", "LA", "P", "P+alpha", "1", "I;16", "I", "F", "CMYK")
+CONFIGS = {
+    "tiny": preset("tiny"),  # 32-px tiles, up to 3x3 + global
+    "tiny_no_global": preset("tiny", use_global_tile=False),
+    "tiny_max_side": preset("tiny", resize_to_max_side_len=True),
+}
+
+
+def synthetic_image(width: int, height: int, mode: str, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    if mode == "P+alpha":
+        img = img.convert("P")
+        img.info["transparency"] = 0
+        return img
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    if mode == "I":
+        return Image.fromarray(rng.integers(-5, 100_000, (height, width), dtype=np.int32))
+    if mode == "F":
+        return Image.fromarray(rng.random((height, width), dtype=np.float32))
+    return img.convert(mode)
+
+
+sizes = st.one_of(
+    st.tuples(st.integers(1, 200), st.integers(1, 200)),  # anything small
+    st.tuples(st.integers(1, 4), st.integers(200, 3000)),  # tall strips
+    st.tuples(st.integers(200, 3000), st.integers(1, 4)),  # wide strips
+)
+
+
+# ----------------------------------------------------------------------------- image pipeline
+@FAST
+@given(size=sizes, mode=st.sampled_from(MODES), name=st.sampled_from(sorted(CONFIGS)),
+       seed=st.integers(0, 2**16))
+def test_tiles_follow_the_grid_and_reassemble_the_resized_image(size, mode, name, seed):
+    config = CONFIGS[name]
+    width, height = size
+    img = load_image(synthetic_image(width, height, mode, seed))
+    assert img.mode == "RGB" and img.size == (width, height)
+    transform = ImageTransform(config)
+    tiles, grid = transform(img)
+    t = config.vit_img_size
+    assert grid == tile_grid(width, height, t, config.max_img_size, config.resize_to_max_side_len)
+    n_h, n_w = grid
+    assert 1 <= n_h <= config.max_tiles_per_side and 1 <= n_w <= config.max_tiles_per_side
+    n_tiles = tiles_per_image(grid, config.use_global_tile)
+    assert tiles.shape == (n_tiles, 3, t, t) and tiles.dtype == torch.float32
+    resized, thumb, _ = transform.resize(img)
+    assert resized.size == (n_w * t, n_h * t)
+    expected = transform.normalize(to_tensor(resized))  # (3, n_h*T, n_w*T)
+    first = n_tiles - n_h * n_w
+    torch.testing.assert_close(reassemble_tiles(tiles[first:], grid), expected,
+                               atol=1e-6, rtol=0)
+    assert (thumb is not None) == (first == 1)
+    # The long side keeps its place: a landscape image never gets more rows than columns.
+    if width > 2 * height:
+        assert n_w >= n_h
+    if height > 2 * width:
+        assert n_h >= n_w
+
+
+# ----------------------------------------------------------------------------- processor contract
+@pytest.fixture(scope="module")
+def processors(tiny_tokenizer):
+    return {name: Processor(config, tiny_tokenizer) for name, config in CONFIGS.items()}
+
+
+@FAST
+@given(images=st.lists(st.tuples(sizes, st.sampled_from(MODES)), min_size=0, max_size=3),
+       name=st.sampled_from(sorted(CONFIGS)), text=st.text(max_size=40),
+       seed=st.integers(0, 2**16))
+def test_processor_token_count_is_the_contract(processors, images, name, text, seed):
+    assume("<image>" not in text and "<|" not in text and "<row_" not in text)
+    processor = processors[name]
+    config = processor.config
+    pil = [synthetic_image(w, h, mode, seed + i) for i, ((w, h), mode) in enumerate(images)]
+    content = "".join("<image>" for _ in pil) + text
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]
+    batch = processor([messages], [pil])
+    ids = batch["input_ids"][0].tolist()
+    tokens_per_image = [count_image_tokens(img.width, img.height, config) for img in pil]
+    tiles = batch["n_tiles"][0]
+    assert tiles == sum(tiles_per_image(g, config.use_global_tile) for g in batch["grids"][0])
+    assert sum(tokens_per_image) == tiles * (1 + config.mp_image_token_length)
+    assert ids.count(processor.tokenizer.image_token_id) == tiles * config.mp_image_token_length
+    markers = [i for i in ids if i == processor.tokenizer.global_image_token_id
+               or processor.tokenizer.grid_token_id(1, 1) <= i
+               < processor.tokenizer.grid_token_id(1, 1) + config.grid_side ** 2]
+    assert len(markers) == tiles
+    sample = {"messages": messages, "images": pil}
+    assert SampleMeter(processor).measure(sample) == (len(ids), tiles)
+    for grid, img in zip(batch["grids"][0], pil):  # grid tokens name every cell, row-major
+        cells = processor.tokenizer.encode("".join(
+            grid_token(r, c) for r in range(1, grid[0] + 1) for c in range(1, grid[1] + 1)))
+        assert all(cell in ids for cell in cells)
+    if pil:
+        assert batch["pixel_values"].shape[0] == tiles
+    else:
+        assert batch["pixel_values"] is None and IMAGE_TOKEN not in processor.decode(ids)
+
+
+# ----------------------------------------------------------------------------- load_image on bytes
+def _only_result_or_value_error(data: bytes) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            img = load_image(data)
+        except ValueError:
+            return
+    assert img.mode == "RGB" and img.width > 0 and img.height > 0
+
+
+@settings(FAST, max_examples=200)
+@given(data=st.binary(min_size=0, max_size=2048))
+def test_random_bytes_are_an_image_or_a_value_error(data):
+    _only_result_or_value_error(data)
+
+
+def _encoded(fmt: str) -> bytes:
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (19, 27, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    if fmt == "GIF":
+        img = img.convert("P")
+    if fmt == "TIFF16":
+        img, fmt = Image.fromarray((np.arange(19 * 27).reshape(19, 27) * 97).astype(np.uint16)), \
+            "TIFF"
+    if fmt == "EXIF-JPEG":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.save(buf, "JPEG", exif=exif)
+        return buf.getvalue()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+VALID = {fmt: _encoded(fmt) for fmt in ("PNG", "JPEG", "EXIF-JPEG", "GIF", "WEBP", "TIFF",
+                                         "TIFF16", "BMP")}
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    data = bytearray(VALID[draw(st.sampled_from(sorted(VALID)))])
+    for _ in range(draw(st.integers(1, 6))):
+        if not data:
+            break
+        pos = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(("flip", "delete", "insert", "truncate")))
+        if kind == "flip":
+            data[pos] = draw(st.integers(0, 255))
+        elif kind == "delete":
+            del data[pos:pos + draw(st.integers(1, 64))]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            del data[pos:]
+    return bytes(data)
+
+
+@settings(FAST, max_examples=400)
+@given(data=mutated())
+def test_mutated_image_files_are_an_image_or_a_value_error(data):
+    _only_result_or_value_error(data)
