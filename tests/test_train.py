@@ -19,7 +19,7 @@ import torch
 from tilevlm import preset
 from tilevlm.data.collate import SkipBadSamples, VLMCollator
 from tilevlm.data.sampler import ResumableBatchSampler
-from tilevlm.data.sources import open_dataset, synthetic_tokenizer
+from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.data.synthetic import SyntheticSpec, SyntheticVQA
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.optim import lr_factor
@@ -37,8 +37,8 @@ SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
 def setup():
     """(config, processor, train data, validation data) for the small model."""
     tokenizer, config = synthetic_tokenizer(preset("tiny", **SMALL))
-    return (config, Processor(config, tokenizer), open_dataset("synthetic", "train", 200, config),
-            open_dataset("synthetic", "validation", 8, config))
+    return (config, Processor(config, tokenizer), named_dataset("synthetic", "train", 200, config),
+            named_dataset("synthetic", "validation", 8, config))
 
 
 def make_model(config, seed: int = 0) -> VisionLanguageModel:
@@ -105,12 +105,12 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     from tilevlm import preset
-    from tilevlm.data.sources import open_dataset, synthetic_tokenizer
+    from tilevlm.data.sources import named_dataset, synthetic_tokenizer
     from tilevlm.model.vlm import VisionLanguageModel
     from tilevlm.processor import Processor
     from tilevlm.train import TrainConfig, train
     tokenizer, config = synthetic_tokenizer(preset("tiny", **{small}))
-    data = open_dataset("synthetic", "train", 100, config)
+    data = named_dataset("synthetic", "train", 100, config)
     cfg = TrainConfig(steps=100000, batch_size=1, save_every=1, eval_every=0, progress=False,
                       out_dir=sys.argv[1])
     train(VisionLanguageModel(config), Processor(config, tokenizer), data, None, cfg)

@@ -1,12 +1,20 @@
-"""The training loop: AdamW with per-part learning rates, warmup + cosine, gradient accumulation,
-bf16 autocast, periodic validation, atomic resumable checkpoints, clean Ctrl-C.
+"""The training loop: AdamW with per-part learning rates, warmup + cosine, gradient accumulation
+weighted by tokens, bf16 autocast, periodic validation, atomic resumable checkpoints, clean
+Ctrl-C, and the same loop under `torchrun` (DistributedDataParallel, see `tilevlm.distributed`).
 
     result = train(model, processor, train_data, val_data, TrainConfig(steps=300, out_dir="runs/x"))
 
 `train_data` is a map-style dataset of raw samples (`len` + `[i]`; each a dict with `messages`
-and `image`/`images`); its order is a pure function of (seed, position), so `resume_from`
-continues an interrupted run exactly. `val_data` is any iterable of raw samples; the first
-`eval_batches * batch_size` of them are the validation set.
+and `image`/`images`), whose order is a pure function of (seed, position), or a `DatasetSpec`
+(a dataset path, streamed; see `tilevlm.data.stream`). Either way `resume_from` continues an
+interrupted run exactly (see `tilevlm.trainfeed` for a different number of processes).
+`val_data` is any iterable of raw samples; the first `eval_batches * batch_size` of them are the
+validation set.
+
+Under torchrun, `batch_size` is per process; the loss of a step is the sum of the token losses
+of every micro-batch on every rank divided by their total number of tokens, so N processes with
+batch_size B train exactly as one process with batch_size N*B. Every rank runs the same number
+of steps (the data never runs out: it repeats), rank 0 logs metrics and saves.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import math
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -27,22 +36,33 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from tilevlm import optim, trainstate
-from tilevlm.data.collate import SkipBadSamples, VLMCollator, to_model_inputs
-from tilevlm.data.sampler import ResumableBatchSampler
+from tilevlm import distributed, optim, trainstate
+from tilevlm.data.collate import label_count, to_model_inputs, token_counts
+from tilevlm.data.skips import (IMAGE_ERROR, MALFORMED, PATH_ESCAPE, PLACEHOLDERS, TOO_LONG,
+                                TOO_MANY_TILES)
 from tilevlm.inference import resolve_device
 from tilevlm.trainconfig import TrainConfig
+from tilevlm.trainfeed import Feed, make_feed, resume_feed
 
 log = logging.getLogger(__name__)
+
+# Skip reasons summed over ranks each step; anything else (e.g. a map-style sample that failed
+# to read) is counted as "other".
+SKIP_REASONS = (MALFORMED, PLACEHOLDERS, PATH_ESCAPE, IMAGE_ERROR, TOO_LONG, TOO_MANY_TILES,
+                "invalid", "other")
+
 
 @dataclass
 class TrainState:
     """What a checkpoint must remember besides tensors."""
 
     step: int = 0  # optimizer steps done
-    position: int = 0  # samples drawn from the training stream (bad ones included)
+    position: int = 0  # samples drawn from the training stream, all ranks (bad ones included)
     skipped_samples: int = 0
     nonfinite_steps: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # by reason, all ranks
+    data_positions: list[Any] = field(default_factory=list)  # per rank, at the last save
+    epoch: dict[str, Any] = field(default_factory=dict)  # the current epoch's padding figures
 
 
 @dataclass
@@ -61,14 +81,16 @@ class _Run:
     """Everything the loop's small steps share."""
 
     cfg: TrainConfig
-    model: nn.Module
+    model: nn.Module  # the model itself: saved, validated
+    train_model: nn.Module  # what the step calls: the model, or DDP around it
     processor: Any
     optimizer: torch.optim.Optimizer
     device: torch.device
     bf16: bool
     state: TrainState
     val_samples: list[dict[str, Any]]
-    metrics: "MetricsLog"
+    metrics: "MetricsLog | _NoMetrics"
+    feed: Feed
     params: list[nn.Parameter] = field(default_factory=list)
     batches: Iterator[dict[str, Any] | None] | None = None
     last_loss: float | None = None
@@ -81,11 +103,38 @@ class _Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
 
+@dataclass
+class _StepFigures:
+    """One step, summed over micro-batches (and, once reduced, over ranks)."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0  # label tokens
+    samples: int = 0
+    rows: int = 0
+    real_tokens: int = 0
+    slots: int = 0
+    drawn: int = 0  # samples drawn, skipped ones included
+    stop: int = 0  # ranks asked to stop (Ctrl-C)
+    skipped: Counter = field(default_factory=Counter)
+
+    def vector(self) -> list[float]:
+        return [self.loss_sum, self.tokens, self.samples, self.rows, self.real_tokens,
+                self.slots, self.drawn, self.stop, *(self.skipped[r] for r in SKIP_REASONS)]
+
+    @classmethod
+    def from_vector(cls, v: list[float]) -> "_StepFigures":
+        n = len(SKIP_REASONS)
+        counts = Counter({r: int(round(x)) for r, x in zip(SKIP_REASONS, v[-n:]) if x})
+        return cls(v[0], *(int(round(x)) for x in v[1:-n]), skipped=counts)
+
+
 # ---------------------------------------------------------------- entry point
-def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]],
+def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]] | Any,
           val_data: Iterable[dict[str, Any]] | None = None, config: TrainConfig | None = None,
           resume_from: str | Path | None = None) -> TrainResult:
-    """Train `model` on `train_data`; see the module docstring. Ctrl-C saves and returns."""
+    """Train `model` on `train_data`; see the module docstring. Ctrl-C saves and returns.
+
+    Under torchrun, call it inside `distributed.process_group(device)` (the CLI does)."""
     cfg = config or TrainConfig()
     run = _setup(model, processor, train_data, val_data, cfg, resume_from)
     interrupted = False
@@ -106,8 +155,7 @@ def _loop(run: _Run, stop: "_SigintFlag") -> bool:
     cfg = run.cfg
     with _progress_bar(cfg, run.state.step) as bar:
         while run.state.step < cfg.steps:
-            _train_step(run, bar)
-            if stop.requested:
+            if _train_step(run, bar, stop):  # every rank learns of a Ctrl-C on any
                 log.info("interrupted at step %d: saving a checkpoint", run.state.step)
                 _save(run)
                 return True
@@ -119,6 +167,7 @@ def _finish(run: _Run) -> None:
     """Final validation and checkpoint."""
     if run.val_samples:
         _validate(run)
+    _log_epoch(run, final=True)
     _save(run)
 
 
@@ -132,38 +181,38 @@ def _periodic(run: _Run) -> None:
 
 
 # ---------------------------------------------------------------- setup
-def _setup(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]],
+def _setup(model: nn.Module, processor: Any, train_data: Any,
            val_data: Iterable[dict[str, Any]] | None, cfg: TrainConfig,
            resume_from: str | Path | None) -> _Run:
-    _check_map_style(train_data)
+    rank, world = distributed.rank(), distributed.world_size()
+    feed = make_feed(train_data, processor, cfg, rank, world)
     _seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = distributed.rank_device(resolve_device(cfg.device))
     model.to(device)
     optimizer = optim.build_optimizer(model, cfg.part_lrs, cfg.weight_decay,
                                       (cfg.adam_beta1, cfg.adam_beta2), device.type)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainstate.remove_stale_tmp(out_dir)
+    if distributed.is_main():
+        trainstate.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \
-        if val_data is not None else []
+        if val_data is not None and distributed.is_main() else []
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"
                                    and torch.cuda.is_bf16_supported())
-    run = _Run(cfg, model, processor, optimizer, device, bf16, TrainState(), val_samples,
-               MetricsLog(out_dir), params=[p for p in model.parameters() if p.requires_grad])
+    metrics = MetricsLog(out_dir) if distributed.is_main() else _NoMetrics()
+    run = _Run(cfg, model, model, processor, optimizer, device, bf16, TrainState(), val_samples,
+               metrics, feed, params=[p for p in model.parameters() if p.requires_grad])
     if resume_from is not None:
         _resume(run, Path(resume_from))
-    run.batches = _batches(run, train_data)
-    log.info("training %s parameters (%s frozen) on %s%s for %d steps from step %d",
+    run.train_model = distributed.parallelize(model, device)  # after the weights are final
+    run.batches = feed.batches(pin_memory=device.type == "cuda")
+    log.info("training %s parameters (%s frozen) on %s%s for %d steps from step %d%s",
              f"{sum(p.numel() for p in run.params):,}",
              f"{sum(p.numel() for p in model.parameters() if not p.requires_grad):,}",
-             device, " with bf16 autocast" if bf16 else "", cfg.steps, run.state.step)
+             device, " with bf16 autocast" if bf16 else "", cfg.steps, run.state.step,
+             f" ({world} processes, global batch {cfg.batch_size * world * cfg.grad_accum})"
+             if world > 1 else "")
     return run
-
-
-def _check_map_style(data: Any) -> None:
-    if not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
-        raise ValueError("train_data must be a map-style dataset (len() and [index]) so its order "
-                         f"can be resumed; got {type(data).__name__}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -176,24 +225,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(run: _Run, train_data: Sequence[dict[str, Any]]) -> Iterator[dict[str, Any] | None]:
-    """Endless collated batches starting at the run's data position."""
-    cfg = run.cfg
-    sampler = ResumableBatchSampler(len(train_data), cfg.batch_size, cfg.seed,
-                                    start=run.state.position)
-    loader = torch.utils.data.DataLoader(
-        SkipBadSamples(train_data), batch_sampler=sampler, collate_fn=VLMCollator(run.processor),
-        num_workers=cfg.num_workers, pin_memory=run.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
-        worker_init_fn=_ignore_sigint)
-    return iter(loader)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """Workers leave Ctrl-C to the main process, which finishes its step and saves."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _resume(run: _Run, path: Path) -> None:
     ckpt = trainstate.find_latest(path)
     if ckpt is None:
@@ -201,32 +232,47 @@ def _resume(run: _Run, path: Path) -> None:
     trainstate.load_model_weights(run.model, ckpt)
     saved = trainstate.load_training_files(ckpt, run.optimizer)
     run.state = TrainState(**saved["state"])
-    _warn_config_changes(saved.get("train_config", {}), run.cfg)
-    log.info("resumed from %s at step %d (data position %d)", ckpt, run.state.step,
-             run.state.position)
+    resume_feed(run.feed, saved)
+    _warn_config_changes(saved.get("train_config", {}),
+                         saved.get("data_layout", {}).get("world_size", 1), run.cfg)
+    log.info("resumed from %s at step %d (data position %s)", ckpt, run.state.step,
+             run.feed.position())
 
 
-def _warn_config_changes(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    for name in ("batch_size", "grad_accum", "seed", "steps", "warmup_steps"):
-        if name in saved and saved[name] != getattr(cfg, name):
-            log.warning("resuming with %s=%s (the checkpoint used %s): the run will not match an "
-                        "uninterrupted one", name, getattr(cfg, name), saved[name])
+def _warn_config_changes(saved: dict[str, Any], saved_world: int, cfg: TrainConfig) -> None:
+    """Rank 0 warns about knobs that make the resumed run differ from an uninterrupted one
+    (the global batch counts, not how it is split over processes)."""
+    if not distributed.is_main():
+        return
+    now = {**cfg.to_dict(), "batch_size": cfg.batch_size * distributed.world_size()}
+    before = {**saved, "batch_size": saved.get("batch_size", 0) * saved_world}
+    for name in ("batch_size", "grad_accum", "seed", "steps", "warmup_steps", "pack",
+                 "shuffle_block"):
+        if name in saved and before[name] != now[name]:
+            log.warning("resuming with %s%s=%s (the checkpoint used %s): the run will not match "
+                        "an uninterrupted one", "global " if name == "batch_size" else "", name,
+                        now[name], before[name])
 
 
 # ---------------------------------------------------------------- one step
-def _train_step(run: _Run, bar: Any) -> None:
+def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
+    """One optimizer step on every rank; True when any rank asked to stop."""
     cfg, state = run.cfg, run.state
     start = time.perf_counter()
     lr = optim.set_lr(run.optimizer, optim.lr_factor(state.step, cfg.warmup_steps, cfg.steps,
                                                      cfg.min_lr_ratio))
-    losses, samples = [], 0
-    for _ in range(cfg.grad_accum):
-        batch = _next_batch(run)
-        losses.append(_forward_backward(run, batch))
-        samples += batch["input_ids"].shape[0]
-    loss = torch.stack(losses).mean()
+    local = _StepFigures()
+    batches = [_next_batch(run, local) for _ in range(cfg.grad_accum)]
+    local.tokens = sum(label_count(b) for b in batches)
+    total_tokens = max(1.0, distributed.all_reduce_sum([local.tokens], run.device)[0])
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1  # the gradient all-reduce runs once, on the last one
+        with contextlib.nullcontext() if sync else distributed.no_sync(run.train_model):
+            local.loss_sum += _forward_backward(run, batch, total_tokens)
     grad_norm = nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
-    loss_value, norm_value = loss.item(), grad_norm.item()
+    local.stop = int(stop.requested)
+    step = _StepFigures.from_vector(distributed.all_reduce_sum(local.vector(), run.device))
+    loss_value, norm_value = step.loss_sum / total_tokens, grad_norm.item()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         run.optimizer.step()
     else:
@@ -234,27 +280,47 @@ def _train_step(run: _Run, bar: Any) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     run.last_loss = loss_value
-    _log_step(run, bar, loss_value, norm_value, lr, samples / (time.perf_counter() - start))
+    _account(run, step)
+    _log_step(run, bar, step, loss_value, norm_value, lr, time.perf_counter() - start)
+    return step.stop > 0
 
 
-def _next_batch(run: _Run) -> dict[str, Any]:
-    """The next non-empty batch; advances the data position and the skipped-sample count."""
+def _next_batch(run: _Run, figures: _StepFigures) -> dict[str, Any]:
+    """The next non-empty micro-batch; counts what was drawn and skipped on the way."""
     while True:
         batch = next(run.batches)
-        run.state.position += run.cfg.batch_size
-        if batch is None:  # every sample of it was bad
-            run.state.skipped_samples += run.cfg.batch_size
+        run.feed.consumed(batch)
+        if batch is None:  # a map-style batch whose every sample was bad
+            figures.drawn += run.cfg.batch_size
+            figures.skipped["other"] += run.cfg.batch_size
             continue
-        run.state.skipped_samples += batch.pop("n_skipped", 0)
+        n_skipped = batch.pop("n_skipped", 0)
+        by_reason = batch.pop("skipped", None) or {"other": n_skipped}
+        for reason, n in by_reason.items():
+            figures.skipped[reason if reason in SKIP_REASONS else "other"] += n
+        if batch.get("empty"):
+            figures.drawn += n_skipped
+            continue
+        n_samples = batch.get("n_samples", batch["input_ids"].shape[0])
+        real, slots = token_counts(batch)
+        figures.drawn += n_samples + n_skipped
+        figures.samples += n_samples
+        figures.rows += batch["input_ids"].shape[0]
+        figures.real_tokens += real
+        figures.slots += slots
         return batch
 
 
-def _forward_backward(run: _Run, batch: dict[str, Any]) -> torch.Tensor:
+def _forward_backward(run: _Run, batch: dict[str, Any], total_tokens: float) -> float:
+    """Backward of this micro-batch's share of the step loss (its token-loss sum / all tokens
+    of the step; times the world size, which DDP's gradient averaging divides out); returns
+    its token-loss sum."""
     inputs = to_model_inputs(batch, run.device)
+    n = label_count(batch)
     with run.autocast():
-        loss = run.model(**inputs).loss
-    (loss / run.cfg.grad_accum).backward()
-    return loss.detach().float()
+        loss = run.train_model(**inputs).loss  # mean over this micro-batch's n tokens
+    (loss * (n * distributed.world_size() / total_tokens)).backward()
+    return loss.detach().float().item() * n
 
 
 def _nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
@@ -268,18 +334,65 @@ def _nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
                 run.state.nonfinite_steps)
 
 
-def _log_step(run: _Run, bar: Any, loss: float, grad_norm: float, lr: float,
-              samples_per_s: float) -> None:
+def _account(run: _Run, step: _StepFigures) -> None:
+    """Running totals: data drawn, skipped samples by reason, this epoch's padding."""
     state = run.state
+    state.position += step.drawn
+    state.skipped_samples += sum(step.skipped.values())
+    state.skipped = dict(Counter(state.skipped) + step.skipped)
+    epoch = run.feed.epoch()  # rank 0's epoch decides what is logged
+    if state.epoch and state.epoch["epoch"] != epoch:
+        _log_epoch(run)
+    if not state.epoch:
+        state.epoch = {"epoch": epoch, "samples": 0, "rows": 0, "real_tokens": 0, "slots": 0}
+    for key in ("samples", "rows", "real_tokens", "slots"):
+        state.epoch[key] += getattr(step, key)
+
+
+def _padding(figures: dict[str, Any]) -> float:
+    return 1.0 - figures["real_tokens"] / figures["slots"] if figures.get("slots") else 0.0
+
+
+def _log_epoch(run: _Run, final: bool = False) -> None:
+    """The padding figures of the epoch just finished (a metrics record and a log line), or,
+    `final`, a log line for the one in progress (its figures are in every step record)."""
+    e = run.state.epoch
+    if not e:
+        return
+    if not final:
+        run.metrics.write({"step": run.state.step, "epoch": e["epoch"],
+                           "epoch_padding_fraction": _padding(e), "epoch_samples": e["samples"],
+                           "epoch_rows": e["rows"]})
+        run.state.epoch = {}
+    log.info("epoch %d%s: %d samples in %d rows, %.1f%% padding; skipped in all %s", e["epoch"],
+             " (so far)" if final else "", e["samples"], e["rows"], 100 * _padding(e),
+             run.state.skipped or "none")
+
+
+def _log_step(run: _Run, bar: Any, step: _StepFigures, loss: float, grad_norm: float,
+              lr: float, seconds: float) -> None:
+    state = run.state
+    padding = 1.0 - step.real_tokens / step.slots if step.slots else 0.0
     run.metrics.write({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "samples_per_s": samples_per_s, "skipped_samples": state.skipped_samples,
+                       "samples_per_s": step.samples / seconds, "tokens": step.tokens,
+                       "padding_fraction": padding, "epoch": run.feed.epoch(),
+                       "epoch_padding_fraction": _padding(state.epoch),
+                       "skipped_samples": state.skipped_samples, "skipped": state.skipped,
                        "nonfinite_steps": state.nonfinite_steps})
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.1f}", refresh=False)
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{step.samples / seconds:.1f}",
+                    refresh=False)
     bar.update(1)
 
 
 # ---------------------------------------------------------------- validation, checkpoints
 def _validate(run: _Run) -> None:
+    """On rank 0 (the others wait): its validation set is the whole one."""
+    if distributed.is_main():
+        _validate_here(run)
+    distributed.barrier()
+
+
+def _validate_here(run: _Run) -> None:
     from tilevlm.evaluate import evaluate
 
     report = evaluate(run.model, run.processor, run.val_samples, batch_size=run.cfg.batch_size,
@@ -290,11 +403,21 @@ def _validate(run: _Run) -> None:
              report.loss, 100 * report.accuracy, report.n)
 
 
-def _save(run: _Run) -> Path:
+def _save(run: _Run) -> Path | None:
+    """Every rank's data position is gathered; rank 0 writes; all wait for it."""
+    run.state.data_positions = distributed.all_gather_object(run.feed.position())
+    if distributed.is_main():
+        _write_checkpoint(run)
+    distributed.barrier()
+    return run.last_checkpoint
+
+
+def _write_checkpoint(run: _Run) -> Path:
     from tilevlm.checkpoint import save_pretrained
 
     tokenizer = getattr(run.processor, "tokenizer", None)
     trainer_state = {"state": dataclasses.asdict(run.state), "train_config": run.cfg.to_dict(),
+                     "data_layout": run.feed.layout(),
                      "schedule": {"kind": "warmup_cosine", "step": run.state.step,
                                   "warmup_steps": run.cfg.warmup_steps,
                                   "total_steps": run.cfg.steps,
@@ -333,6 +456,16 @@ class MetricsLog:
             self._tb.close()
 
 
+class _NoMetrics:
+    """What ranks other than 0 write metrics to."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _tensorboard_writer(out_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -344,7 +477,8 @@ def _tensorboard_writer(out_dir: Path) -> Any:
 def _progress_bar(cfg: TrainConfig, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=initial, disable=not cfg.progress, desc="train",
+    return tqdm(total=cfg.steps, initial=initial, desc="train",
+                disable=not (cfg.progress and distributed.is_main()),
                 dynamic_ncols=True)
 
 

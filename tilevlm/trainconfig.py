@@ -22,7 +22,7 @@ class TrainConfig:
     """Every training knob, with the one set of defaults the CLI uses too."""
 
     steps: int = _knob(1000, "optimizer steps")
-    batch_size: int = _knob(8, "samples per micro-batch")
+    batch_size: int = _knob(8, "samples (packed: rows) per micro-batch, per process")
     grad_accum: int = _knob(1, "micro-batches per optimizer step")
     lr_projector: float = _knob(1e-3, "projector learning rate (0 freezes it)")
     lr_vision: float = _knob(5e-5, "vision encoder learning rate (0 freezes it)")
@@ -44,7 +44,12 @@ class TrainConfig:
     seed: int = _knob(0, "seed of the data order, the RNGs and the model init")
     on_nonfinite: str = _knob("stop", "a NaN/inf loss: stop with an error, or skip the update",
                               NONFINITE_ACTIONS)
-    num_workers: int = _knob(0, "DataLoader worker processes")
+    num_workers: int = _knob(0, "DataLoader worker processes (decode, resize and tile images)")
+    pack: int = _knob(0, "dataset paths: pack samples into rows of this many tokens "
+                      "(0: one sample per row)")
+    max_tiles: int = _knob(64, "packing: most image tiles in one row and in one micro-batch")
+    shuffle_block: int = _knob(1024, "dataset paths: rows shuffled together (a seeded shuffle "
+                               "buffer per epoch; 0: file order)")
     progress: bool = _knob(True, "show a progress bar")
 
     def __post_init__(self) -> None:
@@ -52,9 +57,12 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_projector", "lr_vision", "lr_decoder", "weight_decay", "warmup_steps",
-                     "grad_clip", "eval_every", "eval_batches", "save_every", "num_workers"):
+                     "grad_clip", "eval_every", "eval_batches", "save_every", "num_workers", "pack",
+                     "shuffle_block"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_tiles < 1:
+            raise ValueError(f"TrainConfig.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in DTYPES:

@@ -1,10 +1,13 @@
-"""`tilevlm train`: train a model from a preset or config file on a named data source.
+"""`tilevlm train`: train a model (a preset, a config file, or a model directory such as one
+`tilevlm build` wrote) on the synthetic data or a local dataset, in one process or under torchrun.
 
     tilevlm train --preset tiny --data synthetic --out runs/tiny --steps 300
     tilevlm train --resume runs/tiny --data synthetic --out runs/tiny --steps 600
+    tilevlm train --model runs/vlm-448 --data the_cauldron/ai2d --pack 2048 --out runs/ai2d
+    torchrun --nproc_per_node 4 -m tilevlm.cli train --model runs/vlm-448 --data data.json ...
 
-Every TrainConfig field is a flag (`--lr-decoder`, `--save-every`, ...) with TrainConfig's
-default; `--out` is `out_dir`.
+Every TrainConfig field is a flag (`--lr-decoder`, `--save-every`, `--pack`, ...) with
+TrainConfig's default; `--out` is `out_dir`. See docs/training.md.
 """
 
 from __future__ import annotations
@@ -28,12 +31,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", choices=sorted(PRESETS), help="model configuration by name")
     model.add_argument("--config", metavar="FILE", help="model configuration (VLMConfig JSON)")
+    model.add_argument("--model", metavar="DIR", help="start from this model directory (e.g. "
+                       "made by `tilevlm build`); its tokenizer comes with it")
     parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or a run "
                         "directory (its latest checkpoint); the model comes from it")
-    parser.add_argument("--data", required=True, help="data source: 'synthetic'")
+    parser.add_argument("--data", required=True, help="'synthetic', or a dataset path: parquet "
+                        "file/directory/glob, a save_to_disk directory, a LLaVA .json/.jsonl")
+    parser.add_argument("--data-format", choices=("parquet", "hf", "llava"),
+                        help="the format of --data (default: detected from the path)")
+    parser.add_argument("--image-root", metavar="DIR", help="where image paths in the data are "
+                        "looked up (default: the data file's directory)")
+    parser.add_argument("--val-data", metavar="PATH", help="validation dataset path (same "
+                        "format and image root as --data); default for real data: none")
     parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
     parser.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory "
-                        "(default for synthetic data: a BPE trained on its corpus)")
+                        "(needed for real data unless --model/--resume bring one; default for "
+                        "synthetic data: a BPE trained on its corpus)")
     parser.add_argument("--train-size", type=int, default=100_000,
                         help="synthetic training samples (the order repeats after this many)")
     parser.add_argument("--val-size", type=int, default=256, help="synthetic validation samples")
@@ -61,15 +74,27 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.data.sources import open_dataset
+    from tilevlm import distributed
+    from tilevlm.inference import resolve_device
+
+    cfg = train_config(args)
+    device = distributed.rank_device(resolve_device(cfg.device))
+    with distributed.process_group(device):
+        if not distributed.is_main():  # one set of log lines: rank 0's (warnings from all)
+            logging.getLogger().setLevel(logging.WARNING)
+        return _train(args, cfg)
+
+
+def _train(args: argparse.Namespace, cfg: Any) -> int:
+    from tilevlm.data.sources import training_data
     from tilevlm.processor import Processor
     from tilevlm.train import train
 
-    cfg = train_config(args)
     model, tokenizer = _model_and_tokenizer(args, cfg.seed)
-    train_data = open_dataset(args.data, "train", args.train_size, model.cfg)
-    val_data = open_dataset(args.data, "validation", args.val_size, model.cfg)
-    result = train(model, Processor(model.cfg, tokenizer), train_data, val_data, cfg,
+    processor = Processor(model.cfg, tokenizer)
+    train_data = training_data(args.data, "train", args.train_size, model.cfg, args.data_format,
+                               args.image_root)
+    result = train(model, processor, train_data, _val_data(args, model.cfg, processor, cfg), cfg,
                    resume_from=args.resume)
     if result.interrupted:
         log.info("interrupted at step %d; to continue, run the same command with --resume %s",
@@ -82,8 +107,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _val_data(args: argparse.Namespace, config: Any, processor: Any, cfg: Any) -> Any:
+    """The synthetic validation split, the first samples of --val-data, or None."""
+    from tilevlm.data.sources import DatasetSpec, named_dataset
+
+    if args.val_data:
+        spec = DatasetSpec(args.val_data, args.data_format, args.image_root)
+        return spec.first_samples(cfg.eval_batches * cfg.batch_size, processor)
+    if args.data == "synthetic" and args.data_format is None:
+        return named_dataset(args.data, "validation", args.val_size, config)
+    return None
+
+
 def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
-    """A fresh model from --preset/--config (or the model of --resume) and its tokenizer."""
+    """A fresh model from --preset/--config, the model of --model or --resume, and its
+    tokenizer (--tokenizer overrides the one a model directory holds)."""
     import torch
 
     from tilevlm.checkpoint import load_pretrained
@@ -92,14 +130,17 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]
     from tilevlm.tokenizer import load_tokenizer
     from tilevlm.trainstate import find_latest
 
-    if args.resume and not (args.preset or args.config):
+    if args.resume and not (args.preset or args.config or args.model):
         ckpt = find_latest(args.resume)
         if ckpt is None:
             raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
         model = load_pretrained(ckpt).train()
-        return model, load_tokenizer(ckpt, grid_side=model.cfg.grid_side)
+        return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side)
+    if args.model:
+        model = load_pretrained(args.model).train()
+        return model, load_tokenizer(args.tokenizer or args.model, grid_side=model.cfg.grid_side)
     if not (args.preset or args.config):
-        raise ValueError("give --preset NAME or --config FILE (or --resume DIR)")
+        raise ValueError("give --preset NAME, --config FILE or --model DIR (or --resume DIR)")
     config = preset(args.preset) if args.preset else VLMConfig.from_json(args.config)
     tokenizer, config = _tokenizer_for(args, config)
     torch.manual_seed(seed)
@@ -121,6 +162,7 @@ def _tokenizer_for(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
             config = config.replace(lm_base_vocab_size=tokenizer.base_vocab_size)
         return tokenizer, config
     if args.data != "synthetic":
-        raise ValueError("--tokenizer DIR is needed for data other than 'synthetic'")
+        raise ValueError("--tokenizer DIR (or --model DIR) is needed for data other than "
+                         "'synthetic'")
     return synthetic_tokenizer(config)
 

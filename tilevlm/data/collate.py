@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from tilevlm.image import ImageLike
+from tilevlm.processor import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,25 @@ class VLMCollator:
         return True
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
+
+
 def to_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch tensors the model's forward takes, moved to `device`."""
-    names = ("input_ids", "attention_mask", "labels", "pixel_values")
-    return {k: batch[k].to(device, non_blocking=True) for k in names if batch.get(k) is not None}
+    """The batch tensors the model's forward takes, moved to `device` (`position_ids` too: packed
+    batches restart them at every sample)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS
+            if batch.get(k) is not None}
+
+
+def label_count(batch: dict[str, Any]) -> int:
+    """Tokens the loss counts: labels that are not ignored, after the one-token shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """(real tokens, padded slots) of a batch, for the padding fraction."""
+    slots = batch["input_ids"].numel()
+    if "n_real_tokens" in batch:
+        return int(batch["n_real_tokens"]), slots
+    mask = batch.get("attention_mask")
+    return (int(mask.sum()) if mask is not None and mask.dim() == 2 else slots), slots

@@ -9,13 +9,22 @@ A raw sample (what `tilevlm.data.collate` and the Processor take):
 Sharding: global row i (counted over all files, in sorted order) belongs to rank
 `i % world_size`; inside a rank, DataLoader worker w of n takes the rank's k-th row when
 `k % n == w`. Every rank reads the same order, so the split is deterministic and disjoint.
+
+Training streams (`RowReader.blocks`) shard a shuffled order instead: epoch e's stream is the
+rows cut into blocks of `block_size` rows (file order), each block permuted by a generator seeded
+with (seed, epoch, block); stream position j goes to rank `j % world_size`. The stream does not
+depend on the number of ranks, and a run resumes at any position by skipping rows before it
+without converting them.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections import deque
 from typing import Any, Callable, Iterator
+
+import torch
 
 from tilevlm.data.skips import MALFORMED, PATH_ESCAPE, PLACEHOLDERS, SkipCounter, SkipSample
 
@@ -23,6 +32,7 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 Sample = dict[str, Any]
 Keep = Callable[[int], bool]  # global row index -> whether this process reads the row
+Block = dict[int, "Sample | SkipSample"]  # stream position -> sample (or why it was dropped)
 
 
 class RowReader:
@@ -52,11 +62,75 @@ class RowReader:
         worker, n_workers = _worker_split()
         return lambda i: i % world == rank and (i // world) % n_workers == worker
 
+    def blocks(self, block_size: int, seed: int, epoch: int, start: int = 0,
+               shuffle: bool = True) -> Iterator[tuple[int, Block]]:
+        """One epoch of this rank's stream, block by block: `(block, {position: sample or
+        SkipSample})` for every block of the data, including blocks where this rank has no row.
+
+        Positions count from the epoch's start (block b holds positions b*block_size ...);
+        rows at positions before `start` are passed over without conversion. No DataLoader
+        worker split here (the caller splits work by batch)."""
+        order = _BlockOrder(block_size, seed, epoch, shuffle)
+        pending: deque[int] = deque()  # kept rows whose (where, row) has not arrived yet
+        seen = [-1]  # the last row index offered to `keep`
+
+        def keep(i: int) -> bool:
+            seen[0] = i
+            j = order.position(i)
+            if j < start or j % self.world_size != self.rank:
+                return False
+            pending.append(i)
+            return True
+
+        current, block = start // block_size, {}
+        for where, row in self._rows(keep):
+            i = pending.popleft()  # `_rows` yields kept rows in the order `keep` saw them
+            while i // block_size > current:
+                yield current, block
+                current, block = current + 1, {}
+            block[order.position(i)] = self._convert(row, where)
+        for b in range(current, seen[0] // block_size + 1):
+            yield b, block if b == current else {}
+
+    def _convert(self, row: Any, where: str) -> "Sample | SkipSample":
+        try:
+            return self._to_sample(row, where)
+        except SkipSample as e:
+            e.where = where
+            return e
+
     def _rows(self, keep: Keep) -> Iterator[tuple[str, Any]]:
         raise NotImplementedError
 
     def _to_sample(self, row: Any, where: str) -> Sample:
         raise NotImplementedError
+
+
+class _BlockOrder:
+    """Row index <-> stream position within one epoch: blocks of `block_size` rows, each
+    permuted by its own seeded generator (the identity when not shuffling)."""
+
+    def __init__(self, block_size: int, seed: int, epoch: int, shuffle: bool) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size, self.seed, self.epoch, self.shuffle = block_size, seed, epoch, shuffle
+        self._block, self._slot_of = -1, []
+
+    def position(self, i: int) -> int:
+        """The stream position of global row `i`."""
+        block, offset = divmod(i, self.block_size)
+        if not self.shuffle:
+            return i
+        if block != self._block:
+            self._block, self._slot_of = block, self._inverse(block)
+        return block * self.block_size + self._slot_of[offset]
+
+    def _inverse(self, block: int) -> list[int]:
+        """slot_of[row offset] = the slot (position offset) of that row in the block."""
+        mixed = ((self.seed * 1_000_003 + self.epoch) * 1_000_033 + block) % (1 << 63)
+        g = torch.Generator().manual_seed(mixed)
+        perm = torch.randperm(self.block_size, generator=g)  # slot -> row offset
+        return torch.argsort(perm).tolist()
 
 
 def _worker_split() -> tuple[int, int]:

@@ -4,6 +4,11 @@ Position k falls in epoch `k // n` at offset `k % n`; each epoch is a fresh perm
 a generator seeded with (seed, epoch). Batches are consecutive slices of that endless stream, so a
 run that stops after consuming `position` samples resumes with exactly the batches it would have
 seen next.
+
+With several processes, `batch_size` is per rank: the stream is cut into global batches of
+`batch_size * world_size` and rank r takes positions r, r + W, ... of each, so `position` counts
+global samples and a run can resume with a different number of processes (exactly, when the
+global batch size is kept).
 """
 
 from __future__ import annotations
@@ -24,13 +29,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
     """Endless batches of `batch_size` indices into a dataset of `n` samples, from `start`."""
 
     def __init__(self, n: int, batch_size: int, seed: int, start: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
         if n <= 0:
             raise ValueError("the training dataset is empty")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
         self.start, self.shuffle = start, shuffle
+        self.rank, self.world_size = rank, world_size
 
     def _order(self, epoch: int) -> list[int]:
         return epoch_order(self.n, self.seed, epoch) if self.shuffle else list(range(self.n))
@@ -39,10 +47,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
         position, epoch, order = self.start, -1, []
         while True:
             batch = []
-            for _ in range(self.batch_size):
+            for _ in range(self.batch_size * self.world_size):
                 if position // self.n != epoch:
                     epoch = position // self.n
                     order = self._order(epoch)
                 batch.append(order[position % self.n])
                 position += 1
-            yield batch
+            yield batch[self.rank::self.world_size]

@@ -1,9 +1,19 @@
-"""Named data sources for the `train` and `eval` commands; only `synthetic` for now (dataset
-readers for real data plug in here)."""
+"""What `tilevlm train` / `eval` read: the built-in `synthetic` source (map-style, by name) or a
+local dataset path (parquet, save_to_disk, LLaVA; streamed through `tilevlm.data.readers`).
+
+    data = training_data("synthetic", "train", 100_000, config)       # a SyntheticVQA
+    data = training_data("cauldron/ai2d", "train", 0, config)         # a DatasetSpec
+    reader = data.open(rank, world_size)                              # this rank's RowReader
+
+`named_dataset` is the by-name lookup (it used to be called `open_dataset`, which clashed with
+`tilevlm.data.readers.open_dataset`, the reader for paths).
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tilevlm.config import VLMConfig
@@ -15,18 +25,57 @@ SOURCES = ("synthetic",)
 SYNTHETIC_VOCAB_SIZE = 512  # base vocabulary of the BPE trained for the synthetic data
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A local dataset path and how to read it; `open` gives one rank's reader. Picklable, so
+    DataLoader workers can open their own readers."""
+
+    path: str
+    data_format: str | None = None  # parquet | hf | llava; None: detected from the path
+    image_root: str | None = None
+    split: str = "train"  # the split of a saved DatasetDict
+
+    def open(self, rank: int = 0, world_size: int = 1) -> Any:
+        from tilevlm.data.readers import open_dataset
+
+        return open_dataset(self.path, self.data_format, self.image_root, rank=rank,
+                            world_size=world_size, split=self.split)
+
+    def first_samples(self, n: int, processor: Any) -> list[dict[str, Any]]:
+        """The first `n` usable samples (header-checked, within lm_max_length), e.g. for
+        validation."""
+        from tilevlm.data.lengths import LengthFilter
+
+        return list(itertools.islice(LengthFilter(self.open(), processor), n))
+
+
 def synthetic_spec(config: VLMConfig, seed: int = 0) -> SyntheticSpec:
     """Synthetic images with the model's tile size and up to its largest grid (8 at most)."""
     return SyntheticSpec(tile_size=config.vit_img_size,
                          max_grid=max(1, min(8, config.max_tiles_per_side)), seed=seed)
 
 
-def open_dataset(source: str, split: str, n: int, config: VLMConfig) -> Sequence[dict[str, Any]]:
-    """`n` raw samples of `split` from a named source."""
+def named_dataset(source: str, split: str, n: int, config: VLMConfig) -> Sequence[dict[str, Any]]:
+    """`n` raw samples of `split` from a named source (map-style)."""
     if source == "synthetic":
         return SyntheticVQA(split, n, synthetic_spec(config))
-    raise ValueError(f"unknown data source {source!r}; available: {', '.join(SOURCES)} "
-                     "(dataset files are not supported yet)")
+    raise ValueError(f"unknown data source {source!r}; available: {', '.join(SOURCES)}, "
+                     "or a dataset path")
+
+
+open_dataset = named_dataset  # the old name, for callers not yet moved to `named_dataset`
+
+
+def training_data(data: str, split: str, n: int, config: VLMConfig,
+                  data_format: str | None = None,
+                  image_root: str | None = None) -> Sequence[dict[str, Any]] | DatasetSpec:
+    """A named source (map-style samples) or, for anything else, a `DatasetSpec` of the path,
+    checked now (format detected, files readable) so a wrong path fails before training."""
+    if data in SOURCES and data_format is None:
+        return named_dataset(data, split, n, config)
+    spec = DatasetSpec(data, data_format, image_root, split)
+    spec.open()  # raises a ValueError that says what was expected
+    return spec
 
 
 def synthetic_tokenizer(config: VLMConfig) -> tuple[Any, VLMConfig]:
