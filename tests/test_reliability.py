@@ -487,8 +487,6 @@ def test_disk_full_on_the_command_line_is_one_line_and_exit_1(tmp_path, monkeypa
     assert not list((tmp_path / "run").glob(".tmp-ckpt-*"))
 
 
-@pytest.mark.xfail(strict=True, reason="trainstate.atomic_checkpoint re-raises the bare OSError: "
-                   "the message names neither the checkpoint nor the one that is kept")
 def test_disk_full_message_names_the_checkpoint_and_the_one_kept(small_setup, tmp_path,
                                                                  monkeypatch):
     config, processor, data = small_setup
@@ -506,8 +504,6 @@ def test_disk_full_message_names_the_checkpoint_and_the_one_kept(small_setup, tm
     assert "checkpoint-4" in str(info.value) and "checkpoint-2" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="trainstate._atomic_write_text leaves `.latest.tmp` behind "
-                   "when the pointer write fails (no cleanup on error)")
 def test_failed_pointer_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     real_replace = os.replace
 

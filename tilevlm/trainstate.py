@@ -124,6 +124,12 @@ def atomic_checkpoint(out_dir: str | Path, step: int,
         os.chmod(tmp, 0o755)
         write(tmp)
         _fsync_tree(tmp)
+    except OSError as e:  # disk full, permissions: say which checkpoint failed and which is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = find_latest(out_dir)
+        raise OSError(e.errno, f"cannot write checkpoint-{step} in {out_dir}: {e.strerror or e}; "
+                      + (f"the previous checkpoint {kept.name} is kept" if kept
+                         else "there is no earlier checkpoint")) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -148,11 +154,15 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written pointer file behind
+        raise
     _fsync_dir(path.parent)
 
 
