@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tilevlm.bench import BenchConfig, format_table, run_bench, synthetic_batch
 from tilevlm.cli import main
 from tilevlm.model.vlm import VisionLanguageModel
@@ -44,3 +46,24 @@ def test_format_table_lists_only_what_ran():
     bc = BenchConfig(preset="tiny", parts=("vision",), repeats=1, warmup=0)
     table = format_table(run_bench(bc))
     assert "vision encoder" in table and "training step" not in table
+
+
+def test_bench_fast_path_options_run_and_are_recorded(tmp_path, capsys):
+    out = tmp_path / "fast.json"
+    code = main(["bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--parts",
+                 "train", "prefill", "decode", "--decode-tokens", "3", "--decode-batches", "2",
+                 "--weights", "int8", "--train-loss", "full", "--threads", "1",
+                 "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "int8 weights" in table and "full loss" in table and "load" in table
+    data = json.loads(out.read_text())
+    assert data["model"]["inference_weights"] == "int8" and data["env"]["threads"] == 1
+    assert data["bench"]["train_loss"] == "full" and data["decode_b2"]["tokens_per_s_total"] > 0
+    assert data["decode_b2"]["load_avg_before"] >= 0
+
+
+def test_bench_rejects_bad_options():
+    for bad in (dict(weights="fp8"), dict(train_loss="some"), dict(threads=0), dict(repeats=0)):
+        with pytest.raises(ValueError):
+            run_bench(BenchConfig(preset="tiny", parts=("vision",), **bad))

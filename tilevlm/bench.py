@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import resource
 import statistics
@@ -36,6 +37,11 @@ class BenchConfig:
     max_img_size: int | None = None  # None: 2 x the tile size (a 2x2 grid + global tile)
     device: str = "cpu"
     dtype: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on CUDA, fp32 on CPU)
+    weights: str | None = None  # inference weights "fp32" | "bf16" | "int8"; None: the dtype
+    compile: bool = False  # torch.compile the decode step (fastpath.compiled_decode_step)
+    compile_train: bool = False  # torch.compile every block for the training step
+    train_loss: str = "labels"  # "labels": logits at label positions only; "full": model().loss
+    threads: int | None = None  # torch intra-op threads; None: torch's default (the cores)
     repeats: int = 3
     warmup: int = 1
     train_batch: int = 4
@@ -57,6 +63,22 @@ class BenchConfig:
         if name not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32, bf16 or auto, got {self.dtype!r}")
         return torch.bfloat16 if name == "bf16" else torch.float32
+
+    def validate(self) -> None:
+        from tilevlm.fastpath import WEIGHT_FORMATS
+
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if self.weights is not None and self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, "
+                             f"got {self.weights!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.train_loss not in ("labels", "full"):
+            raise ValueError(f"train_loss must be 'labels' or 'full', got {self.train_loss!r}")
+        unknown = set(self.parts) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
 
 
 def _sync(device: torch.device) -> None:
@@ -133,7 +155,7 @@ def preprocess_files(directory: Path, n: int, seed: int) -> list[Path]:
 # ----------------------------------------------------------------------------- measurements
 
 def bench_preprocess(cfg: VLMConfig, bc: BenchConfig) -> dict[str, float]:
-    from tilevlm.image import ImageTransform, load_image
+    from tilevlm.image import ImageTransform
 
     transform = ImageTransform(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +164,7 @@ def bench_preprocess(cfg: VLMConfig, bc: BenchConfig) -> dict[str, float]:
 
         def run() -> None:
             nonlocal n_tiles
-            n_tiles = sum(transform(load_image(p))[0].shape[0] for p in paths)
+            n_tiles = sum(transform.load(p)[0].shape[0] for p in paths)
 
         seconds = median_seconds(run, bc.repeats, bc.warmup, torch.device("cpu"))
     return {"images_per_s": len(paths) / seconds, "tiles_per_s": n_tiles / seconds,
@@ -176,16 +198,21 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.device,
                 dtype: torch.dtype) -> dict[str, float]:
+    from tilevlm import fastpath
+
     batch = synthetic_batch(model, bc.train_batch, bc.prompt_tokens, bc.answer_tokens, device,
                             bc.seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    if bc.compile_train:
+        fastpath.compile_blocks(model)
+    opt = fastpath.adamw(model.parameters(), lr=1e-5, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    loss_fn = fastpath.label_loss if bc.train_loss == "labels" else lambda m, b: m(**b).loss
 
     def step() -> None:
         with _autocast(device, dtype):
-            loss = model(**batch).loss
+            loss = loss_fn(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -193,16 +220,18 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
     seconds = median_seconds(step, bc.repeats, bc.warmup, device)
     model.eval()
     del opt
-    return {"seconds_per_step": seconds, "samples_per_s": bc.train_batch / seconds,
+    return {"seconds_per_step": seconds, "loss": bc.train_loss, "compiled": bc.compile_train, "samples_per_s": bc.train_batch / seconds,
             "seq_len": batch["input_ids"].shape[1], "batch": bc.train_batch,
             "peak_memory_mb": _peak_memory_mb(device),
             "peak_memory_kind": "CUDA max allocated" if device.type == "cuda" else "process peak RSS"}
 
 
-def _generation_stats(model: VisionLanguageModel, batch: dict, new_tokens: int):
+def _generation_stats(model: VisionLanguageModel, batch: dict, new_tokens: int,
+                      step_fn: Callable[..., torch.Tensor] | None = None):
     from tilevlm.generate import generate
 
-    return generate(model, batch, max_new_tokens=new_tokens, eos_token_ids=[]).stats
+    return generate(model, batch, max_new_tokens=new_tokens, eos_token_ids=[],
+                    step_fn=step_fn).stats
 
 
 def bench_prefill(model: VisionLanguageModel, bc: BenchConfig, device: torch.device) -> dict[str, float]:
@@ -216,12 +245,18 @@ def bench_prefill(model: VisionLanguageModel, bc: BenchConfig, device: torch.dev
 
 
 def bench_decode(model: VisionLanguageModel, bc: BenchConfig, device: torch.device,
-                 batch_size: int) -> dict[str, float]:
+                 batch_size: int, step_fn: Callable[..., torch.Tensor] | None = None
+                 ) -> dict[str, float]:
+    """Decode throughput; with a compiled step_fn the warm-up runs (>= 1) absorb compilation."""
     batch = synthetic_batch(model, batch_size, bc.prompt_tokens, 0, device, bc.seed)
     rates = []
-    median_seconds(lambda: rates.append(_generation_stats(model, batch, bc.decode_tokens).tokens_per_second),
-                   bc.repeats, bc.warmup, device)
-    total = statistics.median(rates[bc.warmup:])
+    warmup = max(bc.warmup, 1) if step_fn is not None else bc.warmup
+
+    def run() -> None:
+        rates.append(_generation_stats(model, batch, bc.decode_tokens, step_fn).tokens_per_second)
+
+    median_seconds(run, bc.repeats, warmup, device)
+    total = statistics.median(rates[warmup:])
     return {"tokens_per_s_total": total, "tokens_per_s_per_row": total / batch_size,
             "batch": batch_size, "new_tokens": bc.decode_tokens}
 
@@ -245,12 +280,44 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def _inference_model(model: VisionLanguageModel, bc: BenchConfig,
+                     dtype: torch.dtype) -> VisionLanguageModel:
+    from tilevlm.fastpath import inference_weights
+
+    if bc.compile_train:  # the blocks were compiled for training: start from a plain model
+        state = model.state_dict()
+        model = VisionLanguageModel(model.cfg).to(next(iter(state.values())).device)
+        model.load_state_dict(state)
+    model.eval()
+    if bc.weights is None:
+        return model.to(dtype)  # inference runs in the chosen dtype itself
+    return inference_weights(model, bc.weights)
+
+
+def _timed_part(results: dict[str, Any], key: str, fn: Callable[[], dict[str, Any]],
+                progress: Callable[[str], None]) -> None:
+    """results[key] = fn(), with the 1-minute load average before and after (shared machines)."""
+    before = os.getloadavg()[0]
+    progress(f"{key} ... (load average {before:.2f})")
+    results[key] = {**fn(), "load_avg_before": round(before, 2),
+                    "load_avg_after": round(os.getloadavg()[0], 2)}
+
+
 def run_bench(bc: BenchConfig, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
+    bc.validate()
+    threads = torch.get_num_threads()
+    if bc.threads is not None:  # fewer threads than cores can win when the cores are shared
+        torch.set_num_threads(bc.threads)
+    try:
+        return _run_parts(bc, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
+    from tilevlm.fastpath import compiled_decode_step, weight_bytes
     from tilevlm.inference import resolve_device
 
-    unknown = set(bc.parts) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     device = resolve_device(bc.device)
     dtype = bc.torch_dtype(device)
     cfg = bc.model_config()
@@ -258,54 +325,64 @@ def run_bench(bc: BenchConfig, progress: Callable[[str], None] = log.info) -> di
     results: dict[str, Any] = {"env": environment(device, dtype), "bench": asdict(bc),
                                "model": {"preset": bc.preset, "max_img_size": cfg.max_img_size}}
     if "preprocess" in bc.parts:
-        progress("preprocessing ...")
-        results["preprocess"] = bench_preprocess(cfg, bc)
+        _timed_part(results, "preprocess", lambda: bench_preprocess(cfg, bc), progress)
     model = VisionLanguageModel(cfg).to(device)
     results["model"]["parameters"] = model.num_parameters()
     if "train" in bc.parts:  # fp32 master weights, bf16 autocast when asked
-        progress("training step ...")
-        results["train"] = bench_train(model, bc, device, dtype)
+        _timed_part(results, "train", lambda: bench_train(model, bc, device, dtype), progress)
     model.eval()
     if "vision" in bc.parts:
-        progress("vision encoder ...")
-        results["vision"] = bench_vision(model, bc, device, dtype)
-    infer = model.to(dtype)  # inference runs in the chosen dtype itself
+        _timed_part(results, "vision", lambda: bench_vision(model, bc, device, dtype), progress)
+    infer = _inference_model(model, bc, dtype)
+    results["model"]["inference_weights"] = bc.weights or str(dtype).replace("torch.", "")
+    results["model"]["inference_weight_mb"] = round(weight_bytes(infer) / 2**20, 1)
     if "prefill" in bc.parts:
-        progress("prefill ...")
-        results["prefill"] = bench_prefill(infer, bc, device)
+        _timed_part(results, "prefill", lambda: bench_prefill(infer, bc, device), progress)
+    step_fn = compiled_decode_step() if bc.compile else None
     if "decode" in bc.parts:
         for b in bc.decode_batches:
-            progress(f"decode, batch {b} ...")
-            results[f"decode_b{b}"] = bench_decode(infer, bc, device, b)
+            _timed_part(results, f"decode_b{b}", lambda: bench_decode(infer, bc, device, b, step_fn),
+                        progress)
     return results
 
 
+def _load(part: dict[str, Any]) -> str:
+    if "load_avg_before" not in part:
+        return ""
+    return f"; load {part['load_avg_before']:.1f}->{part['load_avg_after']:.1f}"
+
+
 def format_table(results: dict[str, Any]) -> str:
-    env, rows = results["env"], []
+    env, rows, bench = results["env"], [], results["bench"]
     if "preprocess" in results:
         p = results["preprocess"]
         rows.append(("preprocessing", f"{p['images_per_s']:.1f} images/s, {p['tiles_per_s']:.1f} tiles/s",
-                     f"{p['images']} files, load + resize + tile + normalize"))
+                     f"{p['images']} files, load + resize + tile + normalize{_load(p)}"))
     if "vision" in results:
         v = results["vision"]
-        rows.append(("vision encoder", f"{v['tiles_per_s']:.1f} tiles/s", f"{v['tiles']} tiles per call"))
+        rows.append(("vision encoder", f"{v['tiles_per_s']:.1f} tiles/s",
+                     f"{v['tiles']} tiles per call{_load(v)}"))
     if "train" in results:
         t = results["train"]
+        how = f"{t.get('loss', 'full')} loss" + (", compiled blocks" if t.get("compiled") else "")
         rows.append(("training step", f"{t['seconds_per_step']:.3f} s/step, {t['samples_per_s']:.2f} samples/s",
-                     f"batch {t['batch']}, seq {t['seq_len']}, peak {t['peak_memory_mb']:.0f} MiB "
-                     f"({t['peak_memory_kind']})"))
+                     f"batch {t['batch']}, seq {t['seq_len']}, {how}, peak {t['peak_memory_mb']:.0f} MiB "
+                     f"({t['peak_memory_kind']}){_load(t)}"))
+    weights = results["model"].get("inference_weights", env["dtype"])
     if "prefill" in results:
         p = results["prefill"]
         rows.append(("prefill", f"{p['time_to_first_token_s']:.3f} s to first token",
-                     f"{p['prompt_tokens']} prompt tokens"))
-    for key in sorted(k for k in results if k.startswith("decode_b")):
+                     f"{p['prompt_tokens']} prompt tokens, {weights} weights{_load(p)}"))
+    for key in sorted((k for k in results if k.startswith("decode_b")), key=lambda k: int(k[8:])):
         d = results[key]
+        how = f"{weights} weights" + (", compiled step" if bench.get("compile") else "")
         rows.append((f"decode, batch {d['batch']}", f"{d['tokens_per_s_total']:.1f} tokens/s total",
-                     f"{d['tokens_per_s_per_row']:.1f} per row, {d['new_tokens']} new tokens"))
+                     f"{d['tokens_per_s_per_row']:.1f} per row, {d['new_tokens']} new tokens, "
+                     f"{how}{_load(d)}"))
     head = (f"tilevlm bench: {results['model']['preset']} ({results['model']['parameters']:,} params, "
             f"max_img_size {results['model']['max_img_size']}) on {env['device']} "
             f"[{env['device_name']}], {env['dtype']}, torch {env['torch']}, {env['threads']} threads; "
-            f"median of {results['bench']['repeats']} after {results['bench']['warmup']} warm-up")
+            f"median of {bench['repeats']} after {bench['warmup']} warm-up")
     width = max(len(r[0]) for r in rows) if rows else 0
     resw = max(len(r[1]) for r in rows) if rows else 0
     lines = [head] + [f"  {a:<{width}}  {b:<{resw}}  {c}" for a, b, c in rows]

@@ -139,6 +139,9 @@ def generate_ids(
         logits = _prefill(model, input_ids, prompt_mask, batch.get("pixel_values"), full_mask)
         positions = prompt_mask.long().sum(-1)  # (B,) next position of each row
         done = torch.zeros(b, dtype=torch.bool, device=device)
+        # Advanced on the device: building it with torch.tensor([t + i]) each step would be a
+        # host-to-device copy, which on CUDA waits for the queued work (a sync per step).
+        cache_position = torch.full((1,), t - 1, dtype=torch.long, device=device)
         for i in range(max_new_tokens):
             tokens = sample_next_token(logits, sampling, seen, generator)  # (B,)
             yield tokens, done
@@ -147,7 +150,7 @@ def generate_ids(
                 seen.scatter_(1, tokens.unsqueeze(1), True)
             if i + 1 == max_new_tokens:
                 break
-            cache_position = torch.tensor([t + i], device=device)
+            cache_position = cache_position + 1  # (1,) slot t + i
             logits = step_fn(model, tokens, positions, cache_position, full_mask)
             positions = positions + 1
     finally:

@@ -19,7 +19,7 @@ import io
 import threading
 import warnings
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # Modes whose samples are not 8-bit: rescaled to 8 bits before conversion.
 _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _RESAMPLE = Image.Resampling.BICUBIC
+_ORIENTATION = 0x0112  # EXIF tag
+_TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
+_DRAFT_SCALES = (8, 4, 2)  # the reduced scales libjpeg decodes at directly
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
@@ -43,13 +46,18 @@ class ImageLoadError(ValueError):
     """An image that cannot be used; the message starts with the input's name."""
 
 
-def load_image(source: ImageLike, max_pixels: int = 89_478_485) -> Image.Image:
+def load_image(source: ImageLike, max_pixels: int = 89_478_485,
+               draft_scale: Callable[[int, int], int] | None = None) -> Image.Image:
     """Open `source` (a path, encoded bytes or a PIL image) as an RGB image.
 
     EXIF orientation is applied; alpha is composited on white; 16-bit and float images are
     rescaled to 8 bits; an animated image gives its first frame (with a warning). Any failure is an
     ImageLoadError (a ValueError) naming the input and the reason; images over `max_pixels` are
     refused from their header, before any pixel is decoded.
+
+    `draft_scale(width, height)` (speed; `ImageTransform.draft_scale`) gets the displayed size
+    from the header and returns 1, 2, 4 or 8: a JPEG is then decoded at that fraction of its
+    size (libjpeg scales in the DCT, far cheaper than a full decode and a resize).
     """
     name = _source_name(source)
     if isinstance(source, Image.Image):
@@ -58,13 +66,16 @@ def load_image(source: ImageLike, max_pixels: int = 89_478_485) -> Image.Image:
             source.load()  # a lazily opened image may still hold undecoded (corrupt) data
         except (OSError, SyntaxError, EOFError, ValueError) as e:
             raise ImageLoadError(f"{name}: truncated or corrupt image ({e})") from None
-        return _finish(source, name)
+        out = _finish(source, name)
+        return out.copy() if out is source else out  # never hand back the caller's object
     fp = _as_file(source, name)
     try:
         with _our_pixel_limit():
             img = Image.open(fp)  # reads the header only
         with img:
             _check_size(img.size, max_pixels, name)  # before a single pixel is decoded
+            if draft_scale is not None and img.format == "JPEG":
+                _draft(img, draft_scale)
             img.load()  # a full decode: truncated or corrupt data fails here, not later
             return _finish(img, name)
     except ImageLoadError:
@@ -103,12 +114,24 @@ def _as_file(source: str | Path | bytes, name: str) -> Path | io.BytesIO:
     return io.BytesIO(bytes(source))
 
 
+def _draft(img: Image.Image, draft_scale: Callable[[int, int], int]) -> None:
+    """Ask libjpeg to decode `img` at 1/scale of its size (the scale chosen on the displayed,
+    EXIF-oriented size; the same factor applies to the stored one)."""
+    width, height = img.size
+    shown = (height, width) if img.getexif().get(_ORIENTATION, 1) in _TRANSPOSING else img.size
+    scale = draft_scale(*shown)
+    if scale > 1 and width >= scale and height >= scale:
+        img.draft(None, (width // scale, height // scale))  # libjpeg picks exactly `scale`
+
+
 def _finish(img: Image.Image, name: str) -> Image.Image:
-    """First frame, EXIF orientation, RGB."""
+    """First frame, EXIF orientation, RGB (no copy when there is nothing to change)."""
     if getattr(img, "is_animated", False):
         warnings.warn(f"{name}: animated image; using the first frame", stacklevel=3)
     try:
-        return _to_rgb(ImageOps.exif_transpose(img))
+        if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even for none
+            img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
     except (OSError, ValueError, SyntaxError, TypeError) as e:
         raise ImageLoadError(f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
 
@@ -149,7 +172,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _wide_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -248,6 +271,10 @@ class ImageTransform:
 
     The global tile (the whole image resized to one tile) is added when `config.use_global_tile`
     and the grid is larger than 1x1; a 1x1 grid's only tile already is the whole image.
+
+    Speed (`tilevlm bench`, preprocessing): `load` decodes a large JPEG at a reduced scale
+    (`draft_scale`); the image is resized once; the uint8 pixels are converted to float, cut
+    into tiles and normalized in one preallocated [N, 3, T, T] tensor (each tile a view of it).
     """
 
     def __init__(self, config: VLMConfig) -> None:
@@ -257,6 +284,28 @@ class ImageTransform:
         self.use_global = config.use_global_tile
         self.mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std == x * scale - shift, applied in place on the tiles.
+        self._scale = (1.0 / (255.0 * self.std)).numpy()  # (3, 1, 1)
+        self._shift = (self.mean / self.std).numpy()  # (3, 1, 1)
+
+    def load(self, source: ImageLike, max_pixels: int = 89_478_485
+             ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """`self(load_image(source))`, with a large JPEG decoded at a reduced scale."""
+        return self(load_image(source, max_pixels=max_pixels, draft_scale=self.draft_scale))
+
+    def draft_scale(self, width: int, height: int) -> int:
+        """The largest JPEG reduction (8, 4, 2, else 1) of a width x height image that keeps its
+        tile grid and still leaves at least the resized size in both directions (so the resize
+        stays a downscale and token counts never depend on the decoder)."""
+        grid = tile_grid(width, height, self.tile_size, self.max_img_size,
+                         self.resize_to_max_side_len)
+        need_w, need_h = grid[1] * self.tile_size, grid[0] * self.tile_size
+        for scale in _DRAFT_SCALES:
+            w, h = -(-width // scale), -(-height // scale)  # libjpeg rounds up
+            if w >= need_w and h >= need_h and grid == tile_grid(
+                    w, h, self.tile_size, self.max_img_size, self.resize_to_max_side_len):
+                return scale
+        return 1
 
     def resize(self, img: Image.Image) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
         """The resized image, the global thumbnail (or None) and the grid; for display too."""
@@ -270,11 +319,28 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         resized, thumb, grid = self.resize(img)
-        pixels = self.normalize(to_tensor(resized))  # (3, H, W)
-        tiles = split_tiles(pixels, self.tile_size)  # (n_h * n_w, 3, T, T)
+        t, (n_h, n_w) = self.tile_size, grid
+        first = 0 if thumb is None else 1
+        # NumPy, not torch: these small loops run on one thread, and torch's thread pool
+        # costs more than it saves here (and a lot when the cores are shared).
+        tiles = np.empty((first + n_h * n_w, 3, t, t), dtype=np.float32)  # (N, 3, T, T)
         if thumb is not None:
-            tiles = torch.cat([self.normalize(to_tensor(thumb)).unsqueeze(0), tiles])
-        return tiles, grid
+            self._normalize_into(tiles[0], _hwc_uint8(thumb).transpose(2, 0, 1))  # (3, T, T)
+        pixels = _hwc_uint8(resized).reshape(n_h, t, n_w, t, 3)  # (n_h, T, n_w, T, 3)
+        # One pass: uint8 -> float, channels first, row-major tiles (each tile a view).
+        self._normalize_into(tiles[first:].reshape(n_h, n_w, 3, t, t),
+                             pixels.transpose(0, 2, 4, 1, 3))  # (n_h, n_w, 3, T, T)
+        return torch.from_numpy(tiles), grid
+
+    def _normalize_into(self, out: np.ndarray, pixels: np.ndarray) -> None:
+        """out = (pixels / 255 - mean) / std, written in place (pixels: uint8, channels at -3)."""
+        np.multiply(pixels, self._scale, out=out)
+        np.subtract(out, self._shift, out=out)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         return (pixels - self.mean) / self.std
+
+
+def _hwc_uint8(img: Image.Image) -> np.ndarray:
+    """An RGB PIL image as uint8 [H, W, 3] (read-only, no copy beyond Pillow's export)."""
+    return np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)

@@ -23,6 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, help="cpu, cuda or auto")
     parser.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 on CUDA, fp32 on CPU; training uses autocast in bf16")
+    parser.add_argument("--weights", default=d.weights, choices=["fp32", "bf16", "int8"],
+                        help="inference (prefill, decode) weight storage; default: the --dtype. "
+                             "bf16 / int8 (weight-only) cut the bytes each decode step reads")
+    parser.add_argument("--compile", action="store_true", default=d.compile,
+                        help="torch.compile the decode step (reduce-overhead: CUDA graphs on GPU)")
+    parser.add_argument("--compile-train", action="store_true", default=d.compile_train,
+                        help="torch.compile every vision and decoder block for the training step")
+    parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
+                        help="labels: LM head only at label positions (fastpath.label_loss); "
+                             "full: model(**batch).loss over every position")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="torch threads (default: all cores; 1 can be faster on a busy machine)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs first")
     parser.add_argument("--train-batch", type=int, default=d.train_batch)
@@ -37,11 +49,13 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.bench import BenchConfig, format_table, run_bench
 
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
-                     dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                     dtype=args.dtype, weights=args.weights, compile=args.compile,
+                     compile_train=args.compile_train, train_loss=args.train_loss,
+                     threads=args.threads,
+                     repeats=args.repeats, warmup=args.warmup,
                      train_batch=args.train_batch, decode_tokens=args.decode_tokens,
                      decode_batches=tuple(args.decode_batches), parts=tuple(args.parts))
-    if bc.repeats < 1 or bc.warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    bc.validate()
     results = run_bench(bc)
     print(format_table(results))
     if args.json:

@@ -200,7 +200,11 @@ class LanguageModel(nn.Module):
         return self.token_embedding(input_ids)  # (B, T, D)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight)  # (B, T, V)
+        # Calls the head module when there is one (same as F.linear for nn.Linear), so an
+        # inference-only head such as fastpath's weight-only int8 one can replace it.
+        if self.lm_head is None:
+            return F.linear(hidden, self.token_embedding.weight)  # (B, T, V)
+        return self.lm_head(hidden)  # (B, T, V)
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> None:
