@@ -219,8 +219,8 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
 
     seconds = median_seconds(step, bc.repeats, bc.warmup, device)
     model.eval()
-    del opt
-    return {"seconds_per_step": seconds, "loss": bc.train_loss, "compiled": bc.compile_train, "samples_per_s": bc.train_batch / seconds,
+    return {"seconds_per_step": seconds, "loss": bc.train_loss, "compiled": bc.compile_train,
+            "samples_per_s": bc.train_batch / seconds,
             "seq_len": batch["input_ids"].shape[1], "batch": bc.train_batch,
             "peak_memory_mb": _peak_memory_mb(device),
             "peak_memory_kind": "CUDA max allocated" if device.type == "cuda" else "process peak RSS"}

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilevlm.generate import decode_step
-from tilevlm.model.vlm import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -147,21 +146,11 @@ def decode_step_graph_breaks(model: nn.Module, batch_size: int = 1, max_len: int
 # ----------------------------------------------------------------------------- training
 
 def label_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """`model(**batch).loss` with logits computed only where a label counts.
-
-    The decoder runs over the whole sequence as usual; the 49k-wide LM head (and the
-    cross-entropy) only over the positions t whose next label labels[t + 1] is not -100, which
-    in SFT batches are the answer tokens: about a fifth of the rows in the bench workload. Same
-    loss up to float rounding. The number of kept rows varies per batch (a dynamic shape; with
-    `compile_blocks` only the blocks are compiled, so that is not a problem).
-    """
-    embeds = model.embed_inputs(batch["input_ids"], batch.get("pixel_values"))  # (B, T, D)
-    hidden = model.decoder(embeds, attention_mask=batch.get("attention_mask"))  # (B, T, D)
-    target = batch["labels"][:, 1:]  # (B, T-1): labels[t + 1] is predicted at t
-    keep = target != IGNORE_INDEX  # (B, T-1)
-    logits = model.decoder.logits(hidden[:, :-1][keep])  # (n, V)
-    total = F.cross_entropy(logits.float(), target[keep], reduction="sum")
-    return total / keep.sum().clamp(min=1)
+    """`model(**batch).loss` with the 49k-wide LM head (and the cross-entropy) only at the
+    positions whose next label counts: in SFT batches the answer tokens, about a fifth of the
+    rows in the bench workload. Same loss up to float rounding (see `VisionLanguageModel.forward`,
+    `return_logits=False`; the trainer uses that directly, so DDP sees the forward)."""
+    return model(**batch, return_logits=False).loss
 
 
 def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:

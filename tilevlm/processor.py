@@ -107,7 +107,8 @@ class Processor:
         tiles, grids = [], []
         for k, source in enumerate(images):
             try:
-                img = load_image(source, max_pixels=self.config.max_image_pixels)
+                img = load_image(source, max_pixels=self.config.max_image_pixels,
+                                 draft_scale=self.transform.draft_scale)
             except ValueError as e:
                 raise ValueError(f"sample {index}, image {k}: {e}") from None
             image_tiles, grid = self.transform(img)  # (n, 3, T, T), (n_h, n_w)

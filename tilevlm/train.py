@@ -318,7 +318,8 @@ def _forward_backward(run: _Run, batch: dict[str, Any], total_tokens: float) -> 
     inputs = to_model_inputs(batch, run.device)
     n = label_count(batch)
     with run.autocast():
-        loss = run.train_model(**inputs).loss  # mean over this micro-batch's n tokens
+        # return_logits=False: the LM head only where labels count (a fraction of the rows)
+        loss = run.train_model(**inputs, return_logits=False).loss  # mean over its n tokens
     (loss * (n * distributed.world_size() / total_tokens)).backward()
     return loss.detach().float().item() * n
 

@@ -20,7 +20,7 @@ its key (a data position can be resumed by index, in any order, in any process).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np

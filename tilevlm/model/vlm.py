@@ -43,7 +43,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class VLMOutput:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None with return_logits=False
     loss: torch.Tensor | None = None  # scalar mean cross-entropy over labels != -100
 
 
@@ -64,6 +64,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target = labels[:, 1:].flatten()  # (B*(T-1),)
     total = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum")
     return total / (target != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def labelled_loss(decoder: LanguageModel, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`causal_lm_loss` with the LM head applied only at positions whose next label counts."""
+    target = labels[:, 1:]  # (B, T-1)
+    keep = target != IGNORE_INDEX  # (B, T-1)
+    logits = decoder.logits(hidden[:, :-1][keep])  # (n, V)
+    total = F.cross_entropy(logits.float(), target[keep], reduction="sum")
+    return total / keep.sum().clamp(min=1)
 
 
 class VisionLanguageModel(nn.Module):
@@ -120,15 +129,20 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: PixelValues = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 image_token_id: int | None = None,
-                position_ids: torch.Tensor | None = None) -> VLMOutput:
+                position_ids: torch.Tensor | None = None,
+                return_logits: bool = True) -> VLMOutput:
         """input_ids [B, T] (+ tiles, mask [B, T], labels [B, T]) -> logits [B, T, V] and loss.
 
         `labels` are aligned with `input_ids` (-100 where no loss); the loss is shifted inside:
         logits[:, t] predicts labels[:, t + 1]. `attention_mask` may also be a boolean
         [B, 1, T, T] mask (packed rows: `tilevlm.data.packing.document_attention_mask`), passed
-        to the decoder as is, with `position_ids` restarting at 0 for each packed sample."""
+        to the decoder as is, with `position_ids` restarting at 0 for each packed sample.
+        `return_logits=False` (training, with labels): the LM head runs only where a label counts
+        and `logits` is None; the same loss for a fraction of the head's work."""
         embeds = self.embed_inputs(input_ids, pixel_values, image_token_id)  # (B, T, D)
         hidden = self.decoder(embeds, attention_mask=attention_mask, position_ids=position_ids)
+        if labels is not None and not return_logits:
+            return VLMOutput(logits=None, loss=labelled_loss(self.decoder, hidden, labels))
         logits = self.decoder.logits(hidden)  # (B, T, V)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return VLMOutput(logits=logits, loss=loss)
