@@ -148,3 +148,12 @@ def test_multi_turn_never_leaks_an_answer():
                 cells.append(match.groups())
         assert len(cells) == len(set(cells)), "each cell is the subject of one question at most"
         assert 1 <= len(s["turns"]) <= 8
+
+
+def test_single_tile_frac_controls_the_grid_mix():
+    grids = [make_sample("train", i, SyntheticSpec(single_tile_frac=0.5))["grid"] for i in range(400)]
+    share = sum(g == (1, 1) for g in grids) / len(grids)
+    assert 0.4 < share < 0.6
+    assert {g for g in grids if g != (1, 1)} == {(h, w) for h in (1, 2, 3) for w in (1, 2, 3)} - {(1, 1)}
+    assert all(make_sample("train", i, SyntheticSpec(single_tile_frac=0.0))["grid"] != (1, 1)
+               for i in range(50))

@@ -65,6 +65,7 @@ class SyntheticSpec:
     seed: int = 0
     qtype_weights: tuple[float, ...] = (0.3, 0.3, 0.1, 0.1, 0.2)
     questions_per_image: int = 1  # at most; fewer when no unleaked question is left
+    single_tile_frac: float | None = None  # share of 1x1 images; None: every grid equally likely
     min_shape_frac: float = 0.45  # shape size as a fraction of the tile side
     max_shape_frac: float = 0.8
 
@@ -80,6 +81,9 @@ class SyntheticSpec:
                              f"got {self.qtype_weights}")
         if self.questions_per_image < 1:
             raise ValueError("SyntheticSpec.questions_per_image must be >= 1")
+        if self.single_tile_frac is not None and not 0 <= self.single_tile_frac <= 1:
+            raise ValueError(f"SyntheticSpec.single_tile_frac must be in [0, 1], "
+                             f"got {self.single_tile_frac}")
         if not 0 < self.min_shape_frac <= self.max_shape_frac <= 1:
             raise ValueError("SyntheticSpec needs 0 < min_shape_frac <= max_shape_frac <= 1")
 
@@ -111,7 +115,7 @@ def sample_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
 def make_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Any]:
     """One sample: image, first question/answer/qtype, grid, all turns, conversation messages."""
     rng = sample_rng(split, index, spec.seed)
-    n_h, n_w = (int(v) for v in rng.integers(1, spec.max_grid + 1, size=2))
+    n_h, n_w = _draw_grid(rng, spec)
     objects = [_draw_object(rng, spec, r + 1, c + 1) for r in range(n_h) for c in range(n_w)]
     image = _render(rng, spec, n_h, n_w, objects)
     turns = _ask_all(rng, spec, n_h, n_w, objects)
@@ -119,6 +123,20 @@ def make_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -
     return {"image": image, "question": question, "answer": answer, "qtype": qtype,
             "grid": (n_h, n_w), "objects": objects, "turns": turns,
             "messages": to_messages(turns), "split": split, "index": index}
+
+
+def _draw_grid(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[int, int]:
+    """(n_h, n_w): uniform over all grids, or 1x1 with probability `single_tile_frac` and
+    otherwise uniform over the larger grids (1x1 images train the vision encoder directly: their
+    answers need no grid lookup)."""
+    if spec.single_tile_frac is None or spec.max_grid == 1:
+        n_h, n_w = rng.integers(1, spec.max_grid + 1, size=2)
+        return int(n_h), int(n_w)
+    if rng.random() < spec.single_tile_frac:
+        return 1, 1
+    larger = spec.max_grid**2 - 1
+    cell = int(rng.integers(larger)) + 1  # skips 1x1 (cell 0)
+    return cell // spec.max_grid + 1, cell % spec.max_grid + 1
 
 
 def to_messages(turns: list[tuple[str, str, str]]) -> list[dict[str, str]]:
