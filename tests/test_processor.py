@@ -224,16 +224,16 @@ def test_images_but_no_user_message(processor):
 
 
 def test_too_long_sample(tiny_config, tiny_tokenizer):
-    processor = Processor(tiny_config.replace(lm_max_length=100), tiny_tokenizer)
+    processor = Processor(tiny_config.replace(lm_max_length=40), tiny_tokenizer)
     processor([_chat("short", "fine")])
-    img = Image.new("RGB", (96, 96))  # 10 tiles x 17 tokens = 170 > 100
-    with pytest.raises(ValueError, match=r"sample 1: \d+ tokens, more than lm_max_length 100"):
+    img = Image.new("RGB", (96, 96))  # 10 tiles x 5 tokens = 50, plus the text > 40
+    with pytest.raises(ValueError, match=r"sample 1: \d+ tokens, more than lm_max_length 40"):
         processor([_chat("short"), _chat("<image>")], [[], [img]])
 
 
 def test_literal_image_token_in_text_breaks_the_contract(processor):
-    with pytest.raises(ValueError, match=r"sample 0: 17 <\|image\|> tokens in the text but "
-                                         r"1 tiles x 16 = 16 expected"):
+    with pytest.raises(ValueError, match=r"sample 0: 5 <\|image\|> tokens in the text but "
+                                         r"1 tiles x 4 = 4 expected"):
         processor([_chat(f"<image>{IMAGE_TOKEN}")], [[Image.new("RGB", (10, 10))]])
 
 

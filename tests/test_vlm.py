@@ -94,9 +94,9 @@ def test_images_land_on_their_placeholders(model):
 
 def test_placeholder_contract_error_names_both_numbers(model):
     ids = _batch(model, [2])
-    with pytest.raises(ValueError, match=r"32 image-token placeholders.*1 tiles x 16 .* = 16"):
+    with pytest.raises(ValueError, match=r"8 image-token placeholders.*1 tiles x 4 .* = 4"):
         model(ids, pixel_values=torch.randn(1, 3, 32, 32))
-    with pytest.raises(ValueError, match=r"32 image-token placeholders.*0 tiles"):
+    with pytest.raises(ValueError, match=r"8 image-token placeholders.*0 tiles"):
         model(ids)
 
 

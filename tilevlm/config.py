@@ -232,12 +232,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Split presets: up to 2x2 / 4x4 tiles plus a global thumbnail tile.
     "split_448": dict(**_SIGLIP_B16_224, **_SMOLLM2_135M, max_img_size=448, lm_max_length=1024),
     "split_896": dict(**_SIGLIP_B16_224, **_SMOLLM2_135M, max_img_size=896, lm_max_length=2048),
-    # Small widths, same mechanism: tests and `tilevlm demo` (3x3 grids of 32-px tiles).
-    "tiny": dict(vit_img_size=32, vit_patch_size=4, vit_hidden_dim=64, vit_inter_dim=256,
+    # Small widths, same mechanism: tests and `tilevlm demo` (up to 3x3 grids of 32-px tiles,
+    # 8-px patches, 4 image tokens per tile; see docs/demo_recipe.md for why these sizes).
+    "tiny": dict(vit_img_size=32, vit_patch_size=8, vit_hidden_dim=64, vit_inter_dim=256,
                  vit_n_heads=4, vit_n_blocks=2, lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4,
                  lm_n_kv_heads=2, lm_n_blocks=2, lm_base_vocab_size=512, lm_re_base=10000.0,
                  lm_max_length=512, lm_max_position_embeddings=1024, mp_pixel_shuffle_factor=2,
-                 mp_image_token_length=16, max_img_size=96, lm_tie_weights=True),
+                 mp_image_token_length=4, max_img_size=96, lm_tie_weights=True),
 }
 
 
