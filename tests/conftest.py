@@ -27,6 +27,12 @@ CORPUS = [
 ]
 
 
+# Narrow widths over the `tiny` preset: trainer and evaluation tests run many steps quickly.
+SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
+             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
+             max_img_size=64)
+
+
 def make_photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A photo-like RGB image: smooth colour gradients, a few blobs and mild noise."""
     rng = np.random.default_rng(seed)

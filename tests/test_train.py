@@ -28,9 +28,7 @@ from tilevlm.tokenizer import IM_END
 from tilevlm.train import TrainConfig, train
 from tilevlm import trainstate
 
-SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
-             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
-             max_img_size=64)
+from conftest import SMALL  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,7 @@ from tilevlm.tokenizer import load_tokenizer
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
-             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
-             max_img_size=64)
+from conftest import SMALL  # noqa: E402
 CORRUPT_ROW = 5  # its image bytes are not an image
 LONG_ROW = 9  # more tokens than lm_max_length
 TEXT_ROW = 11  # no image at all
