@@ -45,8 +45,7 @@ from tilevlm.config import VLMConfig
 from tilevlm.data.collate import VLMCollator
 from tilevlm.data.lengths import LengthFilter
 from tilevlm.data.readers import open_dataset as open_files
-from tilevlm.data import sources
-from tilevlm.data.sources import synthetic_tokenizer
+from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.image import load_image
 from tilevlm.inference import load_for_inference
 from tilevlm.model.vision import VisionEncoder
@@ -56,6 +55,7 @@ from tilevlm.tokenizer import train_bpe_tokenizer
 from tilevlm.train import TrainConfig, train
 
 from conftest import SMALL  # noqa: E402
+from test_train import make_model as _model, quick, step_losses as _losses  # noqa: E402
 PROMPT = "What colour is the shape in row 1, column 1?"
 
 
@@ -204,7 +204,7 @@ def test_bad_images_are_refused_everywhere_with_the_file_and_the_reason(
     with pytest.raises(ValueError) as info:
         load_image(path)
     assert str(info.value).startswith(f"{path}: ") and reason in str(info.value)
-    with pytest.raises(ValueError, match=f"<bytes>: "):
+    with pytest.raises(ValueError, match="<bytes>: "):
         load_image(path.read_bytes())
 
     code, out, err = run_cli(capsys, "inspect", str(path))
@@ -405,25 +405,12 @@ def test_weights_that_do_not_match_the_config_fail_from_the_header(copy_of, caps
 @pytest.fixture(scope="module")
 def small_setup():
     tokenizer, config = synthetic_tokenizer(preset("tiny", **SMALL))
-    named = getattr(sources, "named_dataset", None) or sources.open_dataset  # renamed in flight
-    return config, Processor(config, tokenizer), named("synthetic", "train", 200, config)
+    return config, Processor(config, tokenizer), named_dataset("synthetic", "train", 200, config)
 
 
 def _quick(out_dir: Path, **overrides) -> TrainConfig:
-    values = dict(steps=6, batch_size=4, warmup_steps=2, lr_projector=2e-3, lr_vision=2e-3,
-                  lr_decoder=2e-3, eval_every=0, save_every=2, progress=False,
-                  out_dir=str(out_dir))
-    return TrainConfig(**{**values, **overrides})
-
-
-def _losses(out_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def _model(config, seed: int = 0) -> VisionLanguageModel:
-    torch.manual_seed(seed)
-    return VisionLanguageModel(config)
+    """test_train's quick run, saving every 2 steps so a fault has a checkpoint to keep."""
+    return quick(out_dir, **{"save_every": 2, **overrides})
 
 
 @pytest.mark.parametrize("target", ["tilevlm.trainstate.save_file", "tilevlm.checkpoint.save_file"])
