@@ -79,14 +79,15 @@ def _top1_margin(logits):
 
 # ----------------------------------------------------------------------------- weights
 
-def test_int8_linear_matches_fp32_within_the_quantisation_bound():
+@pytest.mark.parametrize("lead", [(1, 3), (5, 7)])  # 3 rows: the int8 kernel; 35: dequantised
+def test_int8_linear_matches_fp32_within_the_quantisation_bound(lead):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=False)
-    x = torch.randn(5, 7, 64)
+    x = torch.randn(*lead, 64)
     q = fastpath.Int8Linear(linear.weight, act_dtype=torch.float32)
     bound = linear.weight.abs().amax(1) / 254 * 64 * x.abs().max()  # (48,) per output row
-    err = (q(x) - linear(x)).abs()  # (5, 7, 48)
-    assert q.weight_int8.dtype == torch.int8 and q(x).shape == (5, 7, 48)
+    err = (q(x) - linear(x)).abs()  # (*lead, 48)
+    assert q.weight_int8.dtype == torch.int8 and q(x).shape == (*lead, 48)
     assert (err <= bound + 1e-5).all()
 
 
@@ -183,9 +184,23 @@ def test_compile_blocks_keeps_keys_and_loss(tiny_model):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_adamw_is_fused_only_on_cuda():
-    params = [torch.nn.Parameter(torch.zeros(3))]
-    assert not fastpath.adamw(params, lr=1e-3, device="cpu").defaults["fused"]
+def test_fused_adamw_on_cpu_gives_the_default_update():
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(5)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    results = []
+    for opt_fn in (lambda ps: fastpath.adamw(ps, lr=1e-2, device="cpu", weight_decay=0.1),
+                   lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = opt_fn(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    assert fastpath.adamw(start, lr=1e-3, device="cpu").defaults["fused"]
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -110,6 +110,23 @@ def test_kv_cache_matches_full_forward(built, hf_dirs, padded):
     assert _max_diff(decoder.logits(cached)[..., :LLAMA_VOCAB][real], ref[real]) <= 1e-4
 
 
+@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 1), (4, 4)])
+def test_decode_attention_matches_repeated_kv(heads, kv_heads):
+    """One query per row (a decode step) against a padded cache: GQA with K/V repeated per head."""
+    from tilevlm.model.language import _sdpa
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, heads, 1, 16, generator=gen)
+    k, v = (torch.randn(3, kv_heads, 11, 16, generator=gen) for _ in range(2))
+    mask = torch.ones(3, 1, 1, 11, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    mask[2, ..., 9:] = False  # slots not written yet
+    groups = heads // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask)
+    assert _max_diff(_sdpa(q, k, v, mask), ref) <= 1e-6
+
+
 def test_cache_needs_setup_and_mask_fits(built):
     decoder = built["tied"].decoder
     embeds = torch.zeros(1, 2, 64)

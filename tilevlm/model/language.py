@@ -105,6 +105,15 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
           mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of q [B, nh, T, hd] over k, v [B, n_kv, L, hd]; causal when mask is None."""
     is_causal = mask is None
+    b, nh, t, hd = q.shape
+    n_kv = k.shape[1]
+    if t == 1 and mask is not None and nh != n_kv:
+        # A decode step: the query heads sharing a K/V head become that head's queries,
+        # [B, n_kv, groups, hd] against [B, n_kv, L, hd]. Exactly GQA (head h reads K/V head
+        # h // groups), and ~6x faster on CPU than enable_gqa with a single query.
+        y = F.scaled_dot_product_attention(q.reshape(b, n_kv, nh // n_kv, hd), k, v,
+                                           attn_mask=mask)  # mask [B, 1, 1, L] broadcasts
+        return y.view(b, nh, 1, hd)
     if q.shape[1] == k.shape[1]:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     if _SDPA_GQA:
