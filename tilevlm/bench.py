@@ -51,6 +51,7 @@ class BenchConfig:
     decode_batches: tuple[int, ...] = (1, 8)
     vision_tiles: int = 20
     preprocess_images: int = 40
+    preprocess_threads: int | None = None  # the parallel figure's threads; None: the cores (<= 4)
     parts: tuple[str, ...] = PARTS
     seed: int = 0
 
@@ -72,8 +73,10 @@ class BenchConfig:
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, "
                              f"got {self.weights!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for name in ("threads", "preprocess_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.train_loss not in ("labels", "full"):
             raise ValueError(f"train_loss must be 'labels' or 'full', got {self.train_loss!r}")
         unknown = set(self.parts) - set(PARTS)
@@ -155,20 +158,22 @@ def preprocess_files(directory: Path, n: int, seed: int) -> list[Path]:
 # ----------------------------------------------------------------------------- measurements
 
 def bench_preprocess(cfg: VLMConfig, bc: BenchConfig) -> dict[str, float]:
-    from tilevlm.image import ImageTransform
+    """Images/s one at a time (what nanoVLM's figure measures) and on a thread pool (what the
+    Processor does with a batch's images: `ImageTransform.load_many`)."""
+    from tilevlm.image import ImageTransform, default_image_threads
 
     transform = ImageTransform(cfg)
+    threads = bc.preprocess_threads or default_image_threads()
     with tempfile.TemporaryDirectory() as tmp:
         paths = preprocess_files(Path(tmp), bc.preprocess_images, bc.seed)
-        n_tiles = 0
-
-        def run() -> None:
-            nonlocal n_tiles
-            n_tiles = sum(transform.load(p)[0].shape[0] for p in paths)
-
-        seconds = median_seconds(run, bc.repeats, bc.warmup, torch.device("cpu"))
-    return {"images_per_s": len(paths) / seconds, "tiles_per_s": n_tiles / seconds,
-            "seconds": seconds, "images": len(paths), "tiles": n_tiles}
+        n_tiles = sum(transform.load(p)[0].shape[0] for p in paths)
+        one = median_seconds(lambda: [transform.load(p) for p in paths], bc.repeats, bc.warmup,
+                             torch.device("cpu"))
+        many = median_seconds(lambda: transform.load_many(paths, threads=threads), bc.repeats,
+                              bc.warmup, torch.device("cpu"))
+    return {"images_per_s": len(paths) / one, "tiles_per_s": n_tiles / one, "seconds": one,
+            "threads": threads, "images_per_s_threads": len(paths) / many,
+            "tiles_per_s_threads": n_tiles / many, "images": len(paths), "tiles": n_tiles}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -357,7 +362,12 @@ def format_table(results: dict[str, Any]) -> str:
     if "preprocess" in results:
         p = results["preprocess"]
         rows.append(("preprocessing", f"{p['images_per_s']:.1f} images/s, {p['tiles_per_s']:.1f} tiles/s",
-                     f"{p['images']} files, load + resize + tile + normalize{_load(p)}"))
+                     f"{p['images']} files, load + resize + tile + normalize, 1 thread{_load(p)}"))
+        if "threads" in p:
+            rows.append((f"preprocessing, {p['threads']} threads",
+                         f"{p['images_per_s_threads']:.1f} images/s, "
+                         f"{p['tiles_per_s_threads']:.1f} tiles/s",
+                         "the same files through ImageTransform.load_many (the Processor's path)"))
     if "vision" in results:
         v = results["vision"]
         rows.append(("vision encoder", f"{v['tiles_per_s']:.1f} tiles/s",

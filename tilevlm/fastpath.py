@@ -158,18 +158,35 @@ def label_loss(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     return model(**batch, return_logits=False).loss
 
 
-def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> nn.Module:
+def compile_blocks(model: nn.Module, training_only: bool = True, **compile_kwargs: Any
+                   ) -> nn.Module:
     """Compile every vision and decoder block in place (torchtitan's per-block compile).
 
     Per block, not the whole model: the image-token scatter has a data-dependent check (a graph
     break) and every block has the same code, so one compiled graph serves all blocks of a stack
-    and compile time stays short. `Module.compile` keeps the state-dict keys unchanged, so
-    checkpoints save and load as before.
+    and compile time stays short. Only `forward` is replaced, so the state-dict keys and the
+    parameters stay the same: checkpoints and the optimizer see no difference.
+
+    training_only: the compiled forward runs while the block is in train mode; in eval mode
+    (validation, generation with its KV cache, whose shapes change every call) it stays eager,
+    so evaluation never waits on recompiles.
     """
     for stack in (model.vision_encoder.blocks, model.decoder.blocks):
         for block in stack:
-            block.compile(**compile_kwargs)
+            eager = block.forward
+            compiled = torch.compile(eager, **compile_kwargs)
+            if training_only:
+                block.forward = _train_mode_switch(block, compiled, eager)
+            else:
+                block.forward = compiled
     return model
+
+
+def _train_mode_switch(block: nn.Module, compiled: Callable[..., Any],
+                       eager: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return (compiled if block.training else eager)(*args, **kwargs)
+    return forward
 
 
 def adamw(params: Iterable[Any], lr: float, device: torch.device | str, **kwargs: Any

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 
 from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, VLMConfig, grid_token
-from tilevlm.image import ImageLike, ImageTransform, load_image, tile_grid, tiles_per_image
+from tilevlm.image import (ImageLike, ImageTransform, default_image_threads, thread_map,
+                           tile_grid, tiles_per_image)
 from tilevlm.tokenizer import IM_END, IM_START, VLMTokenizer, chat_header
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -55,7 +57,8 @@ class Processor:
     Samples longer than `config.lm_max_length` are refused, never truncated.
     """
 
-    def __init__(self, config: VLMConfig, tokenizer: VLMTokenizer) -> None:
+    def __init__(self, config: VLMConfig, tokenizer: VLMTokenizer,
+                 image_threads: int | None = None) -> None:
         if tokenizer.grid_side < config.max_tiles_per_side:
             raise ValueError(f"the tokenizer's {tokenizer.grid_side}x{tokenizer.grid_side} grid "
                              f"tokens cannot name the {config.max_tiles_per_side}-tile sides that "
@@ -70,6 +73,8 @@ class Processor:
         self.config = config
         self.tokenizer = tokenizer
         self.transform = ImageTransform(config)
+        # A batch's images are decoded on this many threads (None: `default_image_threads()`).
+        self.image_threads = image_threads
 
     def __call__(self, conversations: list[list[dict[str, str]]],
                  images: list[list[ImageLike]] | None = None, padding_side: str = "right",
@@ -79,10 +84,11 @@ class Processor:
         if images is not None and len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but images for {len(images)} "
                              "samples; give one (possibly empty) list of images per sample")
+        loaded = self._load_images(images or [[] for _ in conversations])
         ids, labels, tiles, grids = [], [], [], []
         for index, messages in enumerate(conversations):
-            sample_images = images[index] if images is not None else []
-            sample_tiles, sample_grids = self._process_images(index, sample_images)
+            sample_tiles = [t for t, _ in loaded[index]]
+            sample_grids = [g for _, g in loaded[index]]
             messages = self._place_images(index, messages, sample_grids)
             sample_ids, sample_labels = self._tokenize(messages, add_generation_prompt)
             self._check_sample(index, sample_ids, sum(t.shape[0] for t in sample_tiles))
@@ -102,19 +108,26 @@ class Processor:
             ids = ids.tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _process_images(self, index: int, images: Sequence[ImageLike]
-                        ) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        tiles, grids = [], []
-        for k, source in enumerate(images):
+    def _load_images(self, images: list[Sequence[ImageLike]]
+                     ) -> list[list[tuple[torch.Tensor, tuple[int, int]]]]:
+        """Tiles and grid of every image of every sample, decoded in parallel (`image_threads`);
+        the first bad image (in sample order) raises, naming its sample and position."""
+        jobs = [(index, k, source) for index, sample in enumerate(images)
+                for k, source in enumerate(sample or ())]
+
+        def load(job: tuple[int, int, ImageLike]) -> tuple[torch.Tensor, tuple[int, int]]:
+            index, k, source = job
             try:
-                img = load_image(source, max_pixels=self.config.max_image_pixels,
-                                 draft_scale=self.transform.draft_scale)
+                return self.transform.load(source, max_pixels=self.config.max_image_pixels)
             except ValueError as e:
                 raise ValueError(f"sample {index}, image {k}: {e}") from None
-            image_tiles, grid = self.transform(img)  # (n, 3, T, T), (n_h, n_w)
-            tiles.append(image_tiles)
-            grids.append(grid)
-        return tiles, grids
+
+        threads = default_image_threads() if self.image_threads is None else self.image_threads
+        pil = [id(source) for _, _, source in jobs if isinstance(source, Image.Image)]
+        if len(pil) != len(set(pil)):  # one PIL object twice: never load it from two threads
+            threads = 1
+        results = iter(thread_map(load, jobs, threads))
+        return [[next(results) for _ in sample or ()] for sample in images]
 
     def _place_images(self, index: int, messages: list[dict[str, str]],
                       grids: list[tuple[int, int]]) -> list[dict[str, str]]:

@@ -189,6 +189,10 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     _seed_everything(cfg.seed)
     device = distributed.rank_device(resolve_device(cfg.device))
     model.to(device)
+    if cfg.compile:  # forward replaced per block: same parameters, same state-dict keys
+        from tilevlm.fastpath import compile_blocks
+
+        compile_blocks(model, backend=cfg.compile)
     optimizer = optim.build_optimizer(model, cfg.part_lrs, cfg.weight_decay,
                                       (cfg.adam_beta1, cfg.adam_beta2), device.type)
     out_dir = Path(cfg.out_dir)

@@ -50,6 +50,8 @@ class TrainConfig:
     max_tiles: int = _knob(64, "packing: most image tiles in one row and in one micro-batch")
     shuffle_block: int = _knob(1024, "dataset paths: rows shuffled together (a seeded shuffle "
                                "buffer per epoch; 0: file order)")
+    compile: str = _knob("", "torch.compile the vision and decoder blocks for the training "
+                         "step: a backend name, usually 'inductor' ('': eager)")
     progress: bool = _knob(True, "show a progress bar")
 
     def __post_init__(self) -> None:

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "full: model(**batch).loss over every position")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="torch threads (default: all cores; 1 can be faster on a busy machine)")
+    parser.add_argument("--preprocess-threads", type=int, default=d.preprocess_threads,
+                        help="threads for the parallel preprocessing figure (default: the cores)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs first")
     parser.add_argument("--train-batch", type=int, default=d.train_batch)
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
                      dtype=args.dtype, weights=args.weights, compile=args.compile,
                      compile_train=args.compile_train, train_loss=args.train_loss,
-                     threads=args.threads,
+                     threads=args.threads, preprocess_threads=args.preprocess_threads,
                      repeats=args.repeats, warmup=args.warmup,
                      train_batch=args.train_batch, decode_tokens=args.decode_tokens,
                      decode_batches=tuple(args.decode_batches), parts=tuple(args.parts))
