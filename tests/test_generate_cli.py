@@ -48,6 +48,22 @@ def test_generate_cli_streams_an_answer_and_stats(model_dir, images, name, capsy
     assert "image)" in out.err and "tiles" in out.err
 
 
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_generate_cli_low_precision_weights(model_dir, images, weights, monkeypatch, capsys):
+    from tilevlm import fastpath
+
+    stored = []
+    original = fastpath.inference_weights
+    monkeypatch.setattr(fastpath, "inference_weights",
+                        lambda model, w: stored.append(w) or original(model, w))
+    code = main(["generate", "--model", str(model_dir), "--image", str(images / "photo.png"),
+                 "--prompt", "What colour?", "--max-new-tokens", "4", "--device", "cpu",
+                 "--weights", weights])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert stored == [weights] and "tokens/s" in out.err
+
+
 def test_generate_cli_two_images_and_sampling(model_dir, images, capsys):
     code = main(["generate", "--model", str(model_dir), "--image", str(images / "photo.png"),
                  "--image", str(images / "one.png"), "--prompt", "Compare <image> with <image>.",

@@ -193,7 +193,8 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path):
 def test_max_pixels_is_checked_before_decoding(tmp_path):
     path = tmp_path / "big.png"
     path.write_bytes(_png_header_only(400, 300))  # the body is too short: decoding would fail
-    with pytest.raises(ValueError, match="400x300 = 120000 pixels, more than the limit of 1000"):
+    with pytest.raises(ValueError, match="400x300 = 120000 pixels, more than the limit of 1000"
+                       r".*raise the model config's max_image_pixels"):
         load_image(path, max_pixels=1000)
 
 
@@ -237,6 +238,10 @@ def test_alpha_is_composited_on_white():
     half = _rgb(Image.new("RGBA", (4, 4), (0, 0, 0, 128)))[0, 0]
     assert np.all(np.abs(half - 127) <= 1)
     assert _rgb(Image.new("LA", (4, 4), (0, 0)))[0, 0].tolist() == [255, 255, 255]
+    for premultiplied, straight in (("La", "LA"), ("RGBa", "RGBA")):
+        img = Image.new(straight, (4, 4), (90,) * (len(straight) - 1) + (128,)).convert(premultiplied)
+        assert img.mode == premultiplied
+        assert np.all(np.abs(_rgb(img)[0, 0] - _rgb(img.convert(straight))[0, 0]) <= 1)
 
 
 def test_palette_with_transparency(tmp_path):

@@ -162,8 +162,9 @@ def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
         raise ImageLoadError(f"{name}: zero-sized image ({width}x{height})")
     if width * height > max_pixels:
         raise ImageLoadError(f"{name}: {width}x{height} = {width * height} pixels, more than the "
-                             f"limit of {max_pixels} (a decompression bomb?); raise max_pixels "
-                             "to allow it")
+                             f"limit of {max_pixels} (a decompression bomb?); to allow it, "
+                             "raise the model config's max_image_pixels (load_image's "
+                             "max_pixels)")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -173,6 +174,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in _WIDE_MODES:
         img = Image.fromarray(_wide_to_uint8(np.asarray(img), img.mode))
     if img.mode in _ALPHA_MODES:
+        if img.mode == "La":  # premultiplied: Pillow converts it to LA only
+            img = img.convert("LA")
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")

@@ -61,11 +61,12 @@ def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.commands.generate import sampling_params, stream_answer
+    from tilevlm.commands.generate import sampling_params, store_weights, stream_answer
     from tilevlm.inference import load_for_inference
 
     sampling_params(args)
     model, processor = load_for_inference(args.model, args.device, args.tokenizer)
+    model = store_weights(model, args)
     conv = Conversation()
     print(f"tilevlm chat: {args.model}. {COMMANDS_HELP}")
     while True:
