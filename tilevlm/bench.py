@@ -89,8 +89,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of fn() over `repeats` runs, after `warmup` untimed runs."""
+def timed_runs(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device
+               ) -> list[float]:
+    """Wall times of `repeats` runs of fn(), after `warmup` untimed runs."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -100,7 +101,17 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int, device: tor
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of fn() over `repeats` runs, after `warmup` untimed runs."""
+    return statistics.median(timed_runs(fn, repeats, warmup, device))
+
+
+def _range(values: list[float]) -> list[float]:
+    """[lowest, highest] of the timed runs' figures: the spread beside each median."""
+    return [min(values), max(values)]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -167,13 +178,17 @@ def bench_preprocess(cfg: VLMConfig, bc: BenchConfig) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         paths = preprocess_files(Path(tmp), bc.preprocess_images, bc.seed)
         n_tiles = sum(transform.load(p)[0].shape[0] for p in paths)
-        one = median_seconds(lambda: [transform.load(p) for p in paths], bc.repeats, bc.warmup,
-                             torch.device("cpu"))
-        many = median_seconds(lambda: transform.load_many(paths, threads=threads), bc.repeats,
-                              bc.warmup, torch.device("cpu"))
+        ones = timed_runs(lambda: [transform.load(p) for p in paths], bc.repeats, bc.warmup,
+                          torch.device("cpu"))
+        manys = timed_runs(lambda: transform.load_many(paths, threads=threads), bc.repeats,
+                           bc.warmup, torch.device("cpu"))
+    one, many = statistics.median(ones), statistics.median(manys)
     return {"images_per_s": len(paths) / one, "tiles_per_s": n_tiles / one, "seconds": one,
+            "range": _range([len(paths) / t for t in ones]),
             "threads": threads, "images_per_s_threads": len(paths) / many,
-            "tiles_per_s_threads": n_tiles / many, "images": len(paths), "tiles": n_tiles}
+            "tiles_per_s_threads": n_tiles / many,
+            "range_threads": _range([len(paths) / t for t in manys]),
+            "images": len(paths), "tiles": n_tiles}
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -191,8 +206,10 @@ def bench_vision(model: VisionLanguageModel, bc: BenchConfig, device: torch.devi
         with torch.inference_mode(), _autocast(device, dtype):
             model.encode_images(tiles)
 
-    seconds = median_seconds(run, bc.repeats, bc.warmup, device)
-    return {"tiles_per_s": bc.vision_tiles / seconds, "seconds": seconds, "tiles": bc.vision_tiles}
+    times = timed_runs(run, bc.repeats, bc.warmup, device)
+    seconds = statistics.median(times)
+    return {"tiles_per_s": bc.vision_tiles / seconds, "seconds": seconds, "tiles": bc.vision_tiles,
+            "range": _range([bc.vision_tiles / t for t in times])}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -222,9 +239,10 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = median_seconds(step, bc.repeats, bc.warmup, device)
+    times = timed_runs(step, bc.repeats, bc.warmup, device)
+    seconds = statistics.median(times)
     model.eval()
-    return {"seconds_per_step": seconds, "loss": bc.train_loss, "compiled": bc.compile_train,
+    return {"seconds_per_step": seconds, "range": _range(times), "loss": bc.train_loss, "compiled": bc.compile_train,
             "samples_per_s": bc.train_batch / seconds,
             "seq_len": batch["input_ids"].shape[1], "batch": bc.train_batch,
             "peak_memory_mb": _peak_memory_mb(device),
@@ -246,6 +264,7 @@ def bench_prefill(model: VisionLanguageModel, bc: BenchConfig, device: torch.dev
                              bc.repeats, bc.warmup, device)
     timed = ttfts[bc.warmup:]
     return {"time_to_first_token_s": statistics.median(timed), "seconds": seconds,
+            "range": _range(timed),
             "prompt_tokens": batch["input_ids"].shape[1]}
 
 
@@ -262,7 +281,7 @@ def bench_decode(model: VisionLanguageModel, bc: BenchConfig, device: torch.devi
 
     median_seconds(run, bc.repeats, warmup, device)
     total = statistics.median(rates[warmup:])
-    return {"tokens_per_s_total": total, "tokens_per_s_per_row": total / batch_size,
+    return {"tokens_per_s_total": total, "range": _range(rates[warmup:]), "tokens_per_s_per_row": total / batch_size,
             "batch": batch_size, "new_tokens": bc.decode_tokens}
 
 
@@ -351,10 +370,15 @@ def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, An
     return results
 
 
-def _load(part: dict[str, Any]) -> str:
-    if "load_avg_before" not in part:
-        return ""
-    return f"; load {part['load_avg_before']:.1f}->{part['load_avg_after']:.1f}"
+def _load(part: dict[str, Any], key: str = "range", digits: int = 1) -> str:
+    """The runs' spread and the load average around the part, for the table's notes."""
+    note = ""
+    if key in part and part[key][0] != part[key][1]:
+        lo, hi = part[key]
+        note += f"; runs {lo:.{digits}f}-{hi:.{digits}f}"
+    if "load_avg_before" in part:
+        note += f"; load {part['load_avg_before']:.1f}->{part['load_avg_after']:.1f}"
+    return note
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -367,7 +391,9 @@ def format_table(results: dict[str, Any]) -> str:
             rows.append((f"preprocessing, {p['threads']} threads",
                          f"{p['images_per_s_threads']:.1f} images/s, "
                          f"{p['tiles_per_s_threads']:.1f} tiles/s",
-                         "the same files through ImageTransform.load_many (the Processor's path)"))
+                         "the same files through ImageTransform.load_many (the Processor's path)"
+                         + _load({k: v for k, v in p.items() if k == "range_threads"},
+                                 "range_threads")))
     if "vision" in results:
         v = results["vision"]
         rows.append(("vision encoder", f"{v['tiles_per_s']:.1f} tiles/s",
@@ -377,12 +403,12 @@ def format_table(results: dict[str, Any]) -> str:
         how = f"{t.get('loss', 'full')} loss" + (", compiled blocks" if t.get("compiled") else "")
         rows.append(("training step", f"{t['seconds_per_step']:.3f} s/step, {t['samples_per_s']:.2f} samples/s",
                      f"batch {t['batch']}, seq {t['seq_len']}, {how}, peak {t['peak_memory_mb']:.0f} MiB "
-                     f"({t['peak_memory_kind']}){_load(t)}"))
+                     f"({t['peak_memory_kind']}){_load(t, digits=3)}"))
     weights = results["model"].get("inference_weights", env["dtype"])
     if "prefill" in results:
         p = results["prefill"]
         rows.append(("prefill", f"{p['time_to_first_token_s']:.3f} s to first token",
-                     f"{p['prompt_tokens']} prompt tokens, {weights} weights{_load(p)}"))
+                     f"{p['prompt_tokens']} prompt tokens, {weights} weights{_load(p, digits=3)}"))
     for key in sorted((k for k in results if k.startswith("decode_b")), key=lambda k: int(k[8:])):
         d = results[key]
         how = f"{weights} weights" + (", compiled step" if bench.get("compile") else "")
