@@ -164,6 +164,23 @@ def test_sharding_is_disjoint_complete_and_round_robin(tmp_path):
         open_dataset(path, rank=3, world_size=3)
 
 
+def test_resumed_stream_reads_only_the_row_groups_it_needs(tmp_path, monkeypatch):
+    rows = [{"images": [], "texts": [turn(f"q{i}", "a")]} for i in range(24)]
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8)
+    read = []
+    original = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches",
+                        lambda self, *a, **k: read.extend(k["row_groups"]) or original(self, *a, **k))
+    reader = open_dataset(path)
+    stream = {pos: s for _, block in reader.blocks(8, seed=0, epoch=0, start=18, shuffle=False)
+              for pos, s in block.items()}
+    assert sorted(stream) == list(range(18, 24))
+    assert [stream[p]["messages"][0]["content"] for p in range(18, 24)] == \
+        [f"q{i}" for i in range(18, 24)]
+    assert read == [2]  # row groups 0 and 1 hold only rows before position 18: never read
+
+
 def test_dataloader_workers_split_a_rank_further(tmp_path, monkeypatch):
     rows = [{"images": [], "texts": [turn(f"q{i}", "a")]} for i in range(20)]
     path = tmp_path / "w.parquet"

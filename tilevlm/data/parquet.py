@@ -115,12 +115,20 @@ class ParquetReader(RowReader):
         for path, columns, n in zip(self.files, self._columns, self._num_rows):
             root = self.image_root or path.parent
             wanted = [c for c in columns if c is not None]
+            file = pa.parquet.ParquetFile(path)
             first = offset
-            for batch in pa.parquet.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS,
-                                                                   columns=wanted):
-                for i, row in take_rows(batch, first, keep):
-                    yield f"{path}:{i - offset}", (row, columns[1], root)
-                first += batch.num_rows
+            for group in range(file.num_row_groups):
+                size = file.metadata.row_group(group).num_rows
+                kept = {i for i in range(first, first + size) if keep(i)}  # `keep` once per row
+                if kept:  # a row group with no kept row is never read (other ranks' rows, or
+                    # everything before the position a resumed run starts from)
+                    start = first
+                    for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=wanted,
+                                                   row_groups=[group]):
+                        for i, row in take_rows(batch, start, kept.__contains__):
+                            yield f"{path}:{i - offset}", (row, columns[1], root)
+                        start += batch.num_rows
+                first += size
             offset += n
 
     def _to_sample(self, row: Any, where: str) -> Sample:
