@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_real_data import step_records, train_cli, write_parquet
+from test_train_real_data import png, step_records, train_cli, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ("--warmup-steps", "1", "--lr-decoder", "2e-3", "--lr-vision", "2e-3",
@@ -79,3 +79,24 @@ def test_one_process_run_resumes_under_two(reference, hf_tokenizer_dir, tmp_path
              *COMMON)
     assert sorted(step_records(resumed)) == [3, 4]
     assert_same_weights(one / "checkpoint-4", resumed / "checkpoint-4")
+
+
+def test_a_rank_whose_batch_has_no_image_still_steps(reference, hf_tokenizer_dir, tmp_path):
+    """Rank 0 always gets an image, rank 1 never: DDP (which expects every trainable weight in
+    every backward) must still reduce the vision encoder's and projector's gradients."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    config, _, _ = reference
+    rows = [{"images": [{"bytes": png(32, 32, i), "path": None}] if i % 2 == 0 else [],
+             "texts": [{"user": f"Question {i}?", "assistant": f"Answer {i}."}]}
+            for i in range(8)]
+    data = tmp_path / "alternating.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    out = tmp_path / "run"
+    torchrun(2, "--config", str(config), "--tokenizer", str(hf_tokenizer_dir), "--data",
+             str(data), "--out", str(out), "--no-progress", "--batch-size", "1",
+             "--shuffle-block", "0", "--steps", "3", "--warmup-steps", "1", "--save-every", "0")
+    losses = [r["loss"] for r in step_records(out).values()]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert (out / "checkpoint-3" / "model.safetensors").is_file()

@@ -92,13 +92,22 @@ def process_group(device: torch.device) -> Iterator[None]:
 def parallelize(model: nn.Module, device: torch.device) -> nn.Module:
     """The module to train: DDP around `model` when there are several processes, else `model`.
 
-    `find_unused_parameters`: a micro-batch without images leaves the vision encoder unused on
-    that rank, while another rank's batch may use it."""
+    Every trainable parameter takes part in every backward pass (a micro-batch without images
+    adds `image_parts_touch`), so DDP need not search the graph for unused ones each step."""
     if world_size() <= 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                               find_unused_parameters=True)
+                                               find_unused_parameters=False)
+
+
+def image_parts_touch(model: nn.Module) -> torch.Tensor | float:
+    """0 * (sum of the trainable vision-encoder and projector weights): added to the loss of a
+    micro-batch without images, it gives those weights zero gradients, so each rank's backward
+    reduces the same parameters as a rank whose batch had images (DDP requires it)."""
+    params = [p for part in (model.vision_encoder, model.projector)
+              for p in part.parameters() if p.requires_grad]
+    return sum(p.sum() for p in params) * 0.0 if params else 0.0
 
 
 def no_sync(module: nn.Module) -> contextlib.AbstractContextManager:

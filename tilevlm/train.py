@@ -324,6 +324,8 @@ def _forward_backward(run: _Run, batch: dict[str, Any], total_tokens: float) -> 
     with run.autocast():
         # return_logits=False: the LM head only where labels count (a fraction of the rows)
         loss = run.train_model(**inputs, return_logits=False).loss  # mean over its n tokens
+        if distributed.world_size() > 1 and inputs.get("pixel_values") is None:
+            loss = loss + distributed.image_parts_touch(run.model)  # same value, zero grads
     (loss * (n * distributed.world_size() / total_tokens)).backward()
     return loss.detach().float().item() * n
 
