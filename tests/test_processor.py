@@ -248,3 +248,22 @@ def test_decode(processor):
     batch = processor([_chat("hi", "Red square.")])
     labels = batch["labels"][0]
     assert processor.decode(labels[labels != IGNORE_INDEX]) == "Red square."
+
+
+def test_threaded_image_loading_equals_one_thread_and_names_the_bad_image(
+        tiny_config, tiny_tokenizer, tmp_path):
+    from conftest import make_photo
+
+    paths = []
+    for i, size in enumerate([(300, 200), (90, 90), (640, 480), (120, 400)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        make_photo(*size, seed=i).save(paths[-1])
+    convs = [_chat("<image>What?", "This.") for _ in paths]
+    batches = [Processor(tiny_config, tiny_tokenizer, image_threads=n)(convs, [[p] for p in paths])
+               for n in (1, 3)]
+    assert torch.equal(batches[0]["pixel_values"], batches[1]["pixel_values"])
+    assert batches[0]["grids"] == batches[1]["grids"] and batches[0]["n_tiles"] == batches[1]["n_tiles"]
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    threaded = Processor(tiny_config, tiny_tokenizer, image_threads=3)
+    with pytest.raises(ValueError, match=r"sample 2, image 0: .*bad.png"):
+        threaded(convs[:3], [[paths[0]], [paths[1]], [tmp_path / "bad.png"]])

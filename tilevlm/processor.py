@@ -48,6 +48,11 @@ def count_image_tokens(width: int, height: int, config: VLMConfig) -> int:
     return tiles_per_image(grid, config.use_global_tile) * (1 + config.mp_image_token_length)
 
 
+# Below this many pixels, an already-decoded image is processed faster on the calling thread
+# (a demo batch of 32 images of 96x96: 9-11 ms on one thread, 11-15 ms on two).
+SMALL_DECODED_PIXELS = 256 * 256
+
+
 class Processor:
     """Turns conversations (lists of {"role", "content"} dicts) and their images into a batch.
 
@@ -123,9 +128,11 @@ class Processor:
                 raise ValueError(f"sample {index}, image {k}: {e}") from None
 
         threads = default_image_threads() if self.image_threads is None else self.image_threads
-        pil = [id(source) for _, _, source in jobs if isinstance(source, Image.Image)]
-        if len(pil) != len(set(pil)):  # one PIL object twice: never load it from two threads
-            threads = 1
+        pil = [source for _, _, source in jobs if isinstance(source, Image.Image)]
+        if len({id(p) for p in pil}) != len(pil):  # one PIL object twice: never load it from
+            threads = 1  # two threads
+        if len(pil) == len(jobs) and all(p.width * p.height < SMALL_DECODED_PIXELS for p in pil):
+            threads = 1  # nothing to decode and little to resize: threads cost more than they save
         results = iter(thread_map(load, jobs, threads))
         return [[next(results) for _ in sample or ()] for sample in images]
 
