@@ -127,3 +127,8 @@ def test_train_and_eval_commands(tmp_path):
     report = json.loads(report_path.read_text())
     assert report["n"] == 3 and 0.0 <= report["accuracy"] <= 1.0 and report["loss"] > 0
     assert set(report["per_qtype"]) <= {"colour", "shape", "rows", "columns", "where"}
+    int8_path = tmp_path / "report-int8.json"  # the same checkpoint with int8 decoder weights
+    assert main(["eval", "--model", str(run_dir), "--data", "synthetic", "--n", "3",
+                 "--max-new-tokens", "4", "--out", str(int8_path), "--weights", "int8"]) == 0
+    int8 = json.loads(int8_path.read_text())
+    assert int8["n"] == 3 and int8["loss"] == pytest.approx(report["loss"], rel=0.05)

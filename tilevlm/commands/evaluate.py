@@ -29,9 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (only for a nanoVLM checkpoint)")
+    parser.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                        help="weight storage to evaluate (as `tilevlm generate --weights`): "
+                        "measures what bf16 or int8 weights cost in accuracy")
 
 
 def run(args: argparse.Namespace) -> int:
+    from tilevlm.commands.generate import store_weights
     from tilevlm.data.sources import open_dataset
     from tilevlm.evaluate import evaluate, write_report
     from tilevlm.inference import load_for_inference
@@ -40,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--n, --batch-size and --max-new-tokens must be >= 1")
     model_dir = resolve_model_dir(Path(args.model))
     model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
+    model = store_weights(model, args)
     samples = open_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens)
     out = write_report(report, args.out or model_dir / f"eval-{args.split}.json")
     per_type = ", ".join(f"{q} {100 * v['accuracy']:.1f}%" for q, v in report.per_qtype.items())
-    log.info("%s on %d %s samples: exact match %.1f%% (%s), loss %.4f", model_dir, report.n,
-             args.split, 100 * report.accuracy, per_type, report.loss)
+    log.info("%s (%s weights) on %d %s samples: exact match %.1f%% (%s), loss %.4f", model_dir,
+             args.weights, report.n, args.split, 100 * report.accuracy, per_type, report.loss)
     log.info("report written to %s", out)
     return 0
 
