@@ -52,15 +52,18 @@ def test_bench_fast_path_options_run_and_are_recorded(tmp_path, capsys):
     out = tmp_path / "fast.json"
     code = main(["bench", "--preset", "tiny", "--repeats", "1", "--warmup", "0", "--parts",
                  "train", "prefill", "decode", "--decode-tokens", "3", "--decode-batches", "2",
-                 "--weights", "int8", "--train-loss", "full", "--threads", "1",
+                 "--weights", "int8", "--train-loss", "full", "--threads", "1", "--baseline",
                  "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
     assert "int8 weights" in table and "full loss" in table and "load" in table
+    assert table.count("baseline fp32 eager") == 2  # prefill and the one decode batch
     data = json.loads(out.read_text())
     assert data["model"]["inference_weights"] == "int8" and data["env"]["threads"] == 1
     assert data["bench"]["train_loss"] == "full" and data["decode_b2"]["tokens_per_s_total"] > 0
     assert data["decode_b2"]["load_avg_before"] >= 0
+    assert data["baseline_prefill"]["time_to_first_token_s"] > 0
+    assert data["baseline_decode_b2"]["tokens_per_s_total"] > 0
 
 
 def test_bench_rejects_bad_options():

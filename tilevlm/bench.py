@@ -40,6 +40,7 @@ class BenchConfig:
     weights: str | None = None  # inference weights "fp32" | "bf16" | "int8"; None: the dtype
     compile: bool = False  # torch.compile the decode step (fastpath.compiled_decode_step)
     compile_train: bool = False  # torch.compile every block for the training step
+    baseline: bool = False  # also time prefill and decode with fp32 weights, eager, same run
     train_loss: str = "labels"  # "labels": logits at label positions only; "full": model().loss
     threads: int | None = None  # torch intra-op threads; None: torch's default (the cores)
     repeats: int = 3
@@ -304,15 +305,19 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
             "python": platform.python_version()}
 
 
+def _plain_model(model: VisionLanguageModel, bc: BenchConfig) -> VisionLanguageModel:
+    """`model` in eval mode, rebuilt from its weights if its blocks were compiled for training."""
+    if bc.compile_train:
+        state = model.state_dict()
+        model = VisionLanguageModel(model.cfg).to(next(iter(state.values())).device)
+        model.load_state_dict(state)
+    return model.eval()
+
+
 def _inference_model(model: VisionLanguageModel, bc: BenchConfig,
                      dtype: torch.dtype) -> VisionLanguageModel:
     from tilevlm.fastpath import inference_weights
 
-    if bc.compile_train:  # the blocks were compiled for training: start from a plain model
-        state = model.state_dict()
-        model = VisionLanguageModel(model.cfg).to(next(iter(state.values())).device)
-        model.load_state_dict(state)
-    model.eval()
     if bc.weights is None:
         return model.to(dtype)  # inference runs in the chosen dtype itself
     return inference_weights(model, bc.weights)
@@ -357,7 +362,17 @@ def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, An
     model.eval()
     if "vision" in bc.parts:
         _timed_part(results, "vision", lambda: bench_vision(model, bc, device, dtype), progress)
-    infer = _inference_model(model, bc, dtype)
+    plain = _plain_model(model, bc)
+    if bc.baseline:  # the reference for the fast paths: fp32 weights, eager decode step
+        plain.float()
+        if "prefill" in bc.parts:
+            _timed_part(results, "baseline_prefill", lambda: bench_prefill(plain, bc, device),
+                        progress)
+        if "decode" in bc.parts:
+            for b in bc.decode_batches:
+                _timed_part(results, f"baseline_decode_b{b}",
+                            lambda: bench_decode(plain, bc, device, b), progress)
+    infer = _inference_model(plain, bc, dtype)
     results["model"]["inference_weights"] = bc.weights or str(dtype).replace("torch.", "")
     results["model"]["inference_weight_mb"] = round(weight_bytes(infer) / 2**20, 1)
     if "prefill" in bc.parts:
@@ -379,6 +394,17 @@ def _load(part: dict[str, Any], key: str = "range", digits: int = 1) -> str:
     if "load_avg_before" in part:
         note += f"; load {part['load_avg_before']:.1f}->{part['load_avg_after']:.1f}"
     return note
+
+
+def _vs_baseline(results: dict[str, Any], key: str, metric: str, unit: str, digits: int,
+                 higher_is_better: bool) -> str:
+    """'; baseline (fp32, eager) X unit, N.Nx faster' when the run timed a baseline."""
+    base = results.get(f"baseline_{key}")
+    if base is None:
+        return ""
+    ours, theirs = results[key][metric], base[metric]
+    speedup = ours / theirs if higher_is_better else theirs / ours
+    return f"; baseline fp32 eager {theirs:.{digits}f} {unit}: {speedup:.2f}x"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -408,13 +434,16 @@ def format_table(results: dict[str, Any]) -> str:
     if "prefill" in results:
         p = results["prefill"]
         rows.append(("prefill", f"{p['time_to_first_token_s']:.3f} s to first token",
-                     f"{p['prompt_tokens']} prompt tokens, {weights} weights{_load(p, digits=3)}"))
+                     f"{p['prompt_tokens']} prompt tokens, {weights} weights"
+                     f"{_vs_baseline(results, 'prefill', 'time_to_first_token_s', 's', 3, False)}"
+                     f"{_load(p, digits=3)}"))
     for key in sorted((k for k in results if k.startswith("decode_b")), key=lambda k: int(k[8:])):
         d = results[key]
         how = f"{weights} weights" + (", compiled step" if bench.get("compile") else "")
         rows.append((f"decode, batch {d['batch']}", f"{d['tokens_per_s_total']:.1f} tokens/s total",
                      f"{d['tokens_per_s_per_row']:.1f} per row, {d['new_tokens']} new tokens, "
-                     f"{how}{_load(d)}"))
+                     f"{how}{_vs_baseline(results, key, 'tokens_per_s_total', 'tok/s', 1, True)}"
+                     f"{_load(d)}"))
     head = (f"tilevlm bench: {results['model']['preset']} ({results['model']['parameters']:,} params, "
             f"max_img_size {results['model']['max_img_size']}) on {env['device']} "
             f"[{env['device_name']}], {env['dtype']}, torch {env['torch']}, {env['threads']} threads; "

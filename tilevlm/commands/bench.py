@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the decode step (reduce-overhead: CUDA graphs on GPU)")
     parser.add_argument("--compile-train", action="store_true", default=d.compile_train,
                         help="torch.compile every vision and decoder block for the training step")
+    parser.add_argument("--baseline", action="store_true", default=d.baseline,
+                        help="also time prefill and decode with fp32 weights and the eager step "
+                             "in the same run, and print each speed-up beside it")
     parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
                         help="labels: LM head only at label positions (fastpath.label_loss); "
                              "full: model(**batch).loss over every position")
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
                      dtype=args.dtype, weights=args.weights, compile=args.compile,
                      compile_train=args.compile_train, train_loss=args.train_loss,
+                     baseline=args.baseline,
                      threads=args.threads, preprocess_threads=args.preprocess_threads,
                      repeats=args.repeats, warmup=args.warmup,
                      train_batch=args.train_batch, decode_tokens=args.decode_tokens,
