@@ -243,8 +243,8 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
     times = timed_runs(step, bc.repeats, bc.warmup, device)
     seconds = statistics.median(times)
     model.eval()
-    return {"seconds_per_step": seconds, "range": _range(times), "loss": bc.train_loss, "compiled": bc.compile_train,
-            "samples_per_s": bc.train_batch / seconds,
+    return {"seconds_per_step": seconds, "range": _range(times), "loss": bc.train_loss,
+            "compiled": bc.compile_train, "samples_per_s": bc.train_batch / seconds,
             "seq_len": batch["input_ids"].shape[1], "batch": bc.train_batch,
             "peak_memory_mb": _peak_memory_mb(device),
             "peak_memory_kind": "CUDA max allocated" if device.type == "cuda" else "process peak RSS"}
@@ -280,10 +280,11 @@ def bench_decode(model: VisionLanguageModel, bc: BenchConfig, device: torch.devi
     def run() -> None:
         rates.append(_generation_stats(model, batch, bc.decode_tokens, step_fn).tokens_per_second)
 
-    median_seconds(run, bc.repeats, warmup, device)
+    timed_runs(run, bc.repeats, warmup, device)  # the rates come from the generation stats
     total = statistics.median(rates[warmup:])
-    return {"tokens_per_s_total": total, "range": _range(rates[warmup:]), "tokens_per_s_per_row": total / batch_size,
-            "batch": batch_size, "new_tokens": bc.decode_tokens}
+    return {"tokens_per_s_total": total, "range": _range(rates[warmup:]),
+            "tokens_per_s_per_row": total / batch_size, "batch": batch_size,
+            "new_tokens": bc.decode_tokens}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -385,20 +386,21 @@ def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, An
     return results
 
 
-def _load(part: dict[str, Any], key: str = "range", digits: int = 1) -> str:
-    """The runs' spread and the load average around the part, for the table's notes."""
+def _load(part: dict[str, Any], key: str = "range", digits: int = 1,
+          with_load: bool = True) -> str:
+    """The runs' spread (`part[key]`) and the load average around the part, for the notes."""
     note = ""
     if key in part and part[key][0] != part[key][1]:
         lo, hi = part[key]
         note += f"; runs {lo:.{digits}f}-{hi:.{digits}f}"
-    if "load_avg_before" in part:
+    if with_load and "load_avg_before" in part:
         note += f"; load {part['load_avg_before']:.1f}->{part['load_avg_after']:.1f}"
     return note
 
 
 def _vs_baseline(results: dict[str, Any], key: str, metric: str, unit: str, digits: int,
                  higher_is_better: bool) -> str:
-    """'; baseline (fp32, eager) X unit, N.Nx faster' when the run timed a baseline."""
+    """'; baseline fp32 eager X unit: N.NNx' (the speed-up over it) when the run timed one."""
     base = results.get(f"baseline_{key}")
     if base is None:
         return ""
@@ -418,8 +420,7 @@ def format_table(results: dict[str, Any]) -> str:
                          f"{p['images_per_s_threads']:.1f} images/s, "
                          f"{p['tiles_per_s_threads']:.1f} tiles/s",
                          "the same files through ImageTransform.load_many (the Processor's path)"
-                         + _load({k: v for k, v in p.items() if k == "range_threads"},
-                                 "range_threads")))
+                         + _load(p, "range_threads", with_load=False)))
     if "vision" in results:
         v = results["vision"]
         rows.append(("vision encoder", f"{v['tiles_per_s']:.1f} tiles/s",

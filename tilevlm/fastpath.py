@@ -15,9 +15,9 @@ The model files compute one thing plainly; what makes them fast on a given machi
 - `compile_blocks(model)`: per-block `torch.compile` for training (state-dict keys unchanged).
 - `adamw(...)`: AdamW with the fused kernel (CPU and CUDA).
 
-Wiring a training loop (the trainer owns train.py):
-    fastpath.compile_blocks(model)            # optional, once, before building the optimizer
-    loss = fastpath.label_loss(model, batch)  # instead of model(**batch).loss
+The trainer (train.py) uses the training paths directly: `TrainConfig.compile` calls
+`compile_blocks` once before building the optimizer, and its forward passes `return_logits=False`
+(what `label_loss` does), so DDP sees the model's own forward.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def inference_weights(model: nn.Module, weights: str = "fp32") -> nn.Module:
     if weights == "int8":
         decoder = model.decoder
         n = _quantize_linears(decoder.blocks, torch.bfloat16)
-        head = decoder.token_embedding.weight if decoder.lm_head is None else decoder.lm_head.weight
-        decoder.lm_head = Int8Linear(head, torch.bfloat16)  # decoder.logits() calls the module
+        # decoder.logits() calls the head module, so an int8 copy of the (tied) head replaces it
+        decoder.lm_head = Int8Linear(decoder.lm_head_weight, torch.bfloat16)
         log.info("int8 weight-only: %d decoder Linear layers + the LM head", n)
     return model
 
