@@ -23,9 +23,10 @@ from typing import Callable
 
 import torch
 
-from tilevlm import fastpath
-from tilevlm.bench import BenchConfig, preprocess_files, synthetic_batch
-from tilevlm.generate import generate
+from tilevlm.inference.generation import compiled_decode_step
+from tilevlm.inference.quantize import inference_weights
+from tilevlm.tools.benchmark import BenchConfig, preprocess_files, synthetic_batch
+from tilevlm.inference.generation import generate
 from tilevlm.model.vlm import VisionLanguageModel
 
 
@@ -53,7 +54,7 @@ def _old_image_module(ref: str):
 
 
 def preprocess(args: argparse.Namespace) -> None:
-    from tilevlm.image import ImageTransform
+    from tilevlm.preprocessing.image import ImageTransform
 
     old = _old_image_module(args.ref)
     cfg = BenchConfig().model_config()
@@ -73,8 +74,8 @@ def preprocess(args: argparse.Namespace) -> None:
 def _models() -> dict[str, VisionLanguageModel]:
     torch.manual_seed(0)
     fp32 = VisionLanguageModel(BenchConfig().model_config()).eval()
-    return {"fp32": fp32, "bf16": fastpath.inference_weights(copy.deepcopy(fp32), "bf16"),
-            "int8": fastpath.inference_weights(copy.deepcopy(fp32), "int8")}
+    return {"fp32": fp32, "bf16": inference_weights(copy.deepcopy(fp32), "bf16"),
+            "int8": inference_weights(copy.deepcopy(fp32), "int8")}
 
 
 def ttft(args: argparse.Namespace) -> None:
@@ -93,7 +94,7 @@ def decode(args: argparse.Namespace) -> None:
     for b in args.batches:
         batch = synthetic_batch(models["fp32"], b, 24, 0, "cpu", 0)
         for name in args.weights:
-            step = fastpath.compiled_decode_step() if args.compile else None
+            step = compiled_decode_step() if args.compile else None
             run = (lambda m=models[name], bt=batch, s=step: generate(
                 m, bt, max_new_tokens=args.tokens, eos_token_ids=[], step_fn=s
             ).stats.tokens_per_second)
@@ -110,7 +111,7 @@ def train(args: argparse.Namespace) -> None:
     model = VisionLanguageModel(BenchConfig().model_config()).train()
     batch = synthetic_batch(model, 4, 24, 64, "cpu", 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    losses = {"full": lambda: model(**batch).loss, "labels": lambda: fastpath.label_loss(model, batch)}
+    losses = {"full": lambda: model(**batch).loss, "labels": lambda: model(**batch, return_logits=False).loss}
 
     def step(loss_name: str, bf16: bool) -> float:
         start = time.perf_counter()

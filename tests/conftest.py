@@ -61,7 +61,7 @@ def tiny_config() -> VLMConfig:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE with the tiny preset's 512 base tokens and an 8x8 grid of grid tokens."""
-    from tilevlm.tokenizer import train_bpe_tokenizer
+    from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(CORPUS * 20, vocab_size=512, grid_side=8)
 

@@ -8,7 +8,7 @@ import torch
 
 from hf_fixtures import LLAMA_VOCAB, make_llama, make_siglip
 from tilevlm.cli import main
-from tilevlm.inference import load_for_inference
+from tilevlm.inference.loading import load_for_inference
 from test_checkpoint import _write_nanovlm
 
 from conftest import make_photo

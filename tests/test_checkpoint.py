@@ -10,8 +10,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_fixtures import LLAMA_VOCAB, base_config, make_llama, make_siglip
-from tilevlm.checkpoint import build_from_hf, load_nanovlm, load_pretrained, save_pretrained
-from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, preset
+from tilevlm.weights.huggingface import build_from_hf
+from tilevlm.weights.nanovlm import load_nanovlm
+from tilevlm.weights.native import load_pretrained, save_pretrained
+from tilevlm.config import preset
+from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
 from tilevlm.model import VisionLanguageModel
 
 
@@ -54,10 +57,10 @@ def test_round_trip_is_bit_exact(tmp_path, tie):
         assert torch.equal(model(ids, pixels).logits, loaded(ids, pixels).logits)
 
 
-def test_model_wrappers_and_dtype(tmp_path):
+def test_load_pretrained_in_bf16(tmp_path):
     model = _tiny()
-    model.save_pretrained(tmp_path)
-    loaded = VisionLanguageModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    save_pretrained(model, tmp_path)
+    loaded = load_pretrained(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
     assert not any(p.is_meta for p in loaded.parameters())
     expected = model.decoder.token_embedding.weight.to(torch.bfloat16)

@@ -3,7 +3,8 @@ import json
 import pytest
 
 import tilevlm
-from tilevlm.config import PRESETS, VLMConfig, grid_token, preset
+from tilevlm.config import PRESETS, VLMConfig, preset
+from tilevlm.special_tokens import grid_token
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -12,10 +12,10 @@ from torch import nn
 from tilevlm import preset
 from tilevlm.cli import main
 from tilevlm.data.sources import open_dataset, synthetic_tokenizer
-from tilevlm.evaluate import (evaluate, full_forward_answers, greedy_answers, normalize_answer,
+from tilevlm.tools.evaluation import (evaluate, full_forward_answers, greedy_answers, normalize_answer,
                               split_prompt)
 from tilevlm.model.vlm import VLMOutput, VisionLanguageModel, causal_lm_loss
-from tilevlm.processor import Processor
+from tilevlm.preprocessing.processor import Processor
 
 from conftest import SMALL  # noqa: E402
 

@@ -14,12 +14,23 @@ import copy
 import pytest
 import torch
 
-from tilevlm import fastpath, preset
-from tilevlm.bench import synthetic_batch
-from tilevlm.generate import generate
+from tilevlm import preset
+from tilevlm.inference.generation import compiled_decode_step
+from tilevlm.inference.quantize import Int8Linear, inference_weights, weight_bytes
+from tilevlm.training.compile import compile_blocks
+from tilevlm.training.optim import adamw
+from tilevlm.tools.benchmark import synthetic_batch
+from tilevlm.inference.generation import generate
 from tilevlm.model.vlm import VisionLanguageModel
 
+from helpers import decode_step_graph_breaks
+
 STEPS = 8
+
+
+def label_loss(model, batch):
+    """The training loss with the LM head only at labelled positions."""
+    return model(**batch, return_logits=False).loss
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +57,7 @@ def confident():
     batch = synthetic_batch(model, 2, prompt_tokens=6, answer_tokens=STEPS, device="cpu", seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(40):
-        fastpath.label_loss(model, batch).backward()
+        label_loss(model, batch).backward()
         opt.step()
         opt.zero_grad()
     t = batch["input_ids"].shape[1] - STEPS
@@ -84,7 +95,7 @@ def test_int8_linear_matches_fp32_within_the_quantisation_bound(lead):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=False)
     x = torch.randn(*lead, 64)
-    q = fastpath.Int8Linear(linear.weight, act_dtype=torch.float32)
+    q = Int8Linear(linear.weight, act_dtype=torch.float32)
     bound = linear.weight.abs().amax(1) / 254 * 64 * x.abs().max()  # (48,) per output row
     err = (q(x) - linear(x)).abs()  # (*lead, 48)
     assert q.weight_int8.dtype == torch.int8 and q(x).shape == (*lead, 48)
@@ -96,7 +107,7 @@ def test_low_precision_weights_give_the_fp32_greedy_tokens(confident, weights, t
     model, prompt = confident
     reference = _greedy(model, prompt)
     ref_logits = _teacher_forced_logits(model, prompt, reference)
-    fast = fastpath.inference_weights(copy.deepcopy(model), weights)
+    fast = inference_weights(copy.deepcopy(model), weights)
     logits = _teacher_forced_logits(fast, prompt, reference)
     err = (logits - ref_logits).abs().amax(-1)  # (B, STEPS)
     assert err.max() < tol, f"{weights}: logit error {err.max():.3f}"
@@ -108,26 +119,26 @@ def test_low_precision_weights_give_the_fp32_greedy_tokens(confident, weights, t
 
 
 def test_inference_weights_store_what_they_say(tiny_model):
-    fp32 = fastpath.weight_bytes(tiny_model)
-    bf16 = fastpath.inference_weights(copy.deepcopy(tiny_model), "bf16")
-    int8 = fastpath.inference_weights(copy.deepcopy(tiny_model), "int8")
+    fp32 = weight_bytes(tiny_model)
+    bf16 = inference_weights(copy.deepcopy(tiny_model), "bf16")
+    int8 = inference_weights(copy.deepcopy(tiny_model), "int8")
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
-    assert fastpath.weight_bytes(bf16) == fp32 // 2
-    assert isinstance(int8.decoder.blocks[0].attn.qkv, fastpath.Int8Linear)
-    assert isinstance(int8.decoder.lm_head, fastpath.Int8Linear)  # the tied head, quantised
+    assert weight_bytes(bf16) == fp32 // 2
+    assert isinstance(int8.decoder.blocks[0].attn.qkv, Int8Linear)
+    assert isinstance(int8.decoder.lm_head, Int8Linear)  # the tied head, quantised
     with pytest.raises(ValueError, match="weights must be"):
-        fastpath.inference_weights(copy.deepcopy(tiny_model), "fp8")
+        inference_weights(copy.deepcopy(tiny_model), "fp8")
 
 
 # ----------------------------------------------------------------------------- compiled decode
 
 def test_decode_step_has_no_graph_breaks(tiny_model):
-    assert fastpath.decode_step_graph_breaks(tiny_model, batch_size=2, max_len=24) == 0
+    assert decode_step_graph_breaks(tiny_model, batch_size=2, max_len=24) == 0
 
 
 def test_compiled_decode_step_gives_the_eager_tokens(tiny_model, prompt):
     torch._dynamo.reset()
-    step = fastpath.compiled_decode_step()  # inductor; "reduce-overhead" is plain inductor on CPU
+    step = compiled_decode_step()  # inductor; "reduce-overhead" is plain inductor on CPU
     reference = _greedy(tiny_model, prompt)
     assert _greedy(tiny_model, prompt, step_fn=step) == reference
     assert _greedy(tiny_model, prompt, step_fn=step) == reference  # a second run, new cache
@@ -135,12 +146,12 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_model, prompt):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager_and_never_syncs(tiny_model, prompt):
-    from tilevlm.generate import generate_ids
+    from tilevlm.inference.generation import generate_ids
 
     model = copy.deepcopy(tiny_model).cuda()
     batch = {k: v.cuda() for k, v in prompt.items()}
     reference = _greedy(model, batch)
-    step = fastpath.compiled_decode_step("reduce-overhead")
+    step = compiled_decode_step("reduce-overhead")
     assert _greedy(model, batch, step_fn=step) == reference
     steps = generate_ids(model, batch, STEPS, eos_token_ids=[], step_fn=step)
     first, _ = next(steps)  # the checks and the prefill may synchronise
@@ -165,7 +176,7 @@ def test_label_loss_equals_the_full_loss_and_its_gradients(tiny_model):
     full.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    fast = fastpath.label_loss(model, batch)
+    fast = label_loss(model, batch)
     fast.backward()
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
@@ -176,10 +187,10 @@ def test_compile_blocks_keeps_keys_and_loss(tiny_model):
     model = copy.deepcopy(tiny_model).train()
     batch = _train_batch(model)
     keys = list(model.state_dict())
-    expected = fastpath.label_loss(model, batch)
-    fastpath.compile_blocks(model, backend="aot_eager")  # inductor is covered by the decode test
+    expected = label_loss(model, batch)
+    compile_blocks(model, backend="aot_eager")  # inductor is covered by the decode test
     assert list(model.state_dict()) == keys
-    got = fastpath.label_loss(model, batch)
+    got = label_loss(model, batch)
     got.backward()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -189,7 +200,7 @@ def test_fused_adamw_on_cpu_gives_the_default_update():
     start = [torch.randn(7, 5), torch.randn(5)]
     grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
     results = []
-    for opt_fn in (lambda ps: fastpath.adamw(ps, lr=1e-2, device="cpu", weight_decay=0.1),
+    for opt_fn in (lambda ps: adamw(ps, lr=1e-2, device="cpu", weight_decay=0.1),
                    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)):
         params = [torch.nn.Parameter(p.clone()) for p in start]
         opt = opt_fn(params)
@@ -198,7 +209,7 @@ def test_fused_adamw_on_cpu_gives_the_default_update():
                 p.grad = g.clone()
             opt.step()
         results.append(params)
-    assert fastpath.adamw(start, lr=1e-3, device="cpu").defaults["fused"]
+    assert adamw(start, lr=1e-3, device="cpu").defaults["fused"]
     for fused, plain in zip(*results):
         torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-5)
 
@@ -219,8 +230,8 @@ def _jpeg(path, size, orientation=1):
 
 @pytest.mark.parametrize("size, orientation", [((2000, 1500), 1), ((1500, 2000), 6)])
 def test_jpeg_draft_keeps_the_grid_and_the_picture(tmp_path, size, orientation):
-    from tilevlm.bench import BenchConfig
-    from tilevlm.image import ImageTransform, load_image
+    from tilevlm.tools.benchmark import BenchConfig
+    from tilevlm.preprocessing.image import ImageTransform, load_image
 
     transform = ImageTransform(BenchConfig().model_config())  # 224 tiles, 448 max
     path = _jpeg(tmp_path / "big.jpg", size, orientation)
@@ -231,7 +242,7 @@ def test_jpeg_draft_keeps_the_grid_and_the_picture(tmp_path, size, orientation):
 
 
 def test_draft_scale_never_changes_the_grid():
-    from tilevlm.image import ImageTransform, tile_grid
+    from tilevlm.preprocessing.image import ImageTransform, tile_grid
 
     cfg = preset("split_896")
     transform = ImageTransform(cfg)

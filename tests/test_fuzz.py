@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tilevlm import preset
-from tilevlm.config import IMAGE_TOKEN, grid_token
+from tilevlm.special_tokens import IMAGE_TOKEN, grid_token
 from tilevlm.data.lengths import SampleMeter
-from tilevlm.image import (ImageTransform, load_image, reassemble_tiles, tile_grid,
+from tilevlm.preprocessing.image import (ImageTransform, load_image, reassemble_tiles, tile_grid,
                            tiles_per_image, to_tensor)
-from tilevlm.processor import Processor, count_image_tokens
+from tilevlm.preprocessing.processor import Processor, count_image_tokens
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from tilevlm import preset
-from tilevlm.generate import generate, stream_generate
+from tilevlm.inference.generation import generate, stream_generate
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.processor import Processor
-from tilevlm.sampling import SamplingParams
+from tilevlm.preprocessing.processor import Processor
+from tilevlm.inference.sampling import SamplingParams
 
 from conftest import make_photo
 

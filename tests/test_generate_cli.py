@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from tilevlm import preset
-from tilevlm.checkpoint import save_pretrained
+from tilevlm.weights.native import save_pretrained
 from tilevlm.cli import main
 from tilevlm.model.vlm import VisionLanguageModel
 
@@ -50,11 +50,11 @@ def test_generate_cli_streams_an_answer_and_stats(model_dir, images, name, capsy
 
 @pytest.mark.parametrize("weights", ["bf16", "int8"])
 def test_generate_cli_low_precision_weights(model_dir, images, weights, monkeypatch, capsys):
-    from tilevlm import fastpath
+    from tilevlm.inference import quantize
 
     stored = []
-    original = fastpath.inference_weights
-    monkeypatch.setattr(fastpath, "inference_weights",
+    original = quantize.inference_weights
+    monkeypatch.setattr(quantize, "inference_weights",
                         lambda model, w: stored.append(w) or original(model, w))
     code = main(["generate", "--model", str(model_dir), "--image", str(images / "photo.png"),
                  "--prompt", "What colour?", "--max-new-tokens", "4", "--device", "cpu",

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from tilevlm import PRESETS, preset
-from tilevlm.image import (ImageTransform, load_image, reassemble_tiles, resize_to_tiles,
+from tilevlm.preprocessing.image import (ImageTransform, load_image, reassemble_tiles, resize_to_tiles,
                            split_tiles, tile_grid, tiles_per_image, to_tensor)
 
 SIZES = [(1, 1), (223, 225), (224, 224), (448, 224), (1000, 10), (5000, 1), (1, 5000)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hf_fixtures import LLAMA_VOCAB, base_config, make_llama, make_siglip
-from tilevlm.checkpoint import build_from_hf
+from tilevlm.weights.huggingface import build_from_hf
 from tilevlm.model import pixel_shuffle
 
 pytest.importorskip("transformers")

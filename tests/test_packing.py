@@ -17,7 +17,7 @@ from tilevlm.data.packing import (MODEL_INPUTS, PackedBatches, PackedCollator,
                                   segment_losses, segment_positions)
 from tilevlm.data.skips import SkipCounter
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.processor import Processor
+from tilevlm.preprocessing.processor import Processor
 
 
 def png(width: int, height: int, seed: int = 0) -> bytes:

@@ -5,10 +5,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tilevlm import PRESETS, preset
-from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
-from tilevlm.image import reassemble_tiles, resize_to_tiles, to_tensor
-from tilevlm.processor import IGNORE_INDEX, Processor, count_image_tokens, image_string
-from tilevlm.tokenizer import train_bpe_tokenizer
+from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
+from tilevlm.preprocessing.image import reassemble_tiles, resize_to_tiles, to_tensor
+from tilevlm.config import IGNORE_INDEX
+from tilevlm.preprocessing.processor import Processor, count_image_tokens, image_string
+from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 
 SIZES = [(1, 1), (223, 225), (224, 224), (448, 224), (1000, 10), (5000, 1)]
 

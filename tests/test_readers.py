@@ -16,7 +16,7 @@ from tilevlm.data import rowreader
 from tilevlm.data.lengths import LengthFilter, SampleMeter
 from tilevlm.data.readers import detect_format, open_dataset
 from tilevlm.data.skips import SkipCounter
-from tilevlm.processor import Processor
+from tilevlm.preprocessing.processor import Processor
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

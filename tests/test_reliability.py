@@ -38,21 +38,22 @@ import torch
 from PIL import Image
 
 from conftest import make_photo
-from tilevlm import preset, trainstate
-from tilevlm.checkpoint import load_pretrained, save_pretrained
+from tilevlm import preset
+from tilevlm.training import checkpoints
+from tilevlm.weights.native import load_pretrained, save_pretrained
 from tilevlm.cli import main
 from tilevlm.config import VLMConfig
 from tilevlm.data.collate import VLMCollator
 from tilevlm.data.lengths import LengthFilter
 from tilevlm.data.readers import open_dataset as open_files
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
-from tilevlm.image import load_image
-from tilevlm.inference import load_for_inference
+from tilevlm.preprocessing.image import load_image
+from tilevlm.inference.loading import load_for_inference
 from tilevlm.model.vision import VisionEncoder
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.processor import Processor, image_string
-from tilevlm.tokenizer import train_bpe_tokenizer
-from tilevlm.train import TrainConfig, train
+from tilevlm.preprocessing.processor import Processor, image_string
+from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
+from tilevlm.training.loop import TrainConfig, train
 
 from conftest import SMALL  # noqa: E402
 from test_train import make_model as _model, quick, step_losses as _losses  # noqa: E402
@@ -168,7 +169,7 @@ def no_heavy_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("heavy work started before the input was checked")
 
-    monkeypatch.setattr("tilevlm.checkpoint.read_safetensors", forbidden)
+    monkeypatch.setattr("tilevlm.weights.native.read_safetensors", forbidden)
     monkeypatch.setattr(VisionEncoder, "forward", forbidden)
 
 
@@ -413,7 +414,7 @@ def _quick(out_dir: Path, **overrides) -> TrainConfig:
     return quick(out_dir, **{"save_every": 2, **overrides})
 
 
-@pytest.mark.parametrize("target", ["tilevlm.trainstate.save_file", "tilevlm.checkpoint.save_file"])
+@pytest.mark.parametrize("target", ["tilevlm.training.checkpoints.save_file", "tilevlm.weights.native.save_file"])
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes_exactly(
         target, small_setup, tmp_path, monkeypatch):
     config, processor, data = small_setup
@@ -434,13 +435,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes_exactl
 
     run = tmp_path / "run"
     monkeypatch.setattr(target, disk_full)
-    if target.endswith("checkpoint.save_file"):
+    if target.endswith("native.save_file"):
         calls.append(1)  # one weights file per checkpoint: fail on the second checkpoint
     with pytest.raises(OSError) as info:
         train(_model(config), processor, data, None, _quick(run))
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
-    assert trainstate.find_latest(run) == run / "checkpoint-2"
+    assert checkpoints.find_latest(run) == run / "checkpoint-2"
     assert (run / "latest").read_text() == "checkpoint-2\n"
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".tmp"))) \
         == ["checkpoint-2"]  # the half-written one is gone
@@ -462,20 +463,20 @@ def test_disk_full_on_the_command_line_is_one_line_and_exit_1(tmp_path, monkeypa
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run"))
 
-    monkeypatch.setattr("tilevlm.trainstate.save_file", disk_full)
+    monkeypatch.setattr("tilevlm.training.checkpoints.save_file", disk_full)
     code, _, err = run_cli(capsys, "train", "--config", str(config_file), "--data", "synthetic",
                            "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
                            "--train-size", "20", "--eval-batches", "0", "--no-progress")
     assert code == 1
     assert_one_line_error(err, "train", "No space left on device")
-    assert trainstate.find_latest(tmp_path / "run") is None
+    assert checkpoints.find_latest(tmp_path / "run") is None
     assert not list((tmp_path / "run").glob(".tmp-ckpt-*"))
 
 
 def test_disk_full_message_names_the_checkpoint_and_the_one_kept(small_setup, tmp_path,
                                                                  monkeypatch):
     config, processor, data = small_setup
-    real, calls = trainstate.save_file, []
+    real, calls = checkpoints.save_file, []
 
     def disk_full(*args, **kwargs):
         calls.append(1)
@@ -483,7 +484,7 @@ def test_disk_full_message_names_the_checkpoint_and_the_one_kept(small_setup, tm
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("tilevlm.trainstate.save_file", disk_full)
+    monkeypatch.setattr("tilevlm.training.checkpoints.save_file", disk_full)
     with pytest.raises(OSError) as info:
         train(_model(config), processor, data, None, _quick(tmp_path))
     assert "checkpoint-4" in str(info.value) and "checkpoint-2" in str(info.value)
@@ -493,13 +494,13 @@ def test_failed_pointer_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(dst).name == trainstate.LATEST:
+        if Path(dst).name == checkpoints.LATEST:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError):
-        trainstate.atomic_checkpoint(tmp_path, 1, lambda d: (d / "x").write_text("x"))
+        checkpoints.atomic_checkpoint(tmp_path, 1, lambda d: (d / "x").write_text("x"))
     monkeypatch.undo()
     assert not (tmp_path / ".latest.tmp").exists()
 
@@ -549,7 +550,7 @@ def test_sigint_in_a_real_process_saves_exits_130_and_resumes_with_the_same_data
             child.wait()
     assert child.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
-    ckpt = trainstate.find_latest(run)
+    ckpt = checkpoints.find_latest(run)
     stopped = int(ckpt.name.split("-")[1])
     assert 2 <= stopped < 12
     state = json.loads((ckpt / "trainer_state.json").read_text())["state"]

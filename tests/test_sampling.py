@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tilevlm.sampling import (
+from tilevlm.inference.sampling import (
     SamplingParams,
     StopStrings,
     apply_repetition_penalty,

@@ -4,9 +4,10 @@ import logging
 import pytest
 from tokenizers import AddedToken, Tokenizer
 
-from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, preset
-from tilevlm.tokenizer import (ENDOFTEXT, IM_END, IM_START, load_tokenizer,
-                               special_token_strings, train_bpe_tokenizer)
+from tilevlm.config import preset
+from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
+from tilevlm.preprocessing.chat_template import IM_END, IM_START
+from tilevlm.preprocessing.tokenizer import ENDOFTEXT, load_tokenizer, train_bpe_tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
@@ -25,7 +26,7 @@ def _check_vlm_token_layout(tok, base: int, grid_side: int) -> None:
     assert tok.grid_token_id(2, 1) == base + 2 + grid_side
     assert tok.grid_token_id(grid_side, grid_side) == base + 1 + grid_side**2
     assert len(tok) == tok.vocab_size == base + 2 + grid_side**2
-    for index, content in enumerate(special_token_strings(grid_side)):
+    for index, content in enumerate(special_tokens(grid_side)):
         assert tok.tokenizer.token_to_id(content) == base + index
 
 
@@ -119,7 +120,7 @@ def test_saved_tokenizer_loads_in_transformers(tiny_tokenizer, tmp_path):
 
 def test_load_hf_directory_adds_chat_markers_and_vlm_tokens(hf_tokenizer_dir, caplog):
     base = Tokenizer.from_file(str(hf_tokenizer_dir / "tokenizer.json")).get_vocab_size(True)
-    with caplog.at_level(logging.INFO, logger="tilevlm.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="tilevlm.preprocessing.tokenizer"):
         tok = load_tokenizer(hf_tokenizer_dir, grid_side=4)
     assert "added ChatML markers" in caplog.text and "base vocabulary" in caplog.text
     assert tok.im_start_id == base and tok.im_end_id == base + 1

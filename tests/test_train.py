@@ -22,11 +22,12 @@ from tilevlm.data.sampler import ResumableBatchSampler
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.data.synthetic import SyntheticSpec, SyntheticVQA
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.optim import lr_factor
-from tilevlm.processor import IGNORE_INDEX, Processor
-from tilevlm.tokenizer import IM_END
-from tilevlm.train import TrainConfig, train
-from tilevlm import trainstate
+from tilevlm.training.optim import lr_factor
+from tilevlm.config import IGNORE_INDEX
+from tilevlm.preprocessing.chat_template import IM_END
+from tilevlm.preprocessing.processor import Processor
+from tilevlm.training.loop import TrainConfig, train
+from tilevlm.training import checkpoints
 
 from conftest import SMALL  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     part = train(model, processor, train_data, None, quick(tmp_path / "part"))
     hook.remove()
     assert part.interrupted and part.step == 3
-    assert trainstate.find_latest(tmp_path / "part").name == "checkpoint-3"
+    assert checkpoints.find_latest(tmp_path / "part").name == "checkpoint-3"
 
     other_init = make_model(config, seed=123)  # the weights must come from the checkpoint
     resumed = train(other_init, processor, train_data, None, quick(tmp_path / "part"),
@@ -105,8 +106,8 @@ KILL_SCRIPT = textwrap.dedent("""
     from tilevlm import preset
     from tilevlm.data.sources import named_dataset, synthetic_tokenizer
     from tilevlm.model.vlm import VisionLanguageModel
-    from tilevlm.processor import Processor
-    from tilevlm.train import TrainConfig, train
+    from tilevlm.preprocessing.processor import Processor
+    from tilevlm.training.loop import TrainConfig, train
     tokenizer, config = synthetic_tokenizer(preset("tiny", **{small}))
     data = named_dataset("synthetic", "train", 100, config)
     cfg = TrainConfig(steps=100000, batch_size=1, save_every=1, eval_every=0, progress=False,
@@ -129,24 +130,24 @@ def test_checkpoint_complete_or_absent_after_sigkill(tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    latest = trainstate.find_latest(out)
+    latest = checkpoints.find_latest(out)
     assert latest is not None and int(latest.name.split("-")[1]) >= 3
     for ckpt in out.glob("checkpoint-*"):  # every renamed checkpoint is whole
         names = {p.name for p in ckpt.iterdir()}
         assert {"config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json",
                 "rng.safetensors", "trainer_state.json", "tokenizer.json"} <= names
-    from tilevlm.checkpoint import load_pretrained
+    from tilevlm.weights.native import load_pretrained
 
     load_pretrained(latest)
     state = json.loads((latest / "trainer_state.json").read_text())
     assert state["state"]["step"] == int(latest.name.split("-")[1])
-    trainstate.remove_stale_tmp(out)
+    checkpoints.remove_stale_tmp(out)
     assert not list(out.glob(".tmp-ckpt-*"))
 
 
 def test_atomic_checkpoint_replaces_the_same_step(tmp_path):
     for text in ("first", "second"):
-        path = trainstate.atomic_checkpoint(
+        path = checkpoints.atomic_checkpoint(
             tmp_path, 5, lambda d, text=text: (d / "trainer_state.json").write_text(text))
     assert path == tmp_path / "checkpoint-5"
     assert (path / "trainer_state.json").read_text() == "second"

@@ -16,8 +16,8 @@ from tilevlm import preset
 from tilevlm.cli import main
 from tilevlm.data.sources import DatasetSpec
 from tilevlm.data.stream import StreamOptions, StreamPosition, TrainStream, stream_loader
-from tilevlm.processor import Processor
-from tilevlm.tokenizer import load_tokenizer
+from tilevlm.preprocessing.processor import Processor
+from tilevlm.preprocessing.tokenizer import load_tokenizer
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

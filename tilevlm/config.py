@@ -14,14 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Special-token strings, nanoVLM's, so its checkpoints keep their token ids.
-IMAGE_TOKEN = "<|image|>"
-GLOBAL_IMAGE_TOKEN = "<|global_image|>"
+from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
 
-
-def grid_token(row: int, col: int) -> str:
-    """The token string for tile (row, col), both 1-based: `r{row}c{col}` in the seed's names."""
-    return f"<row_{row}_col_{col}>"
+# Labels with this value count for no loss (PyTorch's cross-entropy default ignore_index).
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -74,7 +70,7 @@ class VLMConfig:
         needed_side = max(8, max_tiles_per_side)  # 8x8 as in nanoVLM, more when asked for
         if self.grid_side is None:
             self.grid_side = needed_side
-        vocab = self.lm_base_vocab_size + 2 + self.grid_side**2
+        vocab = self.lm_base_vocab_size + len(special_tokens(self.grid_side))
         if self.lm_vocab_size is None:
             self.lm_vocab_size = vocab
         self._validate(max_tiles_per_side, vocab)
@@ -148,7 +144,27 @@ class VLMConfig:
 
     @property
     def n_special_tokens(self) -> int:
-        return 2 + self.grid_side**2
+        return len(special_tokens(self.grid_side))
+
+    # Special token ids: the base vocabulary, then `special_tokens(grid_side)` in its order.
+    def special_token_ids(self) -> dict[str, int]:
+        base = self.lm_base_vocab_size
+        return {token: base + i for i, token in enumerate(special_tokens(self.grid_side))}
+
+    @property
+    def image_token_id(self) -> int:
+        return self.lm_base_vocab_size + special_tokens(0).index(IMAGE_TOKEN)
+
+    @property
+    def global_image_token_id(self) -> int:
+        return self.lm_base_vocab_size + special_tokens(0).index(GLOBAL_IMAGE_TOKEN)
+
+    def grid_token_id(self, row: int, col: int) -> int:
+        """Token id of grid cell r{row}c{col} (both 1-based)."""
+        side = self.grid_side
+        if not (1 <= row <= side and 1 <= col <= side):
+            raise ValueError(f"grid cell r{row}c{col} is outside the {side}x{side} grid tokens")
+        return self.special_token_ids()[grid_token(row, col)]
 
     # Serialisation.
     def to_dict(self) -> dict[str, Any]:

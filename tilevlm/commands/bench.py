@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.bench import PARTS, BenchConfig
+    from tilevlm.tools.benchmark import PARTS, BenchConfig
     from tilevlm.config import PRESETS
 
     d = BenchConfig()
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time prefill and decode with fp32 weights and the eager step "
                              "in the same run, and print each speed-up beside it")
     parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
-                        help="labels: LM head only at label positions (fastpath.label_loss); "
+                        help="labels: LM head only at label positions (forward with return_logits=False); "
                              "full: model(**batch).loss over every position")
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="torch threads (default: all cores; 1 can be faster on a busy machine)")
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.bench import BenchConfig, format_table, run_bench
+    from tilevlm.tools.benchmark import BenchConfig, format_table, run_bench
 
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
                      dtype=args.dtype, weights=args.weights, compile=args.compile,

@@ -29,10 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.checkpoint import build_from_hf, load_nanovlm, save_pretrained
+    from tilevlm.weights.huggingface import build_from_hf
+    from tilevlm.weights.nanovlm import load_nanovlm
+    from tilevlm.weights.native import save_pretrained
     from tilevlm.config import preset
-    from tilevlm.processor import Processor
-    from tilevlm.tokenizer import load_tokenizer
+    from tilevlm.preprocessing.processor import Processor
+    from tilevlm.preprocessing.tokenizer import load_tokenizer
 
     if args.nanovlm:
         if args.siglip or args.llm:

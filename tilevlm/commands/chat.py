@@ -39,7 +39,7 @@ class Conversation:
 
 def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
     """Run a /command; False means quit."""
-    from tilevlm.image import load_image
+    from tilevlm.preprocessing.image import load_image
 
     name, _, arg = line.partition(" ")
     if name in ("/quit", "/exit"):
@@ -62,7 +62,7 @@ def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from tilevlm.commands.generate import sampling_params, store_weights, stream_answer
-    from tilevlm.inference import load_for_inference
+    from tilevlm.inference.loading import load_for_inference
 
     sampling_params(args)
     model, processor = load_for_inference(args.model, args.device, args.tokenizer)

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.demo import DemoConfig
+    from tilevlm.tools.demo_job import DemoConfig
 
     d = DemoConfig()
     parser.add_argument("--out", default=d.out_dir, help="where the model, report and figure go")
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.demo import DemoConfig, run_demo
+    from tilevlm.tools.demo_job import DemoConfig, run_demo
 
     cfg = DemoConfig(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
                      test_size=args.test_size, seed=args.seed, progress=not args.no_progress,

@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tilevlm.commands.generate import store_weights
     from tilevlm.data.sources import open_dataset
-    from tilevlm.evaluate import evaluate, write_report
-    from tilevlm.inference import load_for_inference
+    from tilevlm.tools.evaluation import evaluate, write_report
+    from tilevlm.inference.loading import load_for_inference
 
     if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--n, --batch-size and --max-new-tokens must be >= 1")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_model_dir(path: Path) -> Path:
     """A directory with config.json, or the latest checkpoint of a run directory."""
-    from tilevlm.trainstate import find_latest
+    from tilevlm.training.checkpoints import find_latest
 
     if (path / "config.json").is_file():
         return path

@@ -39,14 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def store_weights(model, args: argparse.Namespace):
-    """The model with its weights stored as `--weights` asks (fastpath.inference_weights)."""
-    from tilevlm.fastpath import inference_weights
+    """The model with its weights stored as `--weights` asks (inference.quantize.inference_weights)."""
+    from tilevlm.inference.quantize import inference_weights
 
     return model if args.weights == "auto" else inference_weights(model, args.weights)
 
 
 def sampling_params(args: argparse.Namespace):
-    from tilevlm.sampling import SamplingParams
+    from tilevlm.inference.sampling import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           repetition_penalty=args.repetition_penalty)
@@ -56,7 +56,7 @@ def prepare_batch(processor, messages, images, max_new_tokens: int) -> dict:
     """The model batch for one conversation, or a ValueError (a bad image, placeholders that do
     not match the images, too long for lm_max_length or for max_new_tokens more) from the
     processor alone: no weights are needed to find these."""
-    from tilevlm.image import load_image
+    from tilevlm.preprocessing.image import load_image
 
     config = processor.config
     loaded = [load_image(i, max_pixels=config.max_image_pixels) for i in images]
@@ -70,7 +70,7 @@ def prepare_batch(processor, messages, images, max_new_tokens: int) -> dict:
 
 def stream_batch(model, processor, batch, args, out=None) -> str:
     """Stream the reply to `out` (stdout); print the stats line to stderr; return the reply."""
-    from tilevlm.generate import GenerationStats, stream_generate
+    from tilevlm.inference.generation import GenerationStats, stream_generate
 
     out = out or sys.stdout
     stats = GenerationStats()
@@ -92,7 +92,8 @@ def stream_answer(model, processor, messages, images, args, out=None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.inference import load_model, load_processor, resolve_device
+    from tilevlm.inference.loading import load_model, load_processor
+    from tilevlm.device import resolve_device
 
     sampling_params(args)  # bad options, model directory, images and prompt all fail
     if args.max_new_tokens < 1:  # before the weights load or the vision encoder runs

@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tilevlm.config import preset
-    from tilevlm.image import ImageTransform, load_image, tiles_per_image
-    from tilevlm.processor import count_image_tokens
+    from tilevlm.preprocessing.image import ImageTransform, load_image, tiles_per_image
+    from tilevlm.preprocessing.processor import count_image_tokens
 
     config = preset(args.preset)
     img = load_image(args.image, max_pixels=config.max_image_pixels)
@@ -55,7 +55,7 @@ def _save_png(path: str, resized: Image.Image, grid: tuple[int, int], tile_size:
               thumb: Image.Image | None, title: str) -> None:
     from pathlib import Path
 
-    from tilevlm.visualize import draw_tiles
+    from tilevlm.tools.visualize import draw_tiles
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ _SKIP_FIELDS = ("out_dir",)  # set by --out
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tilevlm.config import PRESETS
-    from tilevlm.trainconfig import TrainConfig
+    from tilevlm.training.train_config import TrainConfig
 
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", choices=sorted(PRESETS), help="model configuration by name")
@@ -66,7 +66,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    from tilevlm.trainconfig import TrainConfig
+    from tilevlm.training.train_config import TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if f.name not in _SKIP_FIELDS}
@@ -74,8 +74,8 @@ def train_config(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm import distributed
-    from tilevlm.inference import resolve_device
+    from tilevlm.training import distributed
+    from tilevlm.device import resolve_device
 
     cfg = train_config(args)
     device = distributed.rank_device(resolve_device(cfg.device))
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, cfg: Any) -> int:
     from tilevlm.data.sources import training_data
-    from tilevlm.processor import Processor
-    from tilevlm.train import train
+    from tilevlm.preprocessing.processor import Processor
+    from tilevlm.training.loop import train
 
     model, tokenizer = _model_and_tokenizer(args, cfg.seed)
     processor = Processor(model.cfg, tokenizer)
@@ -124,11 +124,11 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]
     tokenizer (--tokenizer overrides the one a model directory holds)."""
     import torch
 
-    from tilevlm.checkpoint import load_pretrained
+    from tilevlm.weights.native import load_pretrained
     from tilevlm.config import VLMConfig, preset
     from tilevlm.model.vlm import VisionLanguageModel
-    from tilevlm.tokenizer import load_tokenizer
-    from tilevlm.trainstate import find_latest
+    from tilevlm.preprocessing.tokenizer import load_tokenizer
+    from tilevlm.training.checkpoints import find_latest
 
     if args.resume and not (args.preset or args.config or args.model):
         ckpt = find_latest(args.resume)
@@ -153,7 +153,7 @@ def _tokenizer_for(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
     from tilevlm.data.sources import synthetic_tokenizer
 
     if args.tokenizer:
-        from tilevlm.tokenizer import load_tokenizer
+        from tilevlm.preprocessing.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer, grid_side=config.grid_side)
         if tokenizer.base_vocab_size != config.lm_base_vocab_size:

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from tilevlm.image import ImageLike
-from tilevlm.processor import IGNORE_INDEX
+from tilevlm.preprocessing.image import ImageLike
+from tilevlm.config import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from tilevlm.data.rowreader import IMAGE_PLACEHOLDER, Sample
+from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
-from tilevlm.image import tile_grid, tiles_per_image
-from tilevlm.processor import count_image_tokens
-from tilevlm.tokenizer import IM_END, chat_header
+from tilevlm.preprocessing.image import tile_grid, tiles_per_image
+from tilevlm.preprocessing.processor import count_image_tokens
+from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER, chat_segments
 
 _ORIENTATION = 0x0112  # the EXIF orientation tag
 _TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
@@ -94,9 +94,8 @@ class SampleMeter:
 
     def text_tokens(self, messages: list[dict[str, str]]) -> int:
         """ChatML tokens of the messages with every `<image>` removed (no generation prompt)."""
-        pieces: list[str] = []
-        for i, m in enumerate(messages):
-            pieces += [chat_header(m, i), *m["content"].split(IMAGE_PLACEHOLDER), IM_END, "\n"]
+        pieces = [piece for text, _ in chat_segments(messages)
+                  for piece in text.split(IMAGE_PLACEHOLDER)]
         return sum(len(ids) for ids in self.tokenizer.encode_batch(pieces))
 
 

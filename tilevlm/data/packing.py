@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, TOO_MANY_TILES, SkipCounter, SkipSample
-from tilevlm.image import load_image
-from tilevlm.processor import IGNORE_INDEX
+from tilevlm.preprocessing.image import load_image
+from tilevlm.config import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

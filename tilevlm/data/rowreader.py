@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from tilevlm.preprocessing.chat_template import (PlaceholderMismatch, check_message,
+                                                 place_image_placeholders)
 from tilevlm.data.skips import MALFORMED, PATH_ESCAPE, PLACEHOLDERS, SkipCounter, SkipSample
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("system", "user", "assistant")
 Sample = dict[str, Any]
 Keep = Callable[[int], bool]  # global row index -> whether this process reads the row
 Block = dict[int, "Sample | SkipSample"]  # stream position -> sample (or why it was dropped)
@@ -147,25 +147,19 @@ def make_sample(messages: list[dict[str, str]], images: list[Any], where: str) -
     Without any `<image>` in the text, the images go at the start of the first user turn.
     """
     for m in messages:
-        if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise SkipSample(MALFORMED, f"bad message {m!r:.120}")
+        try:
+            check_message(m)
+        except ValueError:
+            raise SkipSample(MALFORMED, f"bad message {m!r:.120}") from None
     if not any(m["role"] == "assistant" for m in messages):
         raise SkipSample(MALFORMED, "no assistant turn (nothing to learn from)")
-    found = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    if found == 0 and images:
-        messages = _prepend_placeholders(messages, len(images))
-    elif found != len(images):
-        raise SkipSample(PLACEHOLDERS, f"{found} {IMAGE_PLACEHOLDER} in the text but "
-                                       f"{len(images)} images")
+    try:
+        messages = place_image_placeholders(messages, len(images))
+    except PlaceholderMismatch as e:
+        raise SkipSample(PLACEHOLDERS, str(e)) from None
+    except ValueError as e:
+        raise SkipSample(MALFORMED, str(e)) from None
     return {"messages": messages, "images": images, "source": where}
-
-
-def _prepend_placeholders(messages: list[dict[str, str]], n: int) -> list[dict[str, str]]:
-    for i, m in enumerate(messages):
-        if m["role"] == "user":
-            first = {**m, "content": IMAGE_PLACEHOLDER * n + m["content"]}
-            return [*messages[:i], first, *messages[i + 1:]]
-    raise SkipSample(MALFORMED, "images but no user turn to put them in")
 
 
 def safe_image_path(root: str | Path, name: str) -> Path:

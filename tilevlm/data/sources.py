@@ -81,7 +81,7 @@ def training_data(data: str, split: str, n: int, config: VLMConfig,
 def synthetic_tokenizer(config: VLMConfig) -> tuple[Any, VLMConfig]:
     """A BPE trained on everything the synthetic data can say, and the config with
     `lm_base_vocab_size` set to its base vocabulary."""
-    from tilevlm.tokenizer import train_bpe_tokenizer
+    from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(corpus_texts(synthetic_spec(config).max_grid),
                                     vocab_size=SYNTHETIC_VOCAB_SIZE, grid_side=config.grid_side)

@@ -26,7 +26,8 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_PLACEHOLDER = "<image>"
+from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
+
 
 # Six colours far apart in RGB (the closest pair, blue/cyan, is ~150 apart) and far from the
 # dark background.

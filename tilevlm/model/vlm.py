@@ -1,10 +1,8 @@
 """VisionLanguageModel: tiles -> SigLIP -> pixel-shuffle projector -> scattered into the text
 embeddings at the image-token positions -> Llama decoder -> logits / loss.
 
-Special token ids (no tokenizer needed): our tokens follow the base vocabulary in the order
-`<|image|>`, `<|global_image|>`, then the grid cells r1c1 ... r{g}c{g} row-major, so
-`image_token_id = cfg.lm_base_vocab_size`, `global_image_token_id = image_token_id + 1`,
-`grid_token_id(row, col) = image_token_id + 2 + (row - 1) * grid_side + (col - 1)`.
+Special token ids come from the config (no tokenizer needed; the order is
+`tilevlm.special_tokens`).
 
 The contract: the input_ids hold exactly `n_tiles * cfg.mp_image_token_length` image tokens, and
 the tiles come in the order of their placeholders (sample by sample, in text order); tile k fills
@@ -22,14 +20,13 @@ What generation (not part of this module) uses:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tilevlm.config import VLMConfig
+from tilevlm.config import IGNORE_INDEX, VLMConfig
 from tilevlm.model.language import LanguageModel
 from tilevlm.model.projector import ModalityProjector
 from tilevlm.model.vision import VisionEncoder
@@ -37,8 +34,6 @@ from tilevlm.model.vision import VisionEncoder
 # One tensor [N, 3, T, T], a list of per-image tensors ([3, T, T] or [n, 3, T, T]), or a list of
 # per-sample lists of those.
 PixelValues = Union[torch.Tensor, Sequence[Any], None]
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -83,15 +78,12 @@ class VisionLanguageModel(nn.Module):
         self.vision_encoder = VisionEncoder(cfg)
         self.projector = ModalityProjector(cfg)
         self.decoder = LanguageModel(cfg)
-        self.image_token_id = cfg.lm_base_vocab_size
-        self.global_image_token_id = cfg.lm_base_vocab_size + 1
+        self.image_token_id = cfg.image_token_id
+        self.global_image_token_id = cfg.global_image_token_id
 
     def grid_token_id(self, row: int, col: int) -> int:
         """Token id of grid cell r{row}c{col} (both 1-based)."""
-        side = self.cfg.grid_side
-        if not (1 <= row <= side and 1 <= col <= side):
-            raise ValueError(f"grid cell r{row}c{col} is outside the {side}x{side} grid tokens")
-        return self.image_token_id + 2 + (row - 1) * side + (col - 1)
+        return self.cfg.grid_token_id(row, col)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -104,12 +96,10 @@ class VisionLanguageModel(nn.Module):
         feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=0)  # (N, S*S, Dv)
         return self.projector(feats)  # (N, L, D)
 
-    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: PixelValues = None,
-                     image_token_id: int | None = None) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: PixelValues = None) -> torch.Tensor:
         """Token embeddings [B, T, D] with the projected tiles in the image-token positions."""
-        image_token_id = self.image_token_id if image_token_id is None else image_token_id
         embeds = self.decoder.embed(input_ids)  # (B, T, D)
-        is_image = input_ids == image_token_id  # (B, T)
+        is_image = input_ids == self.image_token_id  # (B, T)
         tiles = flatten_tiles(pixel_values)
         n_tiles = 0 if tiles is None else tiles.shape[0]
         self._check_placeholders(int(is_image.sum()), n_tiles)
@@ -128,7 +118,6 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: PixelValues = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_token_id: int | None = None,
                 position_ids: torch.Tensor | None = None,
                 return_logits: bool = True) -> VLMOutput:
         """input_ids [B, T] (+ tiles, mask [B, T], labels [B, T]) -> logits [B, T, V] and loss.
@@ -139,22 +128,10 @@ class VisionLanguageModel(nn.Module):
         to the decoder as is, with `position_ids` restarting at 0 for each packed sample.
         `return_logits=False` (training, with labels): the LM head runs only where a label counts
         and `logits` is None; the same loss for a fraction of the head's work."""
-        embeds = self.embed_inputs(input_ids, pixel_values, image_token_id)  # (B, T, D)
+        embeds = self.embed_inputs(input_ids, pixel_values)  # (B, T, D)
         hidden = self.decoder(embeds, attention_mask=attention_mask, position_ids=position_ids)
         if labels is not None and not return_logits:
             return VLMOutput(logits=None, loss=labelled_loss(self.decoder, hidden, labels))
         logits = self.decoder.logits(hidden)  # (B, T, V)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return VLMOutput(logits=logits, loss=loss)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "VisionLanguageModel":
-        from tilevlm.checkpoint import load_pretrained
-
-        return load_pretrained(directory, device=device, dtype=dtype)
-
-    def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
-        from tilevlm.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, tokenizer=tokenizer)

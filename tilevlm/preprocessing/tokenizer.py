@@ -1,9 +1,8 @@
 """Tokenizers for tilevlm: a Hugging Face tokenizer directory read offline, or a small byte-level
 BPE trained here, plus our special tokens and the ChatML chat template.
 
-Special tokens (nanoVLM's, so its checkpoints keep their ids) come right after the base
-vocabulary, in this order: IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, then grid_token(r, c) for r, c in
-1..grid_side row-major. Nothing here touches the network.
+Special tokens come right after the base vocabulary, in the order `tilevlm.special_tokens`
+defines. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -15,26 +14,13 @@ from typing import Any, Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
+from tilevlm.files import read_json_object
+from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START, render
+from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
 
 logger = logging.getLogger(__name__)
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 ENDOFTEXT = "<|endoftext|>"
-CHAT_ROLES = ("system", "user", "assistant")
-# The same template in Jinja, saved in tokenizer_config.json for `transformers` users.
-_CHATML_JINJA = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def special_token_strings(grid_side: int) -> list[str]:
-    """Our special tokens in id order: image, global image, then the grid row-major."""
-    grid = [grid_token(r, c) for r in range(1, grid_side + 1) for c in range(1, grid_side + 1)]
-    return [IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *grid]
 
 
 class VLMTokenizer:
@@ -61,7 +47,6 @@ class VLMTokenizer:
         self.im_start_id = self._require_id(IM_START, "chat start")
         self.im_end_id = self._require_id(IM_END, "chat end")
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-        self._grid_base = self.global_image_token_id + 1
 
     def _require_id(self, token: str, what: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -77,7 +62,7 @@ class VLMTokenizer:
         if not (1 <= row <= self.grid_side and 1 <= col <= self.grid_side):
             raise ValueError(f"grid cell r{row}c{col} is outside the tokenizer's "
                              f"{self.grid_side}x{self.grid_side} grid tokens")
-        return self._grid_base + (row - 1) * self.grid_side + (col - 1)
+        return self._require_id(grid_token(row, col), "grid")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens in it are kept whole; no BOS/EOS is added."""
@@ -91,11 +76,8 @@ class VLMTokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, str]],
                             add_generation_prompt: bool = False) -> str:
-        """ChatML: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message."""
-        parts = [chat_header(m, i) + m["content"] + IM_END + "\n" for i, m in enumerate(messages)]
-        if add_generation_prompt:
-            parts.append(f"{IM_START}assistant\n")
-        return "".join(parts)
+        """The conversation as ChatML text (`tilevlm.preprocessing.chat_template`)."""
+        return render(messages, add_generation_prompt)
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (read back by `load_tokenizer`)."""
@@ -104,20 +86,9 @@ class VLMTokenizer:
         self.tokenizer.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                   "pad_token": self.pad_token, "bos_token": self.bos_token,
-                  "chat_template": _CHATML_JINJA, "tilevlm_grid_side": self.grid_side,
+                  "chat_template": CHATML_JINJA, "tilevlm_grid_side": self.grid_side,
                   "tilevlm_base_vocab_size": self.base_vocab_size}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def chat_header(message: dict[str, str], index: int = 0) -> str:
-    """`<|im_start|>{role}\\n` for a validated message."""
-    if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-        raise ValueError(f"message {index}: expected a dict with role in {CHAT_ROLES}, "
-                         f"got {message!r:.200}")
-    if not isinstance(message.get("content"), str):
-        raise ValueError(f"message {index}: content must be a string, "
-                         f"got {type(message.get('content')).__name__}")
-    return f"{IM_START}{message['role']}\n"
 
 
 # ----------------------------------------------------------------------------- loading
@@ -154,7 +125,7 @@ def _special_token_names(directory: Path) -> dict[str, str]:
     """eos/pad/bos strings; tokenizer_config.json wins over special_tokens_map.json."""
     names: dict[str, str] = {}
     for filename in ("special_tokens_map.json", "tokenizer_config.json"):
-        data = _read_json(directory / filename)
+        data = read_json_object(directory / filename, missing_ok=True)
         for key in ("eos_token", "pad_token", "bos_token"):
             value = data.get(key)
             if isinstance(value, dict):  # a serialized AddedToken
@@ -162,18 +133,6 @@ def _special_token_names(directory: Path) -> dict[str, str]:
             if isinstance(value, str) and value:
                 names[key] = value
     return names
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
 
 
 def _special(content: str) -> AddedToken:
@@ -199,7 +158,7 @@ def _add_vlm_tokens(tok: Tokenizer, grid_side: int, source: str) -> int:
     existing = tok.token_to_id(IMAGE_TOKEN)
     base = existing if existing is not None else _vocab_size(tok)
     before = _vocab_size(tok)
-    for index, content in enumerate(special_token_strings(grid_side)):
+    for index, content in enumerate(special_tokens(grid_side)):
         if tok.token_to_id(content) is None:
             tok.add_special_tokens([_special(content)])
         token_id = tok.token_to_id(content)

@@ -38,7 +38,7 @@ class BenchConfig:
     device: str = "cpu"
     dtype: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on CUDA, fp32 on CPU)
     weights: str | None = None  # inference weights "fp32" | "bf16" | "int8"; None: the dtype
-    compile: bool = False  # torch.compile the decode step (fastpath.compiled_decode_step)
+    compile: bool = False  # torch.compile the decode step (generation.compiled_decode_step)
     compile_train: bool = False  # torch.compile every block for the training step
     baseline: bool = False  # also time prefill and decode with fp32 weights, eager, same run
     train_loss: str = "labels"  # "labels": logits at label positions only; "full": model().loss
@@ -61,13 +61,12 @@ class BenchConfig:
         return base.replace(max_img_size=self.max_img_size or 2 * base.vit_img_size)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
-        name = self.dtype if self.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        if name not in ("fp32", "bf16"):
-            raise ValueError(f"dtype must be fp32, bf16 or auto, got {self.dtype!r}")
-        return torch.bfloat16 if name == "bf16" else torch.float32
+        from tilevlm.device import resolve_dtype
+
+        return resolve_dtype(self.dtype, device)
 
     def validate(self) -> None:
-        from tilevlm.fastpath import WEIGHT_FORMATS
+        from tilevlm.inference.quantize import WEIGHT_FORMATS
 
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
@@ -172,7 +171,7 @@ def preprocess_files(directory: Path, n: int, seed: int) -> list[Path]:
 def bench_preprocess(cfg: VLMConfig, bc: BenchConfig) -> dict[str, float]:
     """Images/s one at a time (what nanoVLM's figure measures) and on a thread pool (what the
     Processor does with a batch's images: `ImageTransform.load_many`)."""
-    from tilevlm.image import ImageTransform, default_image_threads
+    from tilevlm.preprocessing.image import ImageTransform, default_image_threads
 
     transform = ImageTransform(cfg)
     threads = bc.preprocess_threads or default_image_threads()
@@ -221,17 +220,19 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.device,
                 dtype: torch.dtype) -> dict[str, float]:
-    from tilevlm import fastpath
+    from tilevlm.training.compile import compile_blocks
+    from tilevlm.training.optim import adamw
 
     batch = synthetic_batch(model, bc.train_batch, bc.prompt_tokens, bc.answer_tokens, device,
                             bc.seed)
     model.train()
     if bc.compile_train:
-        fastpath.compile_blocks(model)
-    opt = fastpath.adamw(model.parameters(), lr=1e-5, device=device)
+        compile_blocks(model)
+    opt = adamw(model.parameters(), lr=1e-5, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loss_fn = fastpath.label_loss if bc.train_loss == "labels" else lambda m, b: m(**b).loss
+    loss_fn = ((lambda m, b: m(**b, return_logits=False).loss) if bc.train_loss == "labels"
+               else (lambda m, b: m(**b).loss))
 
     def step() -> None:
         with _autocast(device, dtype):
@@ -252,7 +253,7 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
 
 def _generation_stats(model: VisionLanguageModel, batch: dict, new_tokens: int,
                       step_fn: Callable[..., torch.Tensor] | None = None):
-    from tilevlm.generate import generate
+    from tilevlm.inference.generation import generate
 
     return generate(model, batch, max_new_tokens=new_tokens, eos_token_ids=[],
                     step_fn=step_fn).stats
@@ -317,7 +318,7 @@ def _plain_model(model: VisionLanguageModel, bc: BenchConfig) -> VisionLanguageM
 
 def _inference_model(model: VisionLanguageModel, bc: BenchConfig,
                      dtype: torch.dtype) -> VisionLanguageModel:
-    from tilevlm.fastpath import inference_weights
+    from tilevlm.inference.quantize import inference_weights
 
     if bc.weights is None:
         return model.to(dtype)  # inference runs in the chosen dtype itself
@@ -345,8 +346,9 @@ def run_bench(bc: BenchConfig, progress: Callable[[str], None] = log.info) -> di
 
 
 def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, Any]:
-    from tilevlm.fastpath import compiled_decode_step, weight_bytes
-    from tilevlm.inference import resolve_device
+    from tilevlm.inference.generation import compiled_decode_step
+    from tilevlm.inference.quantize import weight_bytes
+    from tilevlm.device import resolve_device
 
     device = resolve_device(bc.device)
     dtype = bc.torch_dtype(device)

@@ -13,25 +13,11 @@ from pathlib import Path
 
 import torch
 
+from tilevlm.device import default_dtype, resolve_device
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.processor import Processor
+from tilevlm.preprocessing.processor import Processor
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """'auto' / None: CUDA when present, else CPU. 'cuda' without a GPU is a clear error."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA GPU; "
-                         "use --device cpu")
-    return torch.device(name)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA (fast, safe for these models); fp32 on CPU, where decode is fastest in fp32."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _is_nanovlm(model_dir: Path) -> bool:
@@ -49,8 +35,10 @@ def load_processor(model_dir: str | Path, tokenizer_dir: str | Path | None = Non
     file (or a pickle in its place), a tokenizer that does not fit the model's vocabulary, all
     fail here, before any heavy work.
     """
-    from tilevlm.checkpoint import load_config, nanovlm_config, weight_files
-    from tilevlm.tokenizer import load_tokenizer
+    from tilevlm.weights.native import load_config
+    from tilevlm.weights.nanovlm import nanovlm_config
+    from tilevlm.weights.safetensors_files import weight_files
+    from tilevlm.preprocessing.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -76,7 +64,8 @@ def load_model(model_dir: str | Path, processor: Processor, device: str | None =
                dtype: torch.dtype | None = None) -> VisionLanguageModel:
     """The weights of a model directory whose `processor` (`load_processor`) is already checked;
     in eval mode on the device."""
-    from tilevlm.checkpoint import load_nanovlm, load_pretrained
+    from tilevlm.weights.nanovlm import load_nanovlm
+    from tilevlm.weights.native import load_pretrained
 
     model_dir = Path(model_dir)
     target = resolve_device(device)

@@ -12,33 +12,24 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from tilevlm.config import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, VLMConfig, grid_token
-from tilevlm.image import (ImageLike, ImageTransform, default_image_threads, thread_map,
+from tilevlm.config import IGNORE_INDEX, VLMConfig
+from tilevlm.preprocessing.image import (ImageLike, ImageTransform, default_image_threads, thread_map,
                            tile_grid, tiles_per_image)
-from tilevlm.tokenizer import IM_END, IM_START, VLMTokenizer, chat_header
-
-IMAGE_PLACEHOLDER = "<image>"
-IGNORE_INDEX = -100
+from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, chat_segments, check_message,
+                                                 place_image_placeholders)
+from tilevlm.preprocessing.tokenizer import VLMTokenizer
+from tilevlm.special_tokens import IMAGE_TOKEN, image_tokens
 
 
 def image_string(tokenizer: VLMTokenizer, grid: tuple[int, int], mp_image_token_length: int,
                  use_global: bool) -> str:
-    """The token string standing for one image with this tile grid.
-
-    Grid larger than 1x1: (with `use_global`) GLOBAL_IMAGE_TOKEN + IMAGE_TOKEN * L for the
-    thumbnail, then grid_token(i, j) + IMAGE_TOKEN * L per tile, row-major.
-    A 1x1 grid: grid_token(1, 1) + IMAGE_TOKEN * L, as in the seed's single-tile configuration.
-    (nanoVLM's newer global-token code writes GLOBAL_IMAGE_TOKEN for a 1x1 grid instead; the token
-    count is the same, 1 + L, and we keep the seed's r1c1 so a tile is always named by its cell.)
-    """
+    """The token string standing for one image with this tile grid (the layout is
+    `tilevlm.special_tokens.image_tokens`)."""
     n_h, n_w = grid
     if not (1 <= n_h <= tokenizer.grid_side and 1 <= n_w <= tokenizer.grid_side):
         raise ValueError(f"a {n_h}x{n_w} tile grid does not fit the tokenizer's "
                          f"{tokenizer.grid_side}x{tokenizer.grid_side} grid tokens")
-    tokens = IMAGE_TOKEN * mp_image_token_length
-    parts = [GLOBAL_IMAGE_TOKEN + tokens] if tiles_per_image(grid, use_global) > n_h * n_w else []
-    parts += [grid_token(i, j) + tokens for i in range(1, n_h + 1) for j in range(1, n_w + 1)]
-    return "".join(parts)
+    return "".join(image_tokens(grid, mp_image_token_length, use_global))
 
 
 def count_image_tokens(width: int, height: int, config: VLMConfig) -> int:
@@ -140,14 +131,11 @@ class Processor:
                       grids: list[tuple[int, int]]) -> list[dict[str, str]]:
         """Copies of the messages with each `<image>` replaced by its image string."""
         for i, m in enumerate(messages):
-            chat_header(m, i)  # validates role and content
-        found = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if found == 0 and grids:
-            messages = _prepend_to_first_user(index, messages, IMAGE_PLACEHOLDER * len(grids))
-            found = len(grids)
-        if found != len(grids):
-            raise ValueError(f"sample {index}: {found} {IMAGE_PLACEHOLDER} placeholders in the "
-                             f"text but {len(grids)} images")
+            check_message(m, i)
+        try:
+            messages = place_image_placeholders(messages, len(grids))
+        except ValueError as e:
+            raise ValueError(f"sample {index}: {e}") from None
         strings = iter(image_string(self.tokenizer, g, self.config.mp_image_token_length,
                                     self.config.use_global_tile) for g in grids)
         placed = []
@@ -160,13 +148,7 @@ class Processor:
     def _tokenize(self, messages: list[dict[str, str]], add_generation_prompt: bool
                   ) -> tuple[list[int], list[int]]:
         """ChatML token ids, and labels that keep only assistant content and its <|im_end|>."""
-        segments: list[tuple[str, bool]] = []
-        for m in messages:
-            reply = m["role"] == "assistant"
-            segments += [(chat_header(m), False), (m["content"], reply), (IM_END, reply),
-                         ("\n", False)]
-        if add_generation_prompt:
-            segments.append((f"{IM_START}assistant\n", False))
+        segments = chat_segments(messages, add_generation_prompt)
         encoded = self.tokenizer.encode_batch([text for text, _ in segments])
         ids: list[int] = []
         labels: list[int] = []
@@ -201,11 +183,3 @@ class Processor:
             label_ids[b, span] = torch.tensor(y, dtype=torch.long)
             attention[b, span] = 1
         return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
-
-
-def _prepend_to_first_user(index: int, messages: list[dict[str, str]], text: str
-                           ) -> list[dict[str, str]]:
-    for i, m in enumerate(messages):
-        if m["role"] == "user":
-            return [*messages[:i], {**m, "content": text + m["content"]}, *messages[i + 1:]]
-    raise ValueError(f"sample {index}: has images but no user message to put them in")

@@ -3,7 +3,7 @@ teacher-forced loss.
 
 A sample is a raw sample (see `tilevlm.data.collate`): its last message is the reference answer
 and everything before it is the prompt. `greedy_answers` decodes with the KV-cached
-`tilevlm.generate.generate` (prefill once, then one token per step).
+`tilevlm.inference.generation.generate` (prefill once, then one token per step).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from tilevlm.data.collate import Sample, sample_images, sample_messages, to_model_inputs
-from tilevlm.generate import generate
-from tilevlm.processor import IGNORE_INDEX
+from tilevlm.inference.generation import generate
+from tilevlm.config import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

@@ -73,3 +73,10 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     return max(group["lr"] for group in optimizer.param_groups)
+
+
+def adamw(params: Iterable[Any], lr: float, device: torch.device | str, **kwargs: Any
+          ) -> torch.optim.AdamW:
+    """AdamW with the fused (one kernel for all tensors) implementation on CPU and CUDA."""
+    fused = torch.device(device).type in FUSED_ADAMW_DEVICES
+    return torch.optim.AdamW(params, lr=lr, fused=fused, **kwargs)

@@ -26,8 +26,8 @@ from tilevlm.config import VLMConfig, preset
 from tilevlm.data.sources import synthetic_spec, synthetic_tokenizer
 from tilevlm.data.synthetic import SyntheticVQA
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.processor import Processor
-from tilevlm.trainconfig import TrainConfig
+from tilevlm.preprocessing.processor import Processor
+from tilevlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,9 @@ def demo_data(model_cfg: VLMConfig, cfg: DemoConfig) -> dict[str, SyntheticVQA]:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    from tilevlm.checkpoint import save_pretrained
-    from tilevlm.evaluate import evaluate, write_report
-    from tilevlm.train import train
+    from tilevlm.weights.native import save_pretrained
+    from tilevlm.tools.evaluation import evaluate, write_report
+    from tilevlm.training.loop import train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -153,9 +153,9 @@ def _pick_example(test: SyntheticVQA) -> dict[str, Any]:
 def draw_example(model: VisionLanguageModel, processor: Processor, test: SyntheticVQA,
                  path: Path) -> Path:
     """One test image with its tiles and grid labels, the question, the model's answer."""
-    from tilevlm.evaluate import greedy_answers
-    from tilevlm.image import ImageTransform
-    from tilevlm.visualize import draw_tiles
+    from tilevlm.tools.evaluation import greedy_answers
+    from tilevlm.preprocessing.image import ImageTransform
+    from tilevlm.tools.visualize import draw_tiles
 
     sample = _pick_example(test)
     answer = greedy_answers(model, processor, [sample["messages"][:-1]], [[sample["image"]]], 8)[0]

@@ -1,13 +1,13 @@
 """The training loop: AdamW with per-part learning rates, warmup + cosine, gradient accumulation
 weighted by tokens, bf16 autocast, periodic validation, atomic resumable checkpoints, clean
-Ctrl-C, and the same loop under `torchrun` (DistributedDataParallel, see `tilevlm.distributed`).
+Ctrl-C, and the same loop under `torchrun` (DistributedDataParallel, see `tilevlm.training.distributed`).
 
     result = train(model, processor, train_data, val_data, TrainConfig(steps=300, out_dir="runs/x"))
 
 `train_data` is a map-style dataset of raw samples (`len` + `[i]`; each a dict with `messages`
 and `image`/`images`), whose order is a pure function of (seed, position), or a `DatasetSpec`
 (a dataset path, streamed; see `tilevlm.data.stream`). Either way `resume_from` continues an
-interrupted run exactly (see `tilevlm.trainfeed` for a different number of processes).
+interrupted run exactly (see `tilevlm.training.feed` for a different number of processes).
 `val_data` is any iterable of raw samples; the first `eval_batches * batch_size` of them are the
 validation set.
 
@@ -36,13 +36,13 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from tilevlm import distributed, optim, trainstate
+from tilevlm.training import checkpoints, distributed, optim
 from tilevlm.data.collate import label_count, to_model_inputs, token_counts
 from tilevlm.data.skips import (IMAGE_ERROR, MALFORMED, PATH_ESCAPE, PLACEHOLDERS, TOO_LONG,
                                 TOO_MANY_TILES)
-from tilevlm.inference import resolve_device
-from tilevlm.trainconfig import TrainConfig
-from tilevlm.trainfeed import Feed, make_feed, resume_feed
+from tilevlm.device import resolve_device, resolve_dtype
+from tilevlm.training.train_config import TrainConfig
+from tilevlm.training.feed import Feed, make_feed, resume_feed
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     device = distributed.rank_device(resolve_device(cfg.device))
     model.to(device)
     if cfg.compile:  # forward replaced per block: same parameters, same state-dict keys
-        from tilevlm.fastpath import compile_blocks
+        from tilevlm.training.compile import compile_blocks
 
         compile_blocks(model, backend=cfg.compile)
     optimizer = optim.build_optimizer(model, cfg.part_lrs, cfg.weight_decay,
@@ -198,11 +198,10 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
-        trainstate.remove_stale_tmp(out_dir)
+        checkpoints.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \
         if val_data is not None and distributed.is_main() else []
-    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"
-                                   and torch.cuda.is_bf16_supported())
+    bf16 = resolve_dtype(cfg.dtype, device) == torch.bfloat16
     metrics = MetricsLog(out_dir) if distributed.is_main() else _NoMetrics()
     run = _Run(cfg, model, model, processor, optimizer, device, bf16, TrainState(), val_samples,
                metrics, feed, params=[p for p in model.parameters() if p.requires_grad])
@@ -230,11 +229,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _resume(run: _Run, path: Path) -> None:
-    ckpt = trainstate.find_latest(path)
+    ckpt = checkpoints.find_latest(path)
     if ckpt is None:
         raise ValueError(f"{path}: no complete checkpoint to resume from")
-    trainstate.load_model_weights(run.model, ckpt)
-    saved = trainstate.load_training_files(ckpt, run.optimizer)
+    checkpoints.load_model_weights(run.model, ckpt)
+    saved = checkpoints.load_training_files(ckpt, run.optimizer)
     run.state = TrainState(**saved["state"])
     resume_feed(run.feed, saved)
     _warn_config_changes(saved.get("train_config", {}),
@@ -400,7 +399,7 @@ def _validate(run: _Run) -> None:
 
 
 def _validate_here(run: _Run) -> None:
-    from tilevlm.evaluate import evaluate
+    from tilevlm.tools.evaluation import evaluate
 
     report = evaluate(run.model, run.processor, run.val_samples, batch_size=run.cfg.batch_size,
                       max_new_tokens=run.cfg.eval_max_new_tokens, autocast=run.autocast)
@@ -420,7 +419,7 @@ def _save(run: _Run) -> Path | None:
 
 
 def _write_checkpoint(run: _Run) -> Path:
-    from tilevlm.checkpoint import save_pretrained
+    from tilevlm.weights.native import save_pretrained
 
     tokenizer = getattr(run.processor, "tokenizer", None)
     trainer_state = {"state": dataclasses.asdict(run.state), "train_config": run.cfg.to_dict(),
@@ -432,9 +431,9 @@ def _write_checkpoint(run: _Run) -> Path:
 
     def write(directory: Path) -> None:
         save_pretrained(run.model, directory, tokenizer=tokenizer)
-        trainstate.save_training_files(directory, run.optimizer, trainer_state)
+        checkpoints.save_training_files(directory, run.optimizer, trainer_state)
 
-    run.last_checkpoint = trainstate.atomic_checkpoint(run.cfg.out_dir, run.state.step, write)
+    run.last_checkpoint = checkpoints.atomic_checkpoint(run.cfg.out_dir, run.state.step, write)
     log.info("saved %s", run.last_checkpoint)
     return run.last_checkpoint
 

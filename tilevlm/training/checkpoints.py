@@ -213,7 +213,8 @@ def find_latest(path: str | Path) -> Path | None:
 
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """Copy a checkpoint's `model.safetensors` into `model` (same keys and shapes, checked)."""
-    from tilevlm.checkpoint import check_tensors, read_safetensors
+    from tilevlm.weights.convert import check_tensors
+    from tilevlm.weights.safetensors_files import read_safetensors
 
     tensors = read_safetensors(directory)
     check_tensors(model, tensors, f"{directory}")

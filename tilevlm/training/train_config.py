@@ -8,7 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-DTYPES = ("auto", "fp32", "bf16")
+from tilevlm.device import DTYPE_NAMES
+
 NONFINITE_ACTIONS = ("stop", "skip")
 
 
@@ -34,7 +35,7 @@ class TrainConfig:
     min_lr_ratio: float = _knob(0.1, "cosine decay ends at this fraction of each learning rate")
     grad_clip: float = _knob(1.0, "max global gradient norm (0: no clipping)")
     dtype: str = _knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (CPU too)",
-                       DTYPES)
+                       DTYPE_NAMES)
     device: str = _knob("auto", "auto: cuda when available, else cpu; or a torch device name")
     eval_every: int = _knob(100, "validate every N steps (0: only at the end)")
     eval_batches: int = _knob(4, "validation set size, in batches")
@@ -67,8 +68,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"TrainConfig.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE_ACTIONS}, "
                              f"got {self.on_nonfinite!r}")

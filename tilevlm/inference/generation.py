@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from tilevlm.sampling import SamplingParams, StopStrings, sample_next_token
+from tilevlm.inference.sampling import SamplingParams, StopStrings, sample_next_token
 
 
 @dataclass
@@ -89,6 +89,21 @@ def decode_step(model: Any, tokens: torch.Tensor, positions: torch.Tensor,
     hidden = model.decoder(embeds, attention_mask=mask, position_ids=positions.unsqueeze(1),
                            cache_position=cache_position)  # (B, 1, D)
     return model.decoder.logits(hidden[:, -1])  # (B, V)
+
+
+def compiled_decode_step(mode: str | None = "reduce-overhead", fullgraph: bool = True,
+                         backend: str = "inductor") -> Callable[..., torch.Tensor]:
+    """`decode_step` under `torch.compile`, for `generate(..., step_fn=...)`.
+
+    fullgraph=True makes a graph break an error instead of a silent slowdown. dynamic=False: the
+    shapes of a decode step are fixed for a whole generation (batch, max_len), so each new
+    (batch, max_len) compiles once; "reduce-overhead" then replays a CUDA graph per step (on a CPU
+    it is plain inductor). The first call of each shape pays the compile time.
+    """
+    kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": False, "backend": backend}
+    if backend == "inductor" and mode is not None:
+        kwargs["mode"] = mode
+    return torch.compile(decode_step, **kwargs)
 
 
 def _prefill(model: Any, input_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: Any,

@@ -23,7 +23,7 @@ from tilevlm.data.sampler import ResumableBatchSampler
 from tilevlm.data.sources import DatasetSpec
 from tilevlm.data.stream import (StreamLayout, StreamOptions, StreamPosition, TrainStream,
                                  resume_position, stream_loader)
-from tilevlm.trainconfig import TrainConfig
+from tilevlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 

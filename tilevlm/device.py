@@ -1,0 +1,46 @@
+"""Which device and which compute precision: one home for the "auto" rules."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported inside the functions: the CLI's option tables stay light
+    import torch
+
+DTYPE_NAMES = ("auto", "fp32", "bf16")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' / None: CUDA when present, else CPU. 'cuda' without a GPU is a clear error."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA GPU; "
+                         "use --device cpu")
+    return torch.device(name)
+
+
+def auto_uses_bf16(device: torch.device) -> bool:
+    """The "auto" precision: bf16 on a CUDA GPU that supports it, fp32 elsewhere (on a CPU fp32
+    weights decode fastest unless bf16 storage is asked for explicitly)."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' | 'fp32' | 'bf16' -> the torch dtype on `device`."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}")
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if auto_uses_bf16(device) else torch.float32
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The dtype weights load in when none is asked for: the "auto" rule."""
+    return resolve_dtype("auto", device)

@@ -1,0 +1,1 @@
+"""Inference: load a model directory, store its weights for speed, sample, generate."""

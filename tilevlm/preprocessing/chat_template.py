@@ -1,0 +1,73 @@
+"""The chat format: ChatML, the `<image>` placeholder, and message validation, in one place.
+
+A conversation is a list of {"role", "content"} dicts. ChatML writes each message as
+`<|im_start|>{role}\n{content}<|im_end|>\n`; a generation prompt appends
+`<|im_start|>assistant\n`. Training labels keep an assistant message's content and its
+`<|im_end|>` (so the model learns to stop), nothing else. `CHATML_JINJA` is the same template in
+Jinja, saved in tokenizer_config.json for `transformers` users (a test renders both and compares).
+"""
+
+from __future__ import annotations
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+CHAT_ROLES = ("system", "user", "assistant")
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a message's text
+
+CHATML_JINJA = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GENERATION_PROMPT = f"{IM_START}assistant\n"
+
+
+class PlaceholderMismatch(ValueError):
+    """The text holds a different number of `<image>` placeholders than there are images."""
+
+
+def check_message(message: object, index: int = 0) -> None:
+    """A ValueError unless `message` is a dict with a known role and string content."""
+    if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+        raise ValueError(f"message {index}: expected a dict with role in {CHAT_ROLES}, "
+                         f"got {message!r:.200}")
+    if not isinstance(message.get("content"), str):
+        raise ValueError(f"message {index}: content must be a string, "
+                         f"got {type(message.get('content')).__name__}")
+
+
+def chat_segments(messages: list[dict[str, str]], add_generation_prompt: bool = False
+                  ) -> list[tuple[str, bool]]:
+    """The conversation as ChatML text pieces, each with whether it counts for the loss."""
+    segments: list[tuple[str, bool]] = []
+    for i, m in enumerate(messages):
+        check_message(m, i)
+        reply = m["role"] == "assistant"
+        segments += [(f"{IM_START}{m['role']}\n", False), (m["content"], reply), (IM_END, reply),
+                     ("\n", False)]
+    if add_generation_prompt:
+        segments.append((GENERATION_PROMPT, False))
+    return segments
+
+
+def render(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """The conversation as one ChatML string."""
+    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt))
+
+
+def place_image_placeholders(messages: list[dict[str, str]], n_images: int
+                             ) -> list[dict[str, str]]:
+    """The messages with one `<image>` per image: as written, or, when the text holds none, all
+    of them at the start of the first user message. A ValueError when the counts differ or there
+    is no user message to put them in."""
+    found = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if found == n_images:
+        return messages
+    if found:
+        raise PlaceholderMismatch(f"{found} {IMAGE_PLACEHOLDER} placeholders in the text but "
+                         f"{n_images} images")
+    for i, m in enumerate(messages):
+        if m["role"] == "user":
+            first = {**m, "content": IMAGE_PLACEHOLDER * n_images + m["content"]}
+            return [*messages[:i], first, *messages[i + 1:]]
+    raise ValueError("has images but no user message to put them in")

@@ -1,0 +1,1 @@
+"""Training: config, loop, data feed, checkpoints and state, optimiser, distributed, compile."""

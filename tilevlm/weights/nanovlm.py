@@ -1,0 +1,157 @@
+"""nanoVLM checkpoint directories (`config.json` + `model.safetensors`) -> a tilevlm model."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tilevlm.config import VLMConfig
+from tilevlm.files import read_json_object
+from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.special_tokens import IMAGE_TOKEN, special_tokens
+from tilevlm.weights.convert import assemble, convert, expand, grow_rows, listing
+from tilevlm.weights.safetensors_files import CONFIG_FILE, read_safetensors
+
+log = logging.getLogger(__name__)
+
+# Key maps: full keys on both sides; our key <- their key(s).
+NANOVLM_KEYS = {
+    "vision_encoder.patch_embed.weight": "vision_encoder.patch_embedding.conv.weight",
+    "vision_encoder.patch_embed.bias": "vision_encoder.patch_embedding.conv.bias",
+    "vision_encoder.pos_embed": "vision_encoder.patch_embedding.position_embedding",  # [1, N, D]
+    "vision_encoder.norm.weight": "vision_encoder.layer_norm.weight",
+    "vision_encoder.norm.bias": "vision_encoder.layer_norm.bias",
+    "projector.proj.weight": "MP.proj.weight",
+    "decoder.token_embedding.weight": "decoder.token_embedding.weight",
+    "decoder.norm.weight": "decoder.norm.weight",
+}
+NANOVLM_HEAD_KEYS = {"decoder.lm_head.weight": "decoder.head.weight"}  # untied only
+NANOVLM_VISION_BLOCK_KEYS = {  # ours `vision_encoder.blocks.{i}.` <- theirs, same prefix
+    "ln1.weight": "ln1.weight",
+    "ln1.bias": "ln1.bias",
+    "attn.qkv.weight": "attn.qkv_proj.weight",
+    "attn.qkv.bias": "attn.qkv_proj.bias",
+    "attn.proj.weight": "attn.out_proj.weight",
+    "attn.proj.bias": "attn.out_proj.bias",
+    "ln2.weight": "ln2.weight",
+    "ln2.bias": "ln2.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+}
+NANOVLM_DECODER_BLOCK_KEYS = {  # ours `decoder.blocks.{i}.` <- theirs, same prefix
+    "norm1.weight": "norm1.weight",
+    "attn.qkv.weight": ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"),
+    "attn.out.weight": "attn.out_proj.weight",
+    "norm2.weight": "norm2.weight",
+    "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.down.weight": "mlp.down_proj.weight",
+}
+
+NANOVLM_CONFIG_FIELDS = (
+    "vit_hidden_dim", "vit_inter_dim", "vit_patch_size", "vit_img_size", "vit_n_heads",
+    "vit_n_blocks", "vit_ln_eps", "lm_hidden_dim", "lm_inter_dim", "lm_rms_eps", "lm_re_base",
+    "lm_max_position_embeddings", "lm_base_vocab_size", "lm_n_heads", "lm_n_kv_heads",
+    "lm_n_blocks", "lm_max_length", "lm_tie_weights", "mp_pixel_shuffle_factor",
+    "mp_image_token_length", "max_img_size", "resize_to_max_side_len",
+)
+
+
+def _nanovlm_grid_side(data: dict[str, Any], where: Path) -> int | None:
+    """Grid side from `vlm_extra_tokens`, whose order must be ours (image, global, grid...)."""
+    tokens = data.get("vlm_extra_tokens")
+    if not isinstance(tokens, dict):
+        return None
+    values = list(tokens.values())
+    n_grid = len(values) - 2
+    side = math.isqrt(max(n_grid, 0))
+    ours = special_tokens(side)
+    if values != ours[:len(values)] or (len(values) > 2 and side * side != n_grid):
+        raise ValueError(f"{where}: vlm_extra_tokens are not in tilevlm's order "
+                         "(<|image|>, <|global_image|>, <row_1_col_1>, ... row-major)")
+    return side if n_grid > 0 else None
+
+
+def nanovlm_config(checkpoint_dir: str | Path) -> VLMConfig:
+    """A VLMConfig for a nanoVLM checkpoint (fields it does not share are ignored)."""
+    where = Path(checkpoint_dir) / CONFIG_FILE
+    data = read_json_object(where)
+    if data.get("vit_cls_flag"):
+        raise ValueError(f"{where}: vit_cls_flag=true (a CLS token) is not supported")
+    if float(data.get("lm_attn_scaling", 1.0)) != 1.0:
+        raise ValueError(f"{where}: lm_attn_scaling != 1.0 is not supported")
+    fields = {k: data[k] for k in NANOVLM_CONFIG_FIELDS if k in data}
+    grid_side = _nanovlm_grid_side(data, where)
+    derived_vocab = fields.get("lm_base_vocab_size", 49152) + 2 + (grid_side or 8) ** 2
+    vocab = max(int(data.get("lm_vocab_size", 0)), derived_vocab)
+    return VLMConfig(**fields, grid_side=grid_side, lm_vocab_size=vocab, image_mean=(0, 0, 0),
+                     image_std=(1, 1, 1), name=f"nanovlm:{Path(checkpoint_dir).name}")
+
+
+def convert_nanovlm(tensors: dict[str, torch.Tensor], cfg: VLMConfig,
+                    what: str = "nanoVLM weights") -> dict[str, torch.Tensor]:
+    """nanoVLM tensors -> ours; an older, smaller vocabulary is grown (new rows = mean)."""
+    tensors = dict(tensors)
+    tied = cfg.lm_tie_weights
+    embed_key, head_key = "decoder.token_embedding.weight", "decoder.head.weight"
+    if tied and embed_key not in tensors and head_key in tensors:
+        # safetensors' save_model keeps one name of a tied pair: nanoVLM files may hold only `head`.
+        tensors[embed_key] = tensors.pop(head_key)
+    flat = NANOVLM_KEYS if tied else {**NANOVLM_KEYS, **NANOVLM_HEAD_KEYS}
+    key_map = {
+        **expand(flat, {}, 0, "", ""),
+        **expand({}, NANOVLM_VISION_BLOCK_KEYS, cfg.vit_n_blocks, "vision_encoder.blocks.",
+                  "vision_encoder.blocks."),
+        **expand({}, NANOVLM_DECODER_BLOCK_KEYS, cfg.lm_n_blocks, "decoder.blocks.",
+                  "decoder.blocks."),
+    }
+    out = convert(tensors, key_map,
+                  lambda k: k.endswith("inv_freq") or (tied and k == head_key), what)
+    pos = out["vision_encoder.pos_embed"]
+    if pos.dim() == 3 and pos.shape[0] == 1:
+        out["vision_encoder.pos_embed"] = pos[0]  # (N, D)
+    for key in ("decoder.token_embedding.weight", "decoder.lm_head.weight"):
+        if key in out and out[key].shape[0] < cfg.lm_vocab_size:
+            log.info("%s: growing %s from %d to %d rows", what, key, out[key].shape[0],
+                     cfg.lm_vocab_size)
+            out[key] = grow_rows(out[key], cfg.lm_vocab_size, out[key].shape[0], f"{what}: {key}")
+    return out
+
+
+def check_tokenizer_ids(tokenizer_dir: str | Path, model: VisionLanguageModel) -> None:
+    """The tokenizer's special tokens must have the ids the model expects (reads tokenizer.json)."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    data = read_json_object(path)
+    ids = {t.get("content"): t.get("id") for t in data.get("added_tokens", [])}
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        ids = {**vocab, **ids}
+    expected = model.cfg.special_token_ids()
+    wrong = [f"{tok} is {ids.get(tok)}, model expects {want}"
+             for tok, want in expected.items() if tok in ids and ids[tok] != want]
+    if IMAGE_TOKEN not in ids or wrong:
+        raise ValueError(f"{path}: special token ids do not match the model: "
+                         + (listing(wrong, 4) if wrong else f"{IMAGE_TOKEN} is missing"))
+
+
+def load_nanovlm(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None = None,
+                 dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """A nanoVLM checkpoint directory (`config.json` + `model.safetensors`) as our model.
+
+    The config is mapped field by field with image_mean=(0,0,0), image_std=(1,1,1) (nanoVLM
+    feeds [0, 1] pixels). With `tokenizer_dir`, its tokenizer.json is checked to give the special
+    tokens the ids the model uses.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    cfg = nanovlm_config(checkpoint_dir)
+    what = f"nanoVLM weights in {checkpoint_dir}"
+    tensors = convert_nanovlm(read_safetensors(checkpoint_dir), cfg, what)
+    model = assemble(cfg, tensors, what, dtype)
+    if tokenizer_dir is not None:
+        check_tokenizer_ids(tokenizer_dir, model)
+    return model

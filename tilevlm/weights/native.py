@@ -1,0 +1,64 @@
+"""tilevlm's own model directory: `config.json` (VLMConfig fields), `model.safetensors` (a tied
+lm_head is not stored at all: the decoder has no separate head then) and, when given, the
+tokenizer's files. Files are written to a temporary name and renamed, so a kill never leaves half
+a file; the config is written last, so a directory with a config is complete."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from tilevlm.config import VLMConfig
+from tilevlm.files import atomic_write, read_json_object
+from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.weights.convert import assemble, check_shapes
+from tilevlm.weights.safetensors_files import CONFIG_FILE, WEIGHTS_FILE, read_safetensors, read_shapes
+
+log = logging.getLogger(__name__)
+
+
+def save_pretrained(model: VisionLanguageModel, directory: str | Path,
+                    tokenizer: Any = None) -> Path:
+    """Write `model.safetensors`, the tokenizer (via its `save(directory)`) and `config.json`
+    (last, so a directory with a config is complete)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / WEIGHTS_FILE,
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    text = model.cfg.to_json() + "\n"
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    log.info("saved %s parameters to %s", f"{model.num_parameters():,}", directory)
+    return directory
+
+
+def load_config(directory: str | Path) -> VLMConfig:
+    """The VLMConfig of a directory written by `save_pretrained` (validated; no weights read)."""
+    directory = Path(directory)
+    data = read_json_object(directory / CONFIG_FILE)
+    if "vlm_extra_tokens" in data or "extra_token_amount" in data:
+        raise ValueError(f"{directory}: this is a nanoVLM checkpoint; load it with load_nanovlm()")
+    try:
+        return VLMConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> VisionLanguageModel:
+    """Load a directory written by `save_pretrained` (dtype None: as stored).
+
+    The config, and the tensor names and shapes in the safetensors headers, are checked before
+    any tensor is read."""
+    directory = Path(directory)
+    cfg = load_config(directory)
+    with torch.device("meta"):
+        check_shapes(VisionLanguageModel(cfg), read_shapes(directory), f"{directory / WEIGHTS_FILE}")
+    tensors = read_safetensors(directory, device=device)
+    return assemble(cfg, tensors, f"{directory / WEIGHTS_FILE}", dtype)

@@ -1,0 +1,77 @@
+"""Checkpoint directories on disk: which safetensors files hold the weights (one file or the
+shards of an index), their tensors, and their shapes from the headers alone. Pickles are refused,
+never read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tilevlm.files import read_json_object
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (one file, or the shards of an index)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: not a directory")
+    if (directory / WEIGHTS_FILE).is_file():
+        return [directory / WEIGHTS_FILE]
+    if (directory / INDEX_FILE).is_file():
+        return _shards(directory)
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{directory}: found {', '.join(pickles)} but no {WEIGHTS_FILE}; tilevlm never "
+            "unpickles weights. Convert them to safetensors first, e.g. "
+            "`safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            f"'{directory / WEIGHTS_FILE}')`")
+    raise ValueError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}")
+
+
+def _shards(directory: Path) -> list[Path]:
+    weight_map = read_json_object(directory / INDEX_FILE).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{directory / INDEX_FILE}: no 'weight_map'")
+    shards = [directory / name for name in sorted(set(weight_map.values()))]
+    missing = [p.name for p in shards if not p.is_file()]
+    if missing:
+        raise ValueError(f"{directory}: shards listed in {INDEX_FILE} are missing: {missing}")
+    return shards
+
+
+def read_safetensors(directory: str | Path, keep: Callable[[str], bool] = lambda key: True,
+                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors (those whose key passes `keep`) of a checkpoint directory."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if keep(key):
+                        tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+    return tensors
+
+
+def read_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of a checkpoint directory, from the safetensors headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(directory):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
+    return shapes
+
