@@ -8,7 +8,7 @@ Without a cache:
     hidden = decoder(inputs_embeds, attention_mask=None | [B, T])        # [B, T, D]
     No mask (or an all-ones mask, outside torch.compile) uses SDPA's `is_causal=True`.
     A boolean [B, 1, T, T] mask (True = may attend; e.g. packing's document mask, several samples
-    in one row) is used as is; see `_forward_4d_mask`.
+    in one row) is used as is.
 
 With the cache (generation; gpt-fast style, shapes never change so the decode step compiles):
     decoder.setup_cache(batch_size, max_len)  # once; K, V buffers [B, n_kv, max_len, hd]
@@ -110,7 +110,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if t == 1 and mask is not None and nh != n_kv:
         # A decode step: the query heads sharing a K/V head become that head's queries,
         # [B, n_kv, groups, hd] against [B, n_kv, L, hd]. Exactly GQA (head h reads K/V head
-        # h // groups), and ~6x faster on CPU than enable_gqa with a single query.
+        # h // groups), and one well-shaped matmul instead of a one-row query per head (much
+        # faster on CPU than enable_gqa; docs/performance.md has the figures).
         y = F.scaled_dot_product_attention(q.reshape(b, n_kv, nh // n_kv, hd), k, v,
                                            attn_mask=mask)  # mask [B, 1, 1, L] broadcasts
         return y.view(b, nh, 1, hd)
@@ -210,7 +211,7 @@ class LanguageModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # Calls the head module when there is one (same as F.linear for nn.Linear), so an
-        # inference-only head such as fastpath's weight-only int8 one can replace it.
+        # inference-only head such as inference.quantize's weight-only int8 one can replace it.
         if self.lm_head is None:
             return F.linear(hidden, self.token_embedding.weight)  # (B, T, V)
         return self.lm_head(hidden)  # (B, T, V)
@@ -233,48 +234,41 @@ class LanguageModel(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
                 cache_position: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, T, D] embeddings -> [B, T, D] final hidden states (after the last norm)."""
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return self._forward_4d_mask(inputs_embeds, attention_mask, position_ids,
-                                         cache_position)
+        """[B, T, D] embeddings -> [B, T, D] final hidden states (after the last norm).
+
+        One path for every mask regime: the mask is turned into a boolean SDPA mask (or None for
+        plain causal attention) and default positions, then the same blocks run."""
         b, t, _ = inputs_embeds.shape
-        if cache_position is None:
-            key_valid, query_pos, key_len = self._uncached_layout(
-                attention_mask, b, t, inputs_embeds.device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = self._checked_4d_mask(attention_mask, cache_position, b, t)
+            key_valid = query_pos = None
         else:
-            key_valid, query_pos, key_len = self._cached_layout(
-                attention_mask, cache_position, b, t)
-        mask = None if cache_position is None and key_valid is None else attention_mask_4d(
-            key_valid, query_pos, key_len)
+            if cache_position is None:
+                key_valid, query_pos, key_len = self._uncached_layout(
+                    attention_mask, b, t, inputs_embeds.device)
+            else:
+                key_valid, query_pos, key_len = self._cached_layout(
+                    attention_mask, cache_position, b, t)
+            mask = None if cache_position is None and key_valid is None else attention_mask_4d(
+                key_valid, query_pos, key_len)
         if position_ids is None:
-            position_ids = self._positions(key_valid, query_pos, b)
+            position_ids = self._positions(mask, key_valid, query_pos, b, t)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache_position)  # (B, T, D)
         return self.norm(x)
 
-    def _forward_4d_mask(self, inputs_embeds: torch.Tensor, mask: torch.Tensor,
-                         position_ids: torch.Tensor | None,
-                         cache_position: torch.Tensor | None) -> torch.Tensor:
-        """Uncached forward with an explicit boolean mask [B or 1, 1, T, T] (True = may attend).
-
-        Without `position_ids`, a query's position is the number of keys it sees minus one:
-        for a mask causal within each sample (packing) that is 0, 1, 2, ... restarting per sample.
-        """
-        b, t, _ = inputs_embeds.shape
+    @staticmethod
+    def _checked_4d_mask(mask: torch.Tensor, cache_position: torch.Tensor | None, b: int,
+                         t: int) -> torch.Tensor:
+        """An explicit boolean mask [B or 1, 1, T, T] (True = may attend), uncached only."""
         if cache_position is not None:
             raise ValueError("a 4-D attention_mask is for uncached forward passes only")
         if mask.dtype != torch.bool or mask.shape[1:] != (1, t, t) or mask.shape[0] not in (1, b):
             raise ValueError(f"a 4-D attention_mask must be boolean [batch, 1, seq, seq] = "
                              f"[{b}, 1, {t}, {t}], got {mask.dtype} {list(mask.shape)}")
-        if position_ids is None:
-            position_ids = (mask[:, 0].sum(-1) - 1).clamp(min=0).expand(b, t)  # (B, T)
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, inputs_embeds.dtype)
-        x = inputs_embeds
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, None)  # (B, T, D)
-        return self.norm(x)
+        return mask
 
     def _uncached_layout(self, attention_mask: torch.Tensor | None, b: int, t: int,
                          device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, int]:
@@ -304,7 +298,13 @@ class LanguageModel(nn.Module):
         return key_valid, cache_position, max_len  # key_valid (B, max_len)
 
     @staticmethod
-    def _positions(key_valid: torch.Tensor | None, query_pos: torch.Tensor, b: int) -> torch.Tensor:
+    def _positions(mask: torch.Tensor | None, key_valid: torch.Tensor | None,
+                   query_pos: torch.Tensor | None, b: int, t: int) -> torch.Tensor:
+        """Default positions [B, T]. A 4-D mask: the number of keys a query sees minus one (for
+        packing's document mask 0, 1, 2, ... restarting per sample); else counted over the real
+        tokens of the 2-D mask, or the cache slots / plain 0..T-1 without one."""
+        if query_pos is None:
+            return (mask[:, 0].sum(-1) - 1).clamp(min=0).expand(b, t)  # (B, T)
         if key_valid is None:
             return query_pos.unsqueeze(0).expand(b, -1)  # (B, T)
         return positions_from_mask(key_valid).index_select(1, query_pos)  # (B, T)

@@ -48,30 +48,29 @@ def _shards(directory: Path) -> list[Path]:
     return shards
 
 
-def read_safetensors(directory: str | Path, keep: Callable[[str], bool] = lambda key: True,
-                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors (those whose key passes `keep`) of a checkpoint directory."""
-    tensors: dict[str, torch.Tensor] = {}
+def _each_tensor(directory: str | Path, read: Callable[[Any, str], Any],
+                 keep: Callable[[str], bool] = lambda key: True,
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    """`read(file, key)` for every key that passes `keep`, over all files of the directory; a
+    truncated or corrupt file is a ValueError naming it."""
+    out: dict[str, Any] = {}
     for path in weight_files(directory):
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     if keep(key):
-                        tensors[key] = f.get_tensor(key)
+                        out[key] = read(f, key)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
-    return tensors
+    return out
+
+
+def read_safetensors(directory: str | Path, keep: Callable[[str], bool] = lambda key: True,
+                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors (those whose key passes `keep`) of a checkpoint directory."""
+    return _each_tensor(directory, lambda f, key: f.get_tensor(key), keep, device)
 
 
 def read_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor of a checkpoint directory, from the safetensors headers only."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in weight_files(directory):
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
-    return shapes
-
+    return _each_tensor(directory, lambda f, key: tuple(f.get_slice(key).get_shape()))
