@@ -1,4 +1,5 @@
-"""Shared fixtures: configs, generated photo-like images, small offline tokenizers.
+"""Shared fixtures: configs, generated photo-like images, small offline tokenizers, a saved tiny
+model. Plain helpers (no fixtures) are in helpers.py.
 
 Everything is made here (no network, no files from outside the test's tmp directories).
 """
@@ -9,12 +10,15 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from helpers import make_photo
 from tilevlm import preset
 from tilevlm.config import VLMConfig
+from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.weights.native import save_pretrained
 
 # A few sentences in the style of the built-in synthetic data, for training tiny tokenizers.
 CORPUS = [
@@ -25,26 +29,6 @@ CORPUS = [
     "Is the yellow star left of the purple circle? Yes, it is.",
     "Answer briefly: orange, black, gray, pink, brown, cyan, magenta.",
 ]
-
-
-# Narrow widths over the `tiny` preset: trainer and evaluation tests run many steps quickly.
-SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
-             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
-             max_img_size=64)
-
-
-def make_photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A photo-like RGB image: smooth colour gradients, a few blobs and mild noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    u, v = x / max(width - 1, 1), y / max(height - 1, 1)
-    img = np.stack([200 * u + 30, 180 * v + 40, 120 * (1 - u) * (1 - v) + 60], axis=-1)
-    for _ in range(3):
-        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.4)
-        blob = np.exp(-((u - cx) ** 2 + (v - cy) ** 2) / (2 * r * r))[..., None]
-        img = img * (1 - 0.6 * blob) + 0.6 * blob * rng.uniform(0, 255, size=3)
-    img = img + rng.normal(0, 6, size=img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 @pytest.fixture
@@ -64,6 +48,16 @@ def tiny_tokenizer():
     from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer(CORPUS * 20, vocab_size=512, grid_side=8)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
+    """A saved `tiny` model (seed 0) with `tiny_tokenizer`."""
+    torch.manual_seed(0)
+    cfg = preset("tiny", lm_base_vocab_size=tiny_tokenizer.base_vocab_size)
+    directory = tmp_path_factory.mktemp("tiny_model")
+    save_pretrained(VisionLanguageModel(cfg), directory, tokenizer=tiny_tokenizer)
+    return directory
 
 
 @pytest.fixture(scope="session")

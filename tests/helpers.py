@@ -1,10 +1,258 @@
-"""Helpers shared by several test files (tests never import each other's modules)."""
+"""Helpers shared by several test files (tests never import each other's modules).
 
+Plain functions and constants; shared pytest fixtures are in conftest.py. Everything is made here
+(no network, no files from outside the test's tmp directories).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
 import torch
+from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
+from tilevlm.cli import main
+from tilevlm.config import VLMConfig, preset
 from tilevlm.inference.generation import decode_step
+from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
+from tilevlm.training.loop import TrainConfig
 
+# Narrow widths over the `tiny` preset: trainer and evaluation tests run many steps quickly.
+SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
+             lm_hidden_dim=32, lm_inter_dim=64, lm_n_heads=2, lm_n_kv_heads=1, lm_n_blocks=1,
+             max_img_size=64)
+
+
+# ----------------------------------------------------------------------------- images
+
+def make_photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth colour gradients, a few blobs and mild noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = x / max(width - 1, 1), y / max(height - 1, 1)
+    img = np.stack([200 * u + 30, 180 * v + 40, 120 * (1 - u) * (1 - v) + 60], axis=-1)
+    for _ in range(3):
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.4)
+        blob = np.exp(-((u - cx) ** 2 + (v - cy) ** 2) / (2 * r * r))[..., None]
+        img = img * (1 - 0.6 * blob) + 0.6 * blob * rng.uniform(0, 255, size=3)
+    img = img + rng.normal(0, 6, size=img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    """`make_photo(width, height, seed)` encoded as PNG."""
+    buf = io.BytesIO()
+    make_photo(width, height, seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def make_model(config: VLMConfig, seed: int = 0) -> VisionLanguageModel:
+    torch.manual_seed(seed)
+    return VisionLanguageModel(config)
+
+
+def quick(out_dir: Path, **overrides: Any) -> TrainConfig:
+    """A 6-step TrainConfig (batch 4, high learning rates, no eval, no saves) for `train`."""
+    values = dict(steps=6, batch_size=4, warmup_steps=2, lr_projector=2e-3, lr_vision=2e-3,
+                  lr_decoder=2e-3, eval_every=0, save_every=0, progress=False,
+                  out_dir=str(out_dir))
+    return TrainConfig(**{**values, **overrides})
+
+
+def train_cli(config: Path, tokenizer: Path, data: Path, out: Path, *extra: str) -> None:
+    """`tilevlm train` on a dataset path with quick settings; `extra` flags win."""
+    args = ["train", "--config", str(config), "--tokenizer", str(tokenizer), "--data", str(data),
+            "--out", str(out), "--no-progress", "--warmup-steps", "1", "--lr-decoder", "2e-3",
+            "--lr-vision", "2e-3", "--lr-projector", "2e-3", "--shuffle-block", "8",
+            "--save-every", "0", *extra]
+    assert main(args) == 0
+
+
+def records(out: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_records(out: Path) -> dict[int, dict]:
+    """A run's training-step records, by step."""
+    return {r["step"]: r for r in records(out) if "loss" in r}
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    """A run's training loss, by step."""
+    return {step: r["loss"] for step, r in step_records(out).items()}
+
+
+# ----------------------------------------------------------------------------- dataset files
+
+CORRUPT_ROW = 5  # its image bytes are not an image
+LONG_ROW = 9  # more tokens than lm_max_length
+TEXT_ROW = 11  # no image at all
+
+
+def cauldron_rows(n: int = 24) -> list[dict]:
+    """Cauldron-style rows with PNG bytes: one corrupt image, one too long, one text only."""
+    rows = []
+    for i in range(n):
+        images = [{"bytes": png(24 + 8 * (i % 5), 32 + 8 * (i % 3), i), "path": None}]
+        question = f"What is in picture {i}?"
+        if i == CORRUPT_ROW:
+            images = [{"bytes": b"not an image", "path": None}]
+        if i == LONG_ROW:
+            question = "Describe it. " * 400
+        if i == TEXT_ROW:
+            images = []
+        rows.append({"images": images,
+                     "texts": [{"user": question, "assistant": f"Picture {i} is red."}]})
+    return rows
+
+
+def write_parquet(directory: Path, n: int = 24) -> Path:
+    """`cauldron_rows(n)` as directory/train.parquet, in row groups of 8 (skips without pyarrow)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(cauldron_rows(n)), path, row_group_size=8)
+    return path
+
+
+# ----------------------------------------------------------------------------- foreign checkpoints
+# Tiny random Hugging Face SigLIP / Llama models, saved for the converters. Every parameter is
+# perturbed away from its init (biases non-zero, norms not exactly one), so a parity test cannot
+# pass by accident on a zero bias or a unit norm.
+
+LLAMA_VOCAB = 300
+SIGLIP_KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=32, patch_size=4)
+LLAMA_KW = dict(vocab_size=LLAMA_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                max_position_embeddings=256, rope_theta=50000.0, bos_token_id=1, eos_token_id=2)
+
+
+def base_config() -> VLMConfig:
+    """Non-backbone fields for HF builds in tests: the `tiny` preset (3x3 tiles of 32 px)."""
+    return preset("tiny")
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def make_siglip(directory: Path, full: bool = False, seed: int = 0) -> nn.Module:
+    """A saved SigLIP: `SiglipVisionModel`, or a full `SiglipModel` (text tower + vision_model.)."""
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    if full:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4, vocab_size=100, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0)
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=SIGLIP_KW))
+    else:
+        model = SiglipVisionModel(SiglipVisionConfig(**SIGLIP_KW, attn_implementation="sdpa"))
+    _perturb(model, seed)
+    model.eval().save_pretrained(directory)
+    return model
+
+
+def make_llama(directory: Path, tie: bool = True, sharded: bool = False, seed: int = 0) -> nn.Module:
+    """A saved `LlamaForCausalLM` (GQA: 4 heads, 2 KV heads); sharded = two files + index."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**LLAMA_KW, tie_word_embeddings=tie, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg)
+    _perturb(model, seed)
+    model.eval().save_pretrained(directory)
+    if sharded:
+        _reshard(Path(directory))
+    return model
+
+
+def _reshard(directory: Path) -> None:
+    """Rewrite model.safetensors as two shards with a model.safetensors.index.json."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for name, part in zip(names, halves):
+        save_file({k: tensors[k].contiguous() for k in part}, directory / name)
+        weight_map.update({k: name for k in part})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def write_nanovlm(directory: Path, model: VisionLanguageModel) -> None:
+    """`model` saved as a nanoVLM checkpoint directory (config.json + model.safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(_nanovlm_config(model)))
+    save_file(_nanovlm_state(model), directory / "model.safetensors")
+
+
+def _nanovlm_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
+    """Our weights under nanoVLM's key names, written out by hand (independent of the maps)."""
+    sd, cfg, out = model.state_dict(), model.cfg, {}
+    out["vision_encoder.patch_embedding.conv.weight"] = sd["vision_encoder.patch_embed.weight"]
+    out["vision_encoder.patch_embedding.conv.bias"] = sd["vision_encoder.patch_embed.bias"]
+    out["vision_encoder.patch_embedding.position_embedding"] = sd["vision_encoder.pos_embed"][None]
+    for part in ("weight", "bias"):
+        out[f"vision_encoder.layer_norm.{part}"] = sd[f"vision_encoder.norm.{part}"]
+        for i in range(cfg.vit_n_blocks):
+            ours, theirs = f"vision_encoder.blocks.{i}.", f"vision_encoder.blocks.{i}."
+            for a, b in (("ln1", "ln1"), ("ln2", "ln2"), ("attn.qkv", "attn.qkv_proj"),
+                         ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+                out[f"{theirs}{b}.{part}"] = sd[f"{ours}{a}.{part}"]
+    out["MP.proj.weight"] = sd["projector.proj.weight"]
+    out["decoder.head.weight"] = sd["decoder.token_embedding.weight"]  # tied: save_model keeps `head`
+    out["decoder.norm.weight"] = sd["decoder.norm.weight"]
+    out["decoder.rotary_embd.inv_freq"] = torch.ones(4)
+    hd = cfg.lm_head_dim
+    for i in range(cfg.lm_n_blocks):
+        p = f"decoder.blocks.{i}."
+        q, k, v = sd[p + "attn.qkv.weight"].split(
+            [cfg.lm_n_heads * hd, cfg.lm_n_kv_heads * hd, cfg.lm_n_kv_heads * hd])
+        gate, up = sd[p + "mlp.gate_up.weight"].chunk(2)
+        out.update({p + "attn.q_proj.weight": q, p + "attn.k_proj.weight": k,
+                    p + "attn.v_proj.weight": v, p + "attn.out_proj.weight": sd[p + "attn.out.weight"],
+                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
+                    p + "mlp.down_proj.weight": sd[p + "mlp.down.weight"],
+                    p + "norm1.weight": sd[p + "norm1.weight"], p + "norm2.weight": sd[p + "norm2.weight"]})
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _nanovlm_config(model: VisionLanguageModel) -> dict:
+    cfg = model.cfg
+    extra = {"image_token": IMAGE_TOKEN, "global_image_token": GLOBAL_IMAGE_TOKEN}
+    extra.update({f"r{r}c{c}": grid_token(r, c) for r in range(1, 9) for c in range(1, 9)})
+    data = {k: v for k, v in cfg.to_dict().items()
+            if k not in ("name", "grid_side", "image_mean", "image_std", "max_image_pixels",
+                         "use_global_tile")}
+    data.update(vit_dropout=0.0, vit_cls_flag=False, vit_model_type="google/siglip2-base-patch16-512",
+                lm_dropout=0.0, lm_attn_scaling=1.0, lm_use_tokens=False, extra_token_amount=66,
+                lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct", lm_chat_template="{{x}}",
+                vlm_extra_tokens=extra, vlm_load_backbone_weights=True, hf_repo_name="nanoVLM")
+    return data
+
+
+# ----------------------------------------------------------------------------- compiled decoding
 
 def decode_step_graph_breaks(model: nn.Module, batch_size: int = 1, max_len: int = 16) -> int:
     """How many graph breaks `torch._dynamo.explain` finds in one decode step of `model`."""

@@ -6,12 +6,10 @@ import shutil
 import pytest
 import torch
 
-from hf_fixtures import LLAMA_VOCAB, make_llama, make_siglip
 from tilevlm.cli import main
 from tilevlm.inference.loading import load_for_inference
-from test_checkpoint import _write_nanovlm
 
-from conftest import make_photo
+from helpers import LLAMA_VOCAB, make_llama, make_photo, make_siglip, write_nanovlm
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +55,7 @@ def test_build_from_nanovlm_then_forward(hf_dirs, tmp_path, tiny_tokenizer, caps
     from tilevlm.model.vlm import VisionLanguageModel
 
     source = VisionLanguageModel(preset("tiny", lm_base_vocab_size=tiny_tokenizer.base_vocab_size))
-    _write_nanovlm(tmp_path / "nano", source)
+    write_nanovlm(tmp_path / "nano", source)
     tiny_tokenizer.save(tmp_path / "tok")
     code = main(["build", "--nanovlm", str(tmp_path / "nano"), "--tokenizer", str(tmp_path / "tok"),
                  "--out", str(tmp_path / "vlm")])

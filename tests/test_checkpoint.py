@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_fixtures import LLAMA_VOCAB, base_config, make_llama, make_siglip
 from tilevlm.weights.huggingface import build_from_hf
 from tilevlm.weights.nanovlm import load_nanovlm
 from tilevlm.weights.native import load_pretrained, save_pretrained
 from tilevlm.config import preset
-from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
+from tilevlm.special_tokens import IMAGE_TOKEN, grid_token
 from tilevlm.model import VisionLanguageModel
+
+from helpers import LLAMA_VOCAB, base_config, make_llama, make_siglip, write_nanovlm
 
 
 def _tiny(tie: bool = True) -> VisionLanguageModel:
@@ -87,60 +88,9 @@ def test_build_from_hf_keeps_base_weights_and_adds_special_rows(tmp_path):
     assert torch.isfinite(model(ids, pixels).logits).all()
 
 
-def _nanovlm_state(model: VisionLanguageModel) -> dict[str, torch.Tensor]:
-    """Our weights under nanoVLM's key names, written out by hand (independent of the maps)."""
-    sd, cfg, out = model.state_dict(), model.cfg, {}
-    out["vision_encoder.patch_embedding.conv.weight"] = sd["vision_encoder.patch_embed.weight"]
-    out["vision_encoder.patch_embedding.conv.bias"] = sd["vision_encoder.patch_embed.bias"]
-    out["vision_encoder.patch_embedding.position_embedding"] = sd["vision_encoder.pos_embed"][None]
-    for part in ("weight", "bias"):
-        out[f"vision_encoder.layer_norm.{part}"] = sd[f"vision_encoder.norm.{part}"]
-        for i in range(cfg.vit_n_blocks):
-            ours, theirs = f"vision_encoder.blocks.{i}.", f"vision_encoder.blocks.{i}."
-            for a, b in (("ln1", "ln1"), ("ln2", "ln2"), ("attn.qkv", "attn.qkv_proj"),
-                         ("attn.proj", "attn.out_proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                out[f"{theirs}{b}.{part}"] = sd[f"{ours}{a}.{part}"]
-    out["MP.proj.weight"] = sd["projector.proj.weight"]
-    out["decoder.head.weight"] = sd["decoder.token_embedding.weight"]  # tied: save_model keeps `head`
-    out["decoder.norm.weight"] = sd["decoder.norm.weight"]
-    out["decoder.rotary_embd.inv_freq"] = torch.ones(4)
-    hd = cfg.lm_head_dim
-    for i in range(cfg.lm_n_blocks):
-        p = f"decoder.blocks.{i}."
-        q, k, v = sd[p + "attn.qkv.weight"].split(
-            [cfg.lm_n_heads * hd, cfg.lm_n_kv_heads * hd, cfg.lm_n_kv_heads * hd])
-        gate, up = sd[p + "mlp.gate_up.weight"].chunk(2)
-        out.update({p + "attn.q_proj.weight": q, p + "attn.k_proj.weight": k,
-                    p + "attn.v_proj.weight": v, p + "attn.out_proj.weight": sd[p + "attn.out.weight"],
-                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                    p + "mlp.down_proj.weight": sd[p + "mlp.down.weight"],
-                    p + "norm1.weight": sd[p + "norm1.weight"], p + "norm2.weight": sd[p + "norm2.weight"]})
-    return {k: v.contiguous().clone() for k, v in out.items()}
-
-
-def _nanovlm_config(model: VisionLanguageModel) -> dict:
-    cfg = model.cfg
-    extra = {"image_token": IMAGE_TOKEN, "global_image_token": GLOBAL_IMAGE_TOKEN}
-    extra.update({f"r{r}c{c}": grid_token(r, c) for r in range(1, 9) for c in range(1, 9)})
-    data = {k: v for k, v in cfg.to_dict().items()
-            if k not in ("name", "grid_side", "image_mean", "image_std", "max_image_pixels",
-                         "use_global_tile")}
-    data.update(vit_dropout=0.0, vit_cls_flag=False, vit_model_type="google/siglip2-base-patch16-512",
-                lm_dropout=0.0, lm_attn_scaling=1.0, lm_use_tokens=False, extra_token_amount=66,
-                lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct", lm_chat_template="{{x}}",
-                vlm_extra_tokens=extra, vlm_load_backbone_weights=True, hf_repo_name="nanoVLM")
-    return data
-
-
-def _write_nanovlm(directory: Path, model: VisionLanguageModel) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(_nanovlm_config(model)))
-    save_file(_nanovlm_state(model), directory / "model.safetensors")
-
-
 def test_nanovlm_directory_loads_and_runs(tmp_path):
     source = _tiny()
-    _write_nanovlm(tmp_path / "nano", source)
+    write_nanovlm(tmp_path / "nano", source)
     tokenizer = {"added_tokens": [{"id": source.image_token_id, "content": IMAGE_TOKEN},
                                   {"id": source.grid_token_id(1, 2), "content": grid_token(1, 2)}]}
     (tmp_path / "tok").mkdir()
@@ -162,7 +112,7 @@ def test_nanovlm_directory_loads_and_runs(tmp_path):
 def test_older_nanovlm_with_one_extra_token_is_grown(tmp_path):
     source = _tiny()
     base = source.cfg.lm_base_vocab_size
-    _write_nanovlm(tmp_path, source)
+    write_nanovlm(tmp_path, source)
     data = json.loads((tmp_path / "config.json").read_text())
     data.update(vlm_extra_tokens={"image_token": IMAGE_TOKEN}, extra_token_amount=1,
                 lm_vocab_size=base + 1)

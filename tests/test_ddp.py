@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_real_data import png, step_records, train_cli, write_parquet
+from helpers import png, step_records, train_cli, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ("--warmup-steps", "1", "--lr-decoder", "2e-3", "--lr-vision", "2e-3",
@@ -49,7 +49,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, hf_tokenizer_dir):
     """(data, one-process run dir): batch 4 x 1 process, checkpoints at steps 2 and 4."""
-    from test_train_real_data import SMALL
+    from helpers import SMALL
     from tilevlm import preset
 
     root = tmp_path_factory.mktemp("ddp")

@@ -11,19 +11,19 @@ from torch import nn
 
 from tilevlm import preset
 from tilevlm.cli import main
-from tilevlm.data.sources import open_dataset, synthetic_tokenizer
-from tilevlm.tools.evaluation import (evaluate, full_forward_answers, greedy_answers, normalize_answer,
-                              split_prompt)
+from tilevlm.data.sources import named_dataset, synthetic_tokenizer
+from tilevlm.tools.evaluation import evaluate, greedy_answers, normalize_answer, split_prompt
 from tilevlm.model.vlm import VLMOutput, VisionLanguageModel, causal_lm_loss
 from tilevlm.preprocessing.processor import Processor
 
-from conftest import SMALL  # noqa: E402
+from helpers import SMALL
+from reference import full_forward_answers
 
 
 @pytest.fixture(scope="module")
 def setup():
     tokenizer, config = synthetic_tokenizer(preset("tiny", **SMALL))
-    samples = list(open_dataset("synthetic", "test", 12, config))
+    samples = list(named_dataset("synthetic", "test", 12, config))
     return config, Processor(config, tokenizer), samples
 
 

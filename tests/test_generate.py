@@ -9,7 +9,7 @@ from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.inference.sampling import SamplingParams
 
-from conftest import make_photo
+from helpers import make_photo
 
 
 @pytest.fixture(scope="module")

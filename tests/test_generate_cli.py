@@ -4,24 +4,11 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tilevlm import preset
-from tilevlm.weights.native import save_pretrained
 from tilevlm.cli import main
-from tilevlm.model.vlm import VisionLanguageModel
 
-from conftest import make_photo
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer):
-    torch.manual_seed(0)
-    cfg = preset("tiny", lm_base_vocab_size=tiny_tokenizer.base_vocab_size)
-    directory = tmp_path_factory.mktemp("model")
-    save_pretrained(VisionLanguageModel(cfg), directory, tokenizer=tiny_tokenizer)
-    return directory
+from helpers import make_photo
 
 
 @pytest.fixture(scope="module")

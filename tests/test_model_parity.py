@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_fixtures import LLAMA_VOCAB, base_config, make_llama, make_siglip
+from helpers import LLAMA_VOCAB, base_config, make_llama, make_siglip
 from tilevlm.weights.huggingface import build_from_hf
 from tilevlm.model import pixel_shuffle
 

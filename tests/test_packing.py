@@ -3,14 +3,11 @@ figures, and per-sample loss parity between a packed batch and the samples run a
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_photo
 from tilevlm.data.lengths import LengthFilter
 from tilevlm.data.packing import (MODEL_INPUTS, PackedBatches, PackedCollator,
                                   document_attention_mask, group_packs, pack_samples,
@@ -19,11 +16,7 @@ from tilevlm.data.skips import SkipCounter
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
 
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    make_photo(width, height, seed).save(buf, "PNG")
-    return buf.getvalue()
+from helpers import png
 
 
 def sample(question: str, answer: str, images: list[bytes], name: str) -> dict:

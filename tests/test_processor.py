@@ -6,10 +6,12 @@ from PIL import Image
 
 from tilevlm import PRESETS, preset
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
-from tilevlm.preprocessing.image import reassemble_tiles, resize_to_tiles, to_tensor
+from tilevlm.preprocessing.image import resize_to_tiles
 from tilevlm.config import IGNORE_INDEX
 from tilevlm.preprocessing.processor import Processor, count_image_tokens, image_string
 from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
+
+from reference import chatml, reassemble_tiles, to_tensor
 
 SIZES = [(1, 1), (223, 225), (224, 224), (448, 224), (1000, 10), (5000, 1)]
 
@@ -137,7 +139,7 @@ def test_input_ids_equal_the_encoded_chat_template(processor, tiny_tokenizer, ti
     batch = processor([messages], [[img]])
     expanded = [*messages[:1], {"role": "user", "content": "Which colour?\n" + image_string(
         tiny_tokenizer, (1, 2), tiny_config.mp_image_token_length, True)}, messages[2]]
-    expected = tiny_tokenizer.encode(tiny_tokenizer.apply_chat_template(expanded))
+    expected = tiny_tokenizer.encode(chatml(expanded))
     assert batch["input_ids"][0].tolist() == expected
 
 
@@ -253,7 +255,7 @@ def test_decode(processor):
 
 def test_threaded_image_loading_equals_one_thread_and_names_the_bad_image(
         tiny_config, tiny_tokenizer, tmp_path):
-    from conftest import make_photo
+    from helpers import make_photo
 
     paths = []
     for i, size in enumerate([(300, 200), (90, 90), (640, 480), (120, 400)]):

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import make_photo
 from tilevlm import preset
 from tilevlm.data import rowreader
 from tilevlm.data.lengths import LengthFilter, SampleMeter
@@ -18,14 +17,10 @@ from tilevlm.data.readers import detect_format, open_dataset
 from tilevlm.data.skips import SkipCounter
 from tilevlm.preprocessing.processor import Processor
 
+from helpers import make_photo, png
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
-
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    make_photo(width, height, seed).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def image(data: bytes | None = None, path: str | None = None) -> dict:

@@ -37,10 +37,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_photo
 from tilevlm import preset
 from tilevlm.training import checkpoints
-from tilevlm.weights.native import load_pretrained, save_pretrained
+from tilevlm.weights.native import load_pretrained
 from tilevlm.cli import main
 from tilevlm.config import VLMConfig
 from tilevlm.data.collate import VLMCollator
@@ -50,13 +49,12 @@ from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.preprocessing.image import load_image
 from tilevlm.inference.loading import load_for_inference
 from tilevlm.model.vision import VisionEncoder
-from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor, image_string
 from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 from tilevlm.training.loop import TrainConfig, train
 
-from conftest import SMALL  # noqa: E402
-from test_train import make_model as _model, quick, step_losses as _losses  # noqa: E402
+from helpers import SMALL, make_model as _model, make_photo, quick, step_losses as _losses
+
 PROMPT = "What colour is the shape in row 1, column 1?"
 
 
@@ -142,15 +140,6 @@ def image_dir(tmp_path_factory) -> Path:
         (d / name).write_bytes(data)
     make_photo(90, 60).save(d / "photo.png")
     return d
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    torch.manual_seed(0)
-    cfg = preset("tiny", lm_base_vocab_size=tiny_tokenizer.base_vocab_size)
-    directory = tmp_path_factory.mktemp("tiny_model")
-    save_pretrained(VisionLanguageModel(cfg), directory, tokenizer=tiny_tokenizer)
-    return directory
 
 
 @pytest.fixture

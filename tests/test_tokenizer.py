@@ -9,6 +9,8 @@ from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, 
 from tilevlm.preprocessing.chat_template import IM_END, IM_START
 from tilevlm.preprocessing.tokenizer import ENDOFTEXT, load_tokenizer, train_bpe_tokenizer
 
+from reference import chatml
+
 MESSAGES = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What color is r1c2?"},
@@ -79,20 +81,20 @@ def test_grid_token_id_out_of_range(tiny_tokenizer):
 
 # ----------------------------------------------------------------------------- chat template
 
-def test_chat_template_is_chatml(tiny_tokenizer):
-    text = tiny_tokenizer.apply_chat_template(MESSAGES)
+def test_chat_template_is_chatml():
+    text = chatml(MESSAGES)
     assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n"
                     "<|im_start|>user\nWhat color is r1c2?<|im_end|>\n"
                     "<|im_start|>assistant\nRed.<|im_end|>\n")
-    prompt = tiny_tokenizer.apply_chat_template(MESSAGES[:2], add_generation_prompt=True)
+    prompt = chatml(MESSAGES[:2], add_generation_prompt=True)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
 @pytest.mark.parametrize("bad", [{"role": "robot", "content": "x"}, {"role": "user"},
                                  {"role": "user", "content": 3}, "hello"])
-def test_chat_template_rejects_bad_messages(tiny_tokenizer, bad):
+def test_chat_template_rejects_bad_messages(bad):
     with pytest.raises(ValueError, match="message 1"):
-        tiny_tokenizer.apply_chat_template([MESSAGES[0], bad])
+        chatml([MESSAGES[0], bad])
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -102,7 +104,7 @@ def test_save_and_load_round_trip(tiny_tokenizer, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
     again = load_tokenizer(tmp_path)
     _check_vlm_token_layout(again, 512, 8)
-    text = tiny_tokenizer.apply_chat_template(MESSAGES) + IMAGE_TOKEN + grid_token(3, 3)
+    text = chatml(MESSAGES) + IMAGE_TOKEN + grid_token(3, 3)
     assert again.encode(text) == tiny_tokenizer.encode(text)
     assert (again.eos_token_id, again.pad_token_id, again.bos_token_id) == (2, 0, None)
     assert again.tokenizer.get_vocab(True) == tiny_tokenizer.tokenizer.get_vocab(True)
@@ -112,10 +114,9 @@ def test_saved_tokenizer_loads_in_transformers(tiny_tokenizer, tmp_path):
     transformers = pytest.importorskip("transformers")
     tiny_tokenizer.save(tmp_path)
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
-    text = tiny_tokenizer.apply_chat_template(MESSAGES) + IMAGE_TOKEN
+    text = chatml(MESSAGES) + IMAGE_TOKEN
     assert hf(text, add_special_tokens=False)["input_ids"] == tiny_tokenizer.encode(text)
-    assert hf.apply_chat_template(MESSAGES, tokenize=False) == \
-        tiny_tokenizer.apply_chat_template(MESSAGES)
+    assert hf.apply_chat_template(MESSAGES, tokenize=False) == chatml(MESSAGES)
 
 
 def test_load_hf_directory_adds_chat_markers_and_vlm_tokens(hf_tokenizer_dir, caplog):
@@ -127,7 +128,7 @@ def test_load_hf_directory_adds_chat_markers_and_vlm_tokens(hf_tokenizer_dir, ca
     _check_vlm_token_layout(tok, base + 2, 4)
     assert tok.eos_token_id == tok.tokenizer.token_to_id(ENDOFTEXT)
     assert tok.pad_token_id == tok.eos_token_id  # no pad token: falls back to eos
-    chat = tok.apply_chat_template(MESSAGES)
+    chat = chatml(MESSAGES)
     assert tok.encode(chat).count(tok.im_start_id) == 3
     assert tok.decode(tok.encode(chat), skip_special_tokens=False) == chat
 

@@ -21,7 +21,6 @@ from tilevlm.data.collate import SkipBadSamples, VLMCollator
 from tilevlm.data.sampler import ResumableBatchSampler
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.data.synthetic import SyntheticSpec, SyntheticVQA
-from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.training.optim import lr_factor
 from tilevlm.config import IGNORE_INDEX
 from tilevlm.preprocessing.chat_template import IM_END
@@ -29,7 +28,7 @@ from tilevlm.preprocessing.processor import Processor
 from tilevlm.training.loop import TrainConfig, train
 from tilevlm.training import checkpoints
 
-from conftest import SMALL  # noqa: E402
+from helpers import SMALL, make_model, quick, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -38,23 +37,6 @@ def setup():
     tokenizer, config = synthetic_tokenizer(preset("tiny", **SMALL))
     return (config, Processor(config, tokenizer), named_dataset("synthetic", "train", 200, config),
             named_dataset("synthetic", "validation", 8, config))
-
-
-def make_model(config, seed: int = 0) -> VisionLanguageModel:
-    torch.manual_seed(seed)
-    return VisionLanguageModel(config)
-
-
-def quick(out_dir: Path, **overrides) -> TrainConfig:
-    values = dict(steps=6, batch_size=4, warmup_steps=2, lr_projector=2e-3, lr_vision=2e-3,
-                  lr_decoder=2e-3, eval_every=0, save_every=0, progress=False,
-                  out_dir=str(out_dir))
-    return TrainConfig(**{**values, **overrides})
-
-
-def step_losses(out_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def test_labels_only_on_assistant_tokens(setup):

@@ -4,14 +4,12 @@ stream's order independent of DataLoader workers and of the number of ranks."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_photo
 from tilevlm import preset
 from tilevlm.cli import main
 from tilevlm.data.sources import DatasetSpec
@@ -22,40 +20,8 @@ from tilevlm.preprocessing.tokenizer import load_tokenizer
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from conftest import SMALL  # noqa: E402
-CORRUPT_ROW = 5  # its image bytes are not an image
-LONG_ROW = 9  # more tokens than lm_max_length
-TEXT_ROW = 11  # no image at all
-
-
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    make_photo(width, height, seed).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def cauldron_rows(n: int = 24) -> list[dict]:
-    """Cauldron-style rows with PNG bytes: one corrupt image, one too long, one text only."""
-    rows = []
-    for i in range(n):
-        images = [{"bytes": png(24 + 8 * (i % 5), 32 + 8 * (i % 3), i), "path": None}]
-        question = f"What is in picture {i}?"
-        if i == CORRUPT_ROW:
-            images = [{"bytes": b"not an image", "path": None}]
-        if i == LONG_ROW:
-            question = "Describe it. " * 400
-        if i == TEXT_ROW:
-            images = []
-        rows.append({"images": images,
-                     "texts": [{"user": question, "assistant": f"Picture {i} is red."}]})
-    return rows
-
-
-def write_parquet(directory: Path, n: int = 24) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "train.parquet"
-    pq.write_table(pa.Table.from_pylist(cauldron_rows(n)), path, row_group_size=8)
-    return path
+from helpers import (SMALL, cauldron_rows, make_photo, records, step_records,  # noqa: E402
+                     train_cli, write_parquet)
 
 
 def write_llava(directory: Path, n: int = 16) -> Path:
@@ -77,22 +43,6 @@ def model_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "config.json"
     preset("tiny", **SMALL).to_json(path)
     return path
-
-
-def train_cli(config: Path, tokenizer: Path, data: Path, out: Path, *extra: str) -> None:
-    args = ["train", "--config", str(config), "--tokenizer", str(tokenizer), "--data", str(data),
-            "--out", str(out), "--no-progress", "--warmup-steps", "1", "--lr-decoder", "2e-3",
-            "--lr-vision", "2e-3", "--lr-projector", "2e-3", "--shuffle-block", "8",
-            "--save-every", "0", *extra]
-    assert main(args) == 0
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_records(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in records(out) if "loss" in r}
 
 
 def test_parquet_run_skips_and_counts_bad_samples(tmp_path, model_config, hf_tokenizer_dir):

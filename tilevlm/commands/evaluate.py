@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tilevlm.commands.generate import store_weights
-    from tilevlm.data.sources import open_dataset
+    from tilevlm.data.sources import named_dataset
     from tilevlm.tools.evaluation import evaluate, write_report
     from tilevlm.inference.loading import load_for_inference
 
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_model_dir(Path(args.model))
     model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
     model = store_weights(model, args)
-    samples = open_dataset(args.data, args.split, args.n, model.cfg)
+    samples = named_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens)
     out = write_report(report, args.out or model_dir / f"eval-{args.split}.json")

@@ -5,8 +5,7 @@ local dataset path (parquet, save_to_disk, LLaVA; streamed through `tilevlm.data
     data = training_data("cauldron/ai2d", "train", 0, config)         # a DatasetSpec
     reader = data.open(rank, world_size)                              # this rank's RowReader
 
-`named_dataset` is the by-name lookup (it used to be called `open_dataset`, which clashed with
-`tilevlm.data.readers.open_dataset`, the reader for paths).
+`named_dataset` is the by-name lookup; `tilevlm.data.readers.open_dataset` reads a path.
 """
 
 from __future__ import annotations
@@ -61,9 +60,6 @@ def named_dataset(source: str, split: str, n: int, config: VLMConfig) -> Sequenc
         return SyntheticVQA(split, n, synthetic_spec(config))
     raise ValueError(f"unknown data source {source!r}; available: {', '.join(SOURCES)}, "
                      "or a dataset path")
-
-
-open_dataset = named_dataset  # the old name, for callers not yet moved to `named_dataset`
 
 
 def training_data(data: str, split: str, n: int, config: VLMConfig,

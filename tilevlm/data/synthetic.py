@@ -99,10 +99,6 @@ class TileObject:
     colour: str
     box: tuple[int, int, int, int]
 
-    @property
-    def centre(self) -> tuple[int, int]:
-        return (self.box[0] + self.box[2]) // 2, (self.box[1] + self.box[3]) // 2
-
 
 def sample_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
     """The random stream of one sample: a pure function of (seed, split, index)."""

@@ -50,11 +50,6 @@ def chat_segments(messages: list[dict[str, str]], add_generation_prompt: bool = 
     return segments
 
 
-def render(messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """The conversation as one ChatML string."""
-    return "".join(text for text, _ in chat_segments(messages, add_generation_prompt))
-
-
 def place_image_placeholders(messages: list[dict[str, str]], n_images: int
                              ) -> list[dict[str, str]]:
     """The messages with one `<image>` per image: as written, or, when the text holds none, all

@@ -247,32 +247,6 @@ def resize_to_tiles(img: Image.Image, tile_size: int, max_img_size: int,
     return img.resize(size, _RESAMPLE, reducing_gap=3.0)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as float32 [3, H, W] in [0, 1]."""
-    arr = np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1).to(torch.float32).div_(255.0)  # (3, H, W)
-
-
-def split_tiles(pixels: torch.Tensor, tile_size: int) -> torch.Tensor:
-    """[C, H, W] -> [n_h * n_w, C, T, T], tiles in row-major order."""
-    c, h, w = pixels.shape
-    if h % tile_size or w % tile_size:
-        raise ValueError(f"image size {w}x{h} is not a multiple of the tile size {tile_size}")
-    n_h, n_w = h // tile_size, w // tile_size
-    tiles = pixels.reshape(c, n_h, tile_size, n_w, tile_size)  # (C, n_h, T, n_w, T)
-    return tiles.permute(1, 3, 0, 2, 4).reshape(n_h * n_w, c, tile_size, tile_size)
-
-
-def reassemble_tiles(tiles: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Inverse of `split_tiles`: [n_h * n_w, C, T, T] -> [C, n_h * T, n_w * T]."""
-    n_h, n_w = grid
-    n, c, t, t2 = tiles.shape
-    if n != n_h * n_w or t != t2:
-        raise ValueError(f"{n} tiles of {t}x{t2} do not form a {n_h}x{n_w} grid of square tiles")
-    grid_tiles = tiles.reshape(n_h, n_w, c, t, t)  # (n_h, n_w, C, T, T)
-    return grid_tiles.permute(2, 0, 3, 1, 4).reshape(c, n_h * t, n_w * t)
-
-
 # ----------------------------------------------------------------------------- several at once
 
 def default_image_threads() -> int:
@@ -319,11 +293,11 @@ class ImageTransform:
         self.max_img_size = config.max_img_size
         self.resize_to_max_side_len = config.resize_to_max_side_len
         self.use_global = config.use_global_tile
-        self.mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
+        mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
         # (x / 255 - mean) / std == x * scale - shift, applied in place on the tiles.
-        self._scale = (1.0 / (255.0 * self.std)).numpy()  # (3, 1, 1)
-        self._shift = (self.mean / self.std).numpy()  # (3, 1, 1)
+        self._scale = (1.0 / (255.0 * std)).numpy()  # (3, 1, 1)
+        self._shift = (mean / std).numpy()  # (3, 1, 1)
 
     def load(self, source: ImageLike, max_pixels: int = 89_478_485
              ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -379,9 +353,6 @@ class ImageTransform:
         """out = (pixels / 255 - mean) / std, written in place (pixels: uint8, channels at -3)."""
         np.multiply(pixels, self._scale, out=out)
         np.subtract(out, self._shift, out=out)
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return (pixels - self.mean) / self.std
 
 
 def _hwc_uint8(img: Image.Image) -> np.ndarray:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tilevlm.files import read_json_object
-from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START, render
+from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
 
 logger = logging.getLogger(__name__)
@@ -73,11 +73,6 @@ class VLMTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: list[dict[str, str]],
-                            add_generation_prompt: bool = False) -> str:
-        """The conversation as ChatML text (`tilevlm.preprocessing.chat_template`)."""
-        return render(messages, add_generation_prompt)
 
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (read back by `load_tokenizer`)."""

@@ -62,52 +62,6 @@ def greedy_answers(model: nn.Module, processor: Any, conversations: list[list[di
     return generate(model, batch, max_new_tokens, tokenizer=processor.tokenizer).texts
 
 
-@torch.no_grad()
-def full_forward_answers(model: nn.Module, processor: Any, conversations: list[list[dict[str, str]]],
-                   images: list[list[Any]], max_new_tokens: int) -> list[str]:
-    """Greedy answers by one full forward per token: slow (O(n^2)) but needs nothing from the
-    model beyond `forward`, so it also serves stub models and as the reference for the cache.
-
-    Rows are right-padded; each row's next token is read at its own last position and written
-    just after it, so padding (always after a row's tokens) never influences it."""
-    batch = processor(conversations, images, add_generation_prompt=True)
-    device = next(model.parameters()).device
-    prompt_len = batch["attention_mask"].sum(1).to(device)  # (B,)
-    pixel_values = batch["pixel_values"]
-    pixel_values = pixel_values.to(device) if pixel_values is not None else None
-    ids, lengths = _decode_loop(model, batch["input_ids"].to(device), prompt_len, pixel_values,
-                                max_new_tokens, processor.tokenizer)
-    eos = processor.tokenizer.eos_token_id
-    answers = []
-    for row, start, end in zip(ids.tolist(), prompt_len.tolist(), lengths.tolist()):
-        new = row[start:end]
-        answers.append(processor.decode(new[:new.index(eos)] if eos in new else new))
-    return answers
-
-
-def _decode_loop(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor,
-                 pixel_values: torch.Tensor | None, max_new_tokens: int,
-                 tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append up to `max_new_tokens` greedy tokens per row; returns (ids, row lengths)."""
-    batch_size = input_ids.shape[0]
-    pad = tokenizer.pad_token_id
-    ids = torch.cat([input_ids, input_ids.new_full((batch_size, max_new_tokens), pad)], 1)
-    rows = torch.arange(batch_size, device=ids.device)
-    done = torch.zeros(batch_size, dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        width = int(lengths.max())
-        mask = (torch.arange(width, device=ids.device) < lengths[:, None]).long()  # (B, W)
-        logits = model(ids[:, :width], pixel_values=pixel_values, attention_mask=mask).logits
-        next_ids = logits[rows, lengths - 1].argmax(-1)  # (B,)
-        next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
-        ids[rows, lengths] = next_ids
-        lengths = lengths + (~done).long()
-        done |= next_ids == tokenizer.eos_token_id
-        if bool(done.all()):
-            break
-    return ids, lengths
-
-
 @dataclass
 class _Scored:
     prompt: str  # the last prompt message
