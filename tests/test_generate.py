@@ -129,6 +129,33 @@ def test_streaming_yields_exactly_the_final_text(setup):
     assert "".join(pieces) == final[:final.find(stop)]
 
 
+class _ByteTokenizer:
+    """Decodes n tokens as the first n bytes of TEXT, whatever the tokens: each multi-byte
+    character arrives one byte at a time (an incomplete one decodes as "\ufffd")."""
+
+    TEXT = "héllo ✓ wörld"
+    eos_token_id = -1  # never sampled
+
+    def decode(self, ids):
+        return self.TEXT.encode()[:len(ids)].decode("utf-8", errors="replace")
+
+
+def test_streaming_holds_back_half_characters_and_stop_string_starts(setup):
+    model, processor, _ = setup
+    convs, images = _prompts()
+    batch = processor(convs[1:2], images[1:2], padding_side="left", add_generation_prompt=True)
+    tok = _ByteTokenizer()
+    n = len(tok.TEXT.encode())
+    pieces = list(stream_generate(model, batch, tok, max_new_tokens=n))
+    assert "".join(pieces) == tok.TEXT == generate(model, batch, n, tokenizer=tok).texts[0]
+    assert len(pieces) > 1 and not any("\ufffd" in p for p in pieces)
+    # "✓ " might start the stop string "✓ x" until "w" arrives; then it is streamed after all.
+    pieces = list(stream_generate(model, batch, tok, max_new_tokens=n, stop_strings=["✓ x"]))
+    assert "".join(pieces) == tok.TEXT and "✓ w" in pieces
+    pieces = list(stream_generate(model, batch, tok, max_new_tokens=n, stop_strings=["✓ w"]))
+    assert "".join(pieces) == "héllo "
+
+
 def test_right_padding_and_overlong_requests_are_clear_errors(setup):
     model, processor, _ = setup
     convs, images = _prompts()

@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from tilevlm.commands.options import add_weights_argument, weights_format
+
 HELP = "measure preprocessing, training, prefill, decode and vision speed (random weights)"
 
 log = logging.getLogger(__name__)
@@ -23,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, help="cpu, cuda or auto")
     parser.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 on CUDA, fp32 on CPU; training uses autocast in bf16")
-    parser.add_argument("--weights", default=d.weights, choices=["fp32", "bf16", "int8"],
-                        help="inference (prefill, decode) weight storage; default: the --dtype. "
-                             "bf16 / int8 (weight-only) cut the bytes each decode step reads")
+    add_weights_argument(parser, "prefill and decode", "the --dtype")
     parser.add_argument("--compile", action="store_true", default=d.compile,
                         help="torch.compile the decode step (reduce-overhead: CUDA graphs on GPU)")
     parser.add_argument("--compile-train", action="store_true", default=d.compile_train,
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.tools.benchmark import BenchConfig, format_table, run_bench
 
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
-                     dtype=args.dtype, weights=args.weights, compile=args.compile,
+                     dtype=args.dtype, weights=weights_format(args), compile=args.compile,
                      compile_train=args.compile_train, train_loss=args.train_loss,
                      baseline=args.baseline,
                      threads=args.threads, preprocess_threads=args.preprocess_threads,

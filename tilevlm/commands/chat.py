@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tilevlm.commands.answering import stream_answer
+from tilevlm.commands.options import add_generation_arguments, sampling_params, store_weights
+
 HELP = "chat with a model interactively (/image PATH attaches an image, /reset, /quit)"
 
 COMMANDS_HELP = "commands: /image PATH (attach to your next message), /reset, /quit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.commands.generate import add_sampling_arguments
-
-    add_sampling_arguments(parser)
+    add_generation_arguments(parser)
 
 
 class Conversation:
@@ -61,7 +62,6 @@ def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.commands.generate import sampling_params, store_weights, stream_answer
     from tilevlm.inference.loading import load_for_inference
 
     sampling_params(args)

@@ -10,6 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from tilevlm.commands.options import LOADED_DTYPE, add_weights_argument, store_weights
+
 HELP = "evaluate a saved model: exact-match accuracy and loss, as a JSON report"
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (only for a nanoVLM checkpoint)")
-    parser.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                        help="weight storage to evaluate (as `tilevlm generate --weights`): "
-                        "measures what bf16 or int8 weights cost in accuracy")
+    add_weights_argument(parser, "evaluation, to see what bf16 or int8 weights cost in accuracy",
+                         LOADED_DTYPE)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.commands.generate import store_weights
     from tilevlm.data.sources import named_dataset
     from tilevlm.tools.evaluation import evaluate, write_report
     from tilevlm.inference.loading import load_for_inference

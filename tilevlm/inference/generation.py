@@ -55,14 +55,6 @@ class GenerationOutput:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
-class _Row:
-    """What one batch row has produced so far."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.finish: str | None = None
-
-
 def _check_batch(model: Any, batch: dict[str, Any], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     input_ids = batch["input_ids"]
     mask = batch.get("attention_mask")
@@ -183,6 +175,104 @@ def _batch_stats(model: Any, batch: dict[str, Any]) -> GenerationStats:
                            batch_rows=ids.shape[0])
 
 
+class _RowState:
+    """One batch row's generation: its tokens, why it finished, and its text.
+
+    The one place for end of sequence (the EOS token is not kept), stop strings (found in the
+    decoded text, which is cut there) and what of the text is safe to stream.
+    """
+
+    def __init__(self, eos_ids: Sequence[int], stops: StopStrings, tokenizer: Any) -> None:
+        self.tokens: list[int] = []
+        self.finish: str | None = None  # "eos" | "stop_string" | "length"
+        self._eos_ids = eos_ids
+        self._stops = stops
+        self._tokenizer = tokenizer
+        self._text, self._text_tokens = "", 0  # the decoded text, of that many tokens
+        self._sent = 0  # chars of the text already streamed
+
+    def add(self, token: int) -> None:
+        """Take the next sampled token; a finished row ignores it."""
+        if self.finish:
+            return
+        if token in self._eos_ids:
+            self.finish = "eos"
+            return
+        self.tokens.append(token)
+        if self._stops and self._stops.find(self.text()) >= 0:
+            self.finish = "stop_string"
+
+    def text(self) -> str:
+        """The decoded tokens (decoded once per new token, and only when asked)."""
+        if self._text_tokens != len(self.tokens):
+            self._text, self._text_tokens = self._tokenizer.decode(self.tokens), len(self.tokens)
+        return self._text
+
+    def final_text(self) -> str:
+        """The text, cut where a stop string starts."""
+        text = self.text()
+        cut = self._stops.find(text)
+        return text if cut < 0 else text[:cut]
+
+    def safe_piece(self) -> str:
+        """The new text that is safe to stream: not what might start a stop string, nor an
+        incomplete UTF-8 sequence (decoded as "\ufffd" until its last byte arrives)."""
+        text = self.text()
+        safe = len(text) - self._stops.holdback(text)
+        while safe > self._sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        return self._take(text, safe)
+
+    def last_piece(self) -> str:
+        """What is left to stream once the row has finished (held back until now)."""
+        text = self.final_text()
+        return self._take(text, len(text))
+
+    def _take(self, text: str, end: int) -> str:
+        piece = text[self._sent:end]
+        self._sent = max(self._sent, end)
+        return piece
+
+
+class _StepTimer:
+    """Fills the timing fields of GenerationStats: time to first token, steps, decode seconds."""
+
+    def __init__(self, stats: GenerationStats) -> None:
+        self.stats = stats
+        self.start = time.perf_counter()
+
+    def step(self, index: int) -> None:
+        if index == 0:
+            self.stats.time_to_first_token = time.perf_counter() - self.start
+        self.stats.steps = index + 1
+
+    def stop(self) -> None:
+        elapsed = time.perf_counter() - self.start
+        self.stats.decode_seconds = elapsed - self.stats.time_to_first_token
+
+
+def _run_rows(model: Any, batch: dict[str, Any], rows: list[_RowState], stats: GenerationStats,
+              max_new_tokens: int, sampling: SamplingParams, eos_ids: list[int], seed: int | None,
+              step_fn: Callable[..., torch.Tensor] | None = None) -> Iterator[None]:
+    """Feed each step's tokens to `rows` until all have finished; yields after every step that
+    leaves one unfinished. Fills the stats' steps, timing and new tokens; unfinished rows end
+    with "length". One host sync per step: the tokens' `tolist()`."""
+    timer = _StepTimer(stats)
+    steps = generate_ids(model, batch, max_new_tokens, sampling, eos_ids, seed, step_fn)
+    with closing(steps):  # frees the KV cache at once, also when we stop early
+        for step, (tokens, _) in enumerate(steps):
+            timer.step(step)
+            for row, token in zip(rows, tokens.tolist()):
+                row.add(token)
+            if all(r.finish for r in rows):
+                break
+            yield
+    timer.stop()
+    for r in rows:
+        r.finish = r.finish or "length"
+    stats.new_tokens = sum(len(r.tokens) for r in rows)
+
+
 def generate(
     model: Any,
     batch: dict[str, Any],
@@ -202,23 +292,11 @@ def generate(
     stops = StopStrings(stop_strings)
     if stops and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
-    rows = [_Row() for _ in range(batch["input_ids"].shape[0])]
+    rows = [_RowState(eos_ids, stops, tokenizer) for _ in range(batch["input_ids"].shape[0])]
     stats = _batch_stats(model, batch)
-    start = time.perf_counter()
-    steps = generate_ids(model, batch, max_new_tokens, sampling, eos_ids, seed, step_fn)
-    with closing(steps):  # frees the KV cache at once, also when we stop early
-        for step, (tokens, _) in enumerate(steps):
-            if step == 0:
-                stats.time_to_first_token = time.perf_counter() - start
-            _extend_rows(rows, tokens.tolist(), eos_ids, stops, tokenizer)
-            stats.steps = step + 1
-            if all(r.finish for r in rows):
-                break
-    stats.decode_seconds = time.perf_counter() - start - stats.time_to_first_token
-    for r in rows:
-        r.finish = r.finish or "length"
-    stats.new_tokens = sum(len(r.tokens) for r in rows)
-    texts = None if tokenizer is None else [_final_text(tokenizer, r.tokens, stops) for r in rows]
+    for _ in _run_rows(model, batch, rows, stats, max_new_tokens, sampling, eos_ids, seed, step_fn):
+        pass
+    texts = None if tokenizer is None else [r.final_text() for r in rows]
     return GenerationOutput([r.tokens for r in rows], texts, [r.finish for r in rows], stats)
 
 
@@ -226,25 +304,6 @@ def _eos_ids(eos_token_ids: Sequence[int] | int | None, tokenizer: Any) -> list[
     if eos_token_ids is None:
         return [] if tokenizer is None else [tokenizer.eos_token_id]
     return [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-
-
-def _extend_rows(rows: list[_Row], tokens: list[int], eos_ids: list[int], stops: StopStrings,
-                 tokenizer: Any) -> None:
-    for row, token in zip(rows, tokens):
-        if row.finish:
-            continue
-        if token in eos_ids:
-            row.finish = "eos"
-            continue
-        row.tokens.append(token)
-        if stops and stops.find(tokenizer.decode(row.tokens)) >= 0:
-            row.finish = "stop_string"
-
-
-def _final_text(tokenizer: Any, tokens: list[int], stops: StopStrings) -> str:
-    text = tokenizer.decode(tokens)
-    cut = stops.find(text)
-    return text if cut < 0 else text[:cut]
 
 
 def stream_generate(
@@ -262,35 +321,16 @@ def stream_generate(
     multi-byte character, are held back until they are safe."""
     if batch["input_ids"].shape[0] != 1:
         raise ValueError(f"streaming works on one sequence, got a batch of {batch['input_ids'].shape[0]}")
-    stops = StopStrings(stop_strings)
     eos_ids = _eos_ids(None, tokenizer)
+    row = _RowState(eos_ids, StopStrings(stop_strings), tokenizer)
     own = stats if stats is not None else GenerationStats()
     own.__dict__.update(_batch_stats(model, batch).__dict__)
-    tokens: list[int] = []
-    text, sent, cut = "", 0, -1
-    start = time.perf_counter()
-    steps = generate_ids(model, batch, max_new_tokens, sampling, eos_ids, seed)
-    with closing(steps):  # frees the KV cache at once, also when we stop early
-        for step, (token, _) in enumerate(steps):
-            if step == 0:
-                own.time_to_first_token = time.perf_counter() - start
-            own.steps = step + 1
-            token_id = int(token[0])
-            if token_id in eos_ids:
-                break
-            tokens.append(token_id)
-            text = tokenizer.decode(tokens)
-            cut = stops.find(text)
-            if cut >= 0:
-                break
-            safe = len(text) - stops.holdback(text)
-            while safe > sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                safe -= 1
-            if safe > sent:
-                yield text[sent:safe]
-                sent = safe
-    end = cut if cut >= 0 else len(text)
-    if end > sent:  # what was held back, now that the text is final
-        yield text[sent:end]
-    own.new_tokens = len(tokens)
-    own.decode_seconds = time.perf_counter() - start - own.time_to_first_token
+    run = _run_rows(model, batch, [row], own, max_new_tokens, sampling, eos_ids, seed)
+    with closing(run):  # a consumer that stops early frees the KV cache at once
+        for _ in run:
+            piece = row.safe_piece()
+            if piece:
+                yield piece
+    piece = row.last_piece()
+    if piece:
+        yield piece

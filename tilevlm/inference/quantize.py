@@ -45,7 +45,8 @@ class Int8Linear(nn.Module):
             # A decode step: the fused int8-weight kernel reads a quarter of the fp32 bytes.
             y = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, scale)  # (M, out)
         else:  # gpt-fast's form (inductor fuses the dequantisation into the matmul); on a CPU
-            # prefill, dequantising once and a bf16 GEMM beats that kernel 2-3x.
+            # prefill, dequantising once and a bf16 GEMM beats that kernel, made for few rows
+            # (docs/performance.md has the figures).
             y = F.linear(flat, self.weight_int8.to(x.dtype)) * scale  # (M, out)
         return y.view(*x.shape[:-1], self.out_features)
 
