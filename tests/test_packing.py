@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tilevlm.config import IGNORE_INDEX
 from tilevlm.data.lengths import LengthFilter
-from tilevlm.data.packing import (MODEL_INPUTS, PackedBatches, PackedCollator,
-                                  document_attention_mask, group_packs, pack_samples,
-                                  segment_losses, segment_positions)
+from tilevlm.data.packing import (PackedBatches, PackedCollator, document_attention_mask,
+                                  group_packs, pack_samples, segment_positions)
 from tilevlm.data.skips import SkipCounter
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
@@ -109,9 +110,9 @@ def test_tile_cap_holds_per_micro_batch(processor):
     batches = list(PackedBatches(samples, processor, max_tiles=12, rows=4, skips=skips))
     assert skips.as_dict() == {"too_many_tiles": 3}  # "e": two 3x3+global images = 20 tiles
     for batch in batches:
-        assert batch["pixel_values"].shape[0] == sum(batch["n_tiles"]) <= 12
-        assert batch["input_ids"].shape[0] <= 4
-    assert sum(b["n_samples"] for b in batches) == 12
+        assert batch.inputs["pixel_values"].shape[0] == sum(batch.info["n_tiles"]) <= 12
+        assert batch.inputs["input_ids"].shape[0] <= 4
+    assert sum(b.n_samples for b in batches) == 12
 
 
 def test_padding_fraction_is_reported_per_pass(processor):
@@ -119,9 +120,9 @@ def test_padding_fraction_is_reported_per_pass(processor):
     real = sum(s["n_tokens"] for s in samples)
     packer = PackedBatches(samples, processor, max_tokens=256, max_tiles=64, rows=2)
     batches = list(packer)
-    slots = sum(b["input_ids"].numel() for b in batches)
-    assert sum(b["n_real_tokens"] for b in batches) == real
-    assert sum(int((b["segment_ids"] != 0).sum()) for b in batches) == real
+    slots = sum(b.inputs["input_ids"].numel() for b in batches)
+    assert sum(b.n_real_tokens for b in batches) == real
+    assert sum(int((b.info["segment_ids"] != 0).sum()) for b in batches) == real
     assert packer.stats.padding_fraction == pytest.approx(1 - real / slots)
     assert packer.stats.samples == 8 and packer.stats.batches == len(batches)
     list(packer)  # a second pass (epoch): same figures, recorded separately
@@ -129,7 +130,7 @@ def test_padding_fraction_is_reported_per_pass(processor):
 
     fixed = PackedBatches(samples, processor, max_tokens=256, max_tiles=64, rows=2,
                           pad_to_budget=True)
-    shapes = {tuple(b["input_ids"].shape[1:]) for b in fixed}
+    shapes = {tuple(b.inputs["input_ids"].shape[1:]) for b in fixed}
     assert shapes == {(256,)}
     assert fixed.stats.slots == fixed.stats.rows * 256
     assert fixed.stats.padding_fraction == pytest.approx(1 - real / fixed.stats.slots)
@@ -141,8 +142,26 @@ def test_images_that_fail_to_decode_are_skipped_and_counted(processor):
     samples = list(LengthFilter([broken, *mixed_samples()[:2]], processor))
     assert len(samples) == 3  # the header is fine: only decoding finds the damage
     batch = PackedCollator(processor)([samples])
-    assert batch["skipped"] == {"image_error": 1} and batch["n_skipped"] == 1
-    assert batch["sources"] == [["a", "b"]] and batch["n_samples"] == 2
+    assert batch.skipped == {"image_error": 1} and batch.n_skipped == 1
+    assert batch.info["sources"] == [["a", "b"]] and batch.n_samples == 2
+
+
+def segment_losses(logits: torch.Tensor, labels: torch.Tensor,
+                   segment_ids: torch.Tensor) -> list[list[float]]:
+    """Per row, the mean next-token cross-entropy of each segment (1, 2, ...), computed as the
+    model's loss is (logits[:, t] predicts labels[:, t + 1]); NaN for a segment with no label.
+    The reference the packed losses are checked against."""
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                         ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
+    counted = (labels[:, 1:] != IGNORE_INDEX).float()  # (B, T-1)
+    seg = segment_ids[:, 1:]  # the segment of the predicted token
+    out = []
+    for b in range(logits.shape[0]):
+        n_seg = int(segment_ids[b].max())
+        per = [(ce[b] * (seg[b] == s)).sum() / (counted[b] * (seg[b] == s)).sum()
+               for s in range(1, n_seg + 1)]
+        out.append([float(x) for x in per])
+    return out
 
 
 def test_packed_loss_equals_each_sample_alone(tiny_config, processor):
@@ -151,23 +170,23 @@ def test_packed_loss_equals_each_sample_alone(tiny_config, processor):
     samples = list(LengthFilter(mixed_samples(), processor))
     by_name = {s["source"]: s for s in samples}
     batches = list(PackedBatches(samples, processor, max_tokens=400, max_tiles=64, rows=2))
-    assert max(len(row) for b in batches for row in b["sources"]) > 1  # something was packed
+    assert max(len(row) for b in batches for row in b.info["sources"]) > 1  # something packed
     with torch.no_grad():
         for batch in batches:
-            inputs = {k: batch[k] for k in MODEL_INPUTS}
+            inputs, segment_ids = batch.inputs, batch.info["segment_ids"]
             out = model(**inputs)
-            packed = segment_losses(out.logits, batch["labels"], batch["segment_ids"])
+            packed = segment_losses(out.logits, inputs["labels"], segment_ids)
             # Without position_ids the decoder derives the same ones from the document mask.
             implicit = model(**{**inputs, "position_ids": None}).logits
             torch.testing.assert_close(implicit, out.logits, rtol=0, atol=0)
             # The check can fail: with a padding mask only, later samples see earlier ones.
-            leaky = model(batch["input_ids"], batch["pixel_values"],
-                          attention_mask=(batch["segment_ids"] != 0).long()).logits
-            leaky_losses = segment_losses(leaky, batch["labels"], batch["segment_ids"])
+            leaky = model(inputs["input_ids"], inputs.get("pixel_values"),
+                          attention_mask=(segment_ids != 0).long()).logits
+            leaky_losses = segment_losses(leaky, inputs["labels"], segment_ids)
             if max(len(row) for row in packed) > 1:
                 assert max(abs(a - b) for ra, rb in zip(packed, leaky_losses)
                            for a, b in zip(ra, rb)) > 1e-3
-            for row, names in zip(packed, batch["sources"]):
+            for row, names in zip(packed, batch.info["sources"]):
                 for loss, name in zip(row, names):
                     s = by_name[name]
                     alone = processor([s["messages"]], [s["images"]])

@@ -21,6 +21,7 @@ from tilevlm.data.collate import SkipBadSamples, VLMCollator
 from tilevlm.data.sampler import ResumableBatchSampler
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.data.synthetic import SyntheticSpec, SyntheticVQA
+from tilevlm.training.compile import compile_blocks
 from tilevlm.training.optim import lr_factor
 from tilevlm.config import IGNORE_INDEX
 from tilevlm.preprocessing.chat_template import IM_END
@@ -44,10 +45,11 @@ def test_labels_only_on_assistant_tokens(setup):
     spec = SyntheticSpec(tile_size=config.vit_img_size, max_grid=2, questions_per_image=2)
     samples = [SyntheticVQA("train", 4, spec)[i] for i in range(4)]
     batch = VLMCollator(processor)(samples)
-    assert batch["n_skipped"] == 0
+    assert batch.n_skipped == 0
+    labels, input_ids = batch.inputs["labels"], batch.inputs["input_ids"]
     for row, sample in enumerate(samples):
-        labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist()
-        assert batch["input_ids"][row][batch["labels"][row] != IGNORE_INDEX].tolist() == labelled
+        labelled = labels[row][labels[row] != IGNORE_INDEX].tolist()
+        assert input_ids[row][labels[row] != IGNORE_INDEX].tolist() == labelled
         answers = [m["content"] for m in sample["messages"] if m["role"] == "assistant"]
         assert processor.tokenizer.decode(labelled, skip_special_tokens=False) == \
             "".join(a + IM_END for a in answers)
@@ -171,6 +173,27 @@ def test_compiled_blocks_train_like_eager(setup, tmp_path):
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4, abs=1e-5)
 
 
+def test_compiled_blocks_stay_eager_in_eval_mode(setup):
+    """compile_blocks' default (training_only): eval-mode calls never reach the compiler."""
+    config, processor, train_data, _ = setup
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = compile_blocks(make_model(config), backend=backend)
+    inputs = VLMCollator(processor)([train_data[i] for i in range(2)]).inputs
+    try:
+        with torch.no_grad():
+            model.eval()(**inputs)
+            assert graphs == []
+            model.train()(**inputs)
+    finally:
+        torch._dynamo.reset()
+    assert graphs  # train mode compiles
+
+
 def _nan_on_call(model, n: int) -> None:
     calls = []
 
@@ -237,7 +260,7 @@ def test_bad_samples_are_skipped_and_counted(setup, tmp_path):
     config, processor, train_data, _ = setup
     flaky = _Flaky(train_data, tmp_path / "missing.png")
     batch = VLMCollator(processor)([SkipBadSamples(flaky)[i] for i in range(8)])
-    assert batch["n_skipped"] == 4 and batch["input_ids"].shape[0] == 4
+    assert batch.n_skipped == 4 and batch.inputs["input_ids"].shape[0] == 4
     result = train(make_model(config), processor, flaky, None,
                    quick(tmp_path / "run", steps=2, num_workers=1))
     bad, steps = 0, 0

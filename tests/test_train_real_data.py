@@ -13,7 +13,7 @@ import torch
 from tilevlm import preset
 from tilevlm.cli import main
 from tilevlm.data.sources import DatasetSpec
-from tilevlm.data.stream import StreamOptions, StreamPosition, TrainStream, stream_loader
+from tilevlm.data.stream import StreamOptions, TrainStream, stream_loader
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.preprocessing.tokenizer import load_tokenizer
 
@@ -119,7 +119,7 @@ def sources(stream: TrainStream, n: int, workers: int = 0) -> list[list[str]]:
     """The `source` of every sample of the first `n` batches."""
     out = []
     for batch in stream_loader(stream, workers, False):
-        rows = batch.get("sources", [])
+        rows = batch.info.get("sources", [])
         out.append([s.rsplit(":", 1)[1] for row in rows for s in row])
         if len(out) == n:
             return out
@@ -134,8 +134,8 @@ def test_stream_order_does_not_depend_on_workers_or_resume(tmp_path, processor):
     rows = [int(r) for batch in whole[:6] for r in batch]
     assert len(set(rows)) == len(rows)  # no repeats within an epoch
     loader = iter(stream_loader(TrainStream(spec.open, processor, options), 0, False))
-    positions = [next(loader)["stream"] for _ in range(7)]
-    start = StreamPosition(*positions[4])  # resume after the 5th batch
+    positions = [next(loader).stream for _ in range(7)]
+    start = positions[4]  # resume after the 5th batch
     assert sources(TrainStream(spec.open, processor, options, start=start), 7) == whole[5:12]
 
 
@@ -150,3 +150,12 @@ def test_stream_splits_global_batches_by_rank(tmp_path, processor):
         assert sorted(two[0][step] + two[1][step]) == sorted(one[step])
     epoch0 = [int(r) for batch in one for r in batch]
     assert epoch0 != sorted(epoch0)  # shuffled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_stream_batches_from_workers_come_pinned(tmp_path, processor):
+    """A TrainBatch is no dict the DataLoader pins by itself: it pins its inputs."""
+    spec = DatasetSpec(str(write_parquet(tmp_path)))
+    stream = TrainStream(spec.open, processor, StreamOptions(batch_size=2, block_size=8))
+    batch = next(iter(stream_loader(stream, 1, True)))
+    assert batch.inputs and all(t.is_pinned() for t in batch.inputs.values())

@@ -3,7 +3,7 @@
 A raw sample is a dict with `messages` (chat turns, `<image>` placeholders in the text) and either
 `image` (one image) or `images` (a list); an image is anything `load_image` takes (a path, bytes,
 a PIL image). A sample is bad when reading it raises, when an image does not load, or when it is
-longer than `lm_max_length`: it is logged, dropped and counted in the batch's `n_skipped`.
+longer than `lm_max_length`: it is logged, dropped and counted in the batch's `skipped`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-import torch
-
+from tilevlm.data.batch import OTHER, TrainBatch
 from tilevlm.preprocessing.image import ImageLike
-from tilevlm.config import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +52,21 @@ class SkipBadSamples:
 
 class VLMCollator:
     """`collate_fn` for a DataLoader: a list of raw samples (None = already bad) -> a Processor
-    batch plus `n_skipped`; None when every sample was bad."""
+    batch whose `skipped` counts the bad ones; `empty` when every sample was bad."""
 
     def __init__(self, processor: Any) -> None:
         self.processor = processor
 
-    def __call__(self, samples: list[Sample | None]) -> dict[str, Any] | None:
+    def __call__(self, samples: list[Sample | None]) -> TrainBatch:
         good = [s for s in samples if s is not None]
         try:
-            batch = self._process(good) if good else None
+            out = self._process(good) if good else None
         except BAD_SAMPLE_ERRORS:  # find the bad ones; the rest still make a batch
             good = [s for s in good if self._usable(s)]
-            batch = self._process(good) if good else None
-        if batch is not None:
-            batch["n_skipped"] = len(samples) - len(good)
-        return batch
+            out = self._process(good) if good else None
+        n_bad = len(samples) - len(good)
+        skipped = {OTHER: n_bad} if n_bad else {}
+        return TrainBatch(skipped=skipped) if out is None else TrainBatch.of(out, skipped=skipped)
 
     def _process(self, samples: list[Sample]) -> dict[str, Any]:
         return self.processor([sample_messages(s) for s in samples],
@@ -81,27 +79,3 @@ class VLMCollator:
             log.warning("skipping a sample: %s", e)
             return False
         return True
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
-
-
-def to_model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """The batch tensors the model's forward takes, moved to `device` (`position_ids` too: packed
-    batches restart them at every sample)."""
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS
-            if batch.get(k) is not None}
-
-
-def label_count(batch: dict[str, Any]) -> int:
-    """Tokens the loss counts: labels that are not ignored, after the one-token shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def token_counts(batch: dict[str, Any]) -> tuple[int, int]:
-    """(real tokens, padded slots) of a batch, for the padding fraction."""
-    slots = batch["input_ids"].numel()
-    if "n_real_tokens" in batch:
-        return int(batch["n_real_tokens"]), slots
-    mask = batch.get("attention_mask")
-    return (int(mask.sum()) if mask is not None and mask.dim() == 2 else slots), slots

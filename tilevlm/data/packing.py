@@ -1,8 +1,8 @@
 """Sequence packing: several short samples in one row, attention kept inside each sample.
 
     samples = LengthFilter(open_dataset(path), processor)        # n_tokens, n_tiles from headers
-    for batch in PackedBatches(samples, processor, max_tiles=64, rows=4):
-        out = model(**{k: batch[k] for k in MODEL_INPUTS})
+    for batch in PackedBatches(samples, processor, max_tiles=64, rows=4):   # TrainBatch
+        out = model(**batch.inputs)
     # PackedBatches.stats: padding fraction etc. of the pass (one pass = one epoch)
 
 1. `pack_samples`: best-fit over a window of open rows, using the token and tile counts known
@@ -11,8 +11,9 @@
 2. `group_packs`: rows into micro-batches of at most `rows` rows and `max_tiles` tiles, so the
    vision encoder, which sees every tile of a micro-batch at once, has bounded memory.
 3. `PackedCollator`: decodes the images and tokenizes, concatenates each row's samples, and
-   returns `position_ids` that restart at 0 for every sample, `segment_ids` (1, 2, ... per
-   sample, 0 for padding) and `attention_mask`, the 4-D document mask (causal within a sample).
+   returns (a `TrainBatch`) `position_ids` that restart at 0 for every sample, `segment_ids`
+   (1, 2, ... per sample, 0 for padding) and `attention_mask`, the 4-D document mask (causal
+   within a sample).
 
 The label of each sample's first token is always ignored, so no sample learns to predict the
 next one's start; with that, a packed row's per-sample losses equal the samples run alone.
@@ -27,6 +28,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from tilevlm.data.batch import TrainBatch
 from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, TOO_MANY_TILES, SkipCounter, SkipSample
 from tilevlm.preprocessing.image import load_image
@@ -35,11 +37,10 @@ from tilevlm.config import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 Pack = list[Sample]  # the samples of one packed row
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
 INVALID = "invalid"  # the processor refused a sample the reader accepted
 
 
-# ----------------------------------------------------------------------------- masks and losses
+# ----------------------------------------------------------------------------- masks
 def document_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """[B, T] segment ids (0 = padding) -> bool [B, 1, T, T], True where query t may attend to
     key s: same segment and s <= t. A padding query sees only itself (no empty softmax row)."""
@@ -58,23 +59,6 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True)  # (B, T)
     start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
     return torch.where(segment_ids != 0, idx - start_idx, torch.zeros_like(idx))
-
-
-def segment_losses(logits: torch.Tensor, labels: torch.Tensor,
-                   segment_ids: torch.Tensor) -> list[list[float]]:
-    """Per row, the mean next-token cross-entropy of each segment (1, 2, ...), computed as the
-    model's loss is (logits[:, t] predicts labels[:, t + 1]); NaN for a segment with no label."""
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
-                         ignore_index=IGNORE_INDEX, reduction="none")  # (B, T-1)
-    counted = (labels[:, 1:] != IGNORE_INDEX).float()  # (B, T-1)
-    seg = segment_ids[:, 1:]  # the segment of the predicted token
-    out = []
-    for b in range(logits.shape[0]):
-        n_seg = int(segment_ids[b].max())
-        per = [(ce[b] * (seg[b] == s)).sum() / (counted[b] * (seg[b] == s)).sum()
-               for s in range(1, n_seg + 1)]
-        out.append([float(x) for x in per])
-    return out
 
 
 # ----------------------------------------------------------------------------- planning
@@ -152,13 +136,13 @@ def group_packs(packs: Iterable[Pack], rows: int, max_tiles: int) -> Iterator[li
 
 # ----------------------------------------------------------------------------- collation
 class PackedCollator:
-    """Micro-batch plan (a list of packed rows) -> model batch. Images are decoded here; a
+    """Micro-batch plan (a list of packed rows) -> `TrainBatch`. Images are decoded here; a
     sample whose image fails, or that the processor refuses, is dropped and counted.
 
-    Keys: input_ids, labels, position_ids, segment_ids [B, T]; attention_mask bool [B, 1, T, T]
-    (the document mask); pixel_values [N, 3, S, S] (row-major, sample order) or None;
-    n_tiles (per row), sources (per row, the samples' `source`), n_samples, n_real_tokens,
-    n_skipped and skipped (reason -> count, since the previous batch).
+    inputs: input_ids, labels, position_ids [B, T]; attention_mask bool [B, 1, T, T] (the
+    document mask); pixel_values [N, 3, S, S] (row-major, sample order) unless no image.
+    info: segment_ids [B, T], n_tiles (per row), sources (per row, the samples' `source`).
+    `skipped`: reason -> count, since the previous batch (`empty` when no sample is left).
     `pad_to`: a fixed T (static shapes); default the longest row.
     """
 
@@ -169,17 +153,16 @@ class PackedCollator:
         self.skips = skips if skips is not None else SkipCounter()
         self._warned_length = False
 
-    def __call__(self, packs: list[Pack]) -> dict[str, Any] | None:
+    def __call__(self, packs: list[Pack]) -> TrainBatch:
         rows = [[(s.get("source", ""), out) for s in pack
                  if (out := self._process(s)) is not None] for pack in packs]
         rows = [r for r in rows if r]
         skipped = self.skips.drain()
         if not rows:
-            return None
+            return TrainBatch(skipped=skipped)
         batch = self._assemble([[out for _, out in row] for row in rows])
-        batch["sources"] = [[where for where, _ in row] for row in rows]
-        batch["n_skipped"] = sum(skipped.values())
-        batch["skipped"] = skipped
+        batch.info["sources"] = [[where for where, _ in row] for row in rows]
+        batch.skipped = skipped
         return batch
 
     def _process(self, sample: Sample) -> dict[str, Any] | None:
@@ -206,7 +189,7 @@ class PackedCollator:
             log.warning("%s: %d tokens after processing, %d measured before; packed rows may "
                         "exceed their budget", where, n, expected)
 
-    def _assemble(self, rows: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    def _assemble(self, rows: list[list[dict[str, Any]]]) -> TrainBatch:
         lengths = [sum(s["input_ids"].shape[1] for s in row) for row in rows]
         t = max(max(lengths), self.pad_to or 0)
         b = len(rows)
@@ -225,12 +208,13 @@ class PackedCollator:
                 if s["pixel_values"] is not None:
                     tiles.append(s["pixel_values"])
                 start += n
-        return {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids,
-                "position_ids": segment_positions(segment_ids),
-                "attention_mask": document_attention_mask(segment_ids),
-                "pixel_values": torch.cat(tiles) if tiles else None,  # (N, 3, S, S)
-                "n_tiles": [sum(s["n_tiles"][0] for s in row) for row in rows],
-                "n_samples": sum(len(row) for row in rows), "n_real_tokens": sum(lengths)}
+        tensors = {"input_ids": input_ids, "labels": labels, "segment_ids": segment_ids,
+                   "position_ids": segment_positions(segment_ids),
+                   "attention_mask": document_attention_mask(segment_ids),
+                   "pixel_values": torch.cat(tiles) if tiles else None,  # (N, 3, S, S)
+                   "n_tiles": [sum(s["n_tiles"][0] for s in row) for row in rows]}
+        return TrainBatch.of(tensors, n_samples=sum(len(row) for row in rows),
+                             n_real_tokens=sum(lengths))
 
 
 def _load(source: Any, max_pixels: int) -> Any:
@@ -256,13 +240,13 @@ class PackingStats:
     def padding_fraction(self) -> float:
         return 1.0 - self.real_tokens / self.slots if self.slots else 0.0
 
-    def add(self, batch: dict[str, Any]) -> None:
-        self.samples += batch["n_samples"]
-        self.rows += batch["input_ids"].shape[0]
+    def add(self, batch: TrainBatch) -> None:
+        self.samples += batch.n_samples
+        self.rows += batch.rows
         self.batches += 1
-        self.real_tokens += batch["n_real_tokens"]
-        self.slots += batch["input_ids"].numel()
-        self.tiles += sum(batch["n_tiles"])
+        self.real_tokens += batch.n_real_tokens
+        self.slots += batch.slots
+        self.tiles += sum(batch.info["n_tiles"])
 
 
 class PackedBatches:
@@ -284,13 +268,13 @@ class PackedBatches:
         self.stats = PackingStats()
         self.epoch_stats: list[PackingStats] = []
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TrainBatch]:
         self.stats = PackingStats()
         packs = pack_samples(self.samples, self.max_tokens, self.max_tiles, self.window,
                              self.skips)
         for plan in group_packs(packs, self.rows, self.max_tiles):
             batch = self.collate(plan)
-            if batch is not None:
+            if not batch.empty:
                 self.stats.add(batch)
                 yield batch
         self.epoch_stats.append(self.stats)

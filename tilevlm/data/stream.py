@@ -3,8 +3,8 @@ lengths from headers -> (packed) micro-batch plans -> images decoded in DataLoad
 
     stream = TrainStream(open_reader, processor, StreamOptions(batch_size=4, pack=1024), rank,
                          world_size, start=StreamPosition())
-    loader = DataLoader(stream, batch_size=None, num_workers=4)   # each batch: model inputs +
-                                                                   # `stream`, `epoch`, skips
+    loader = DataLoader(stream, batch_size=None, num_workers=4)   # each batch: a TrainBatch
+                                                                   # with `stream` and `skipped`
 
 The global sample order (`RowReader.blocks`) is blocks of `block_size` rows, each shuffled with
 a generator seeded by (seed, epoch, block); stream position j goes to rank `j % world_size`.
@@ -24,22 +24,23 @@ work by plan: every worker reads and plans the rank's rows (cheap: text and head
 w decodes plans w, w+n, ...; the DataLoader returns them in order, so the batches do not depend
 on the number of workers.
 
-Skipped samples travel with the batches (`n_skipped`, `skipped` by reason): what the reader, the
+Skipped samples travel with the batches (`TrainBatch.skipped`, by reason): what the reader, the
 length check and the packer dropped is reported with a block's first plan (unpacked: with the
 plan of its position), what collation dropped with its own plan. A plan with nothing left gives
-`{"empty": True, ...}` so the counts (and the worker order) are kept.
+an `empty` batch so the counts (and the worker order) are kept.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tilevlm.data.batch import TrainBatch
 from tilevlm.data.lengths import SampleMeter
 from tilevlm.data.packing import Pack, PackedCollator, group_packs, pack_samples
 from tilevlm.data.rowreader import Block, RowReader, Sample
@@ -91,7 +92,7 @@ class TrainStream(IterableDataset):
         self.rank, self.world_size, self.start = rank, world_size, start
         self.max_tokens = processor.config.lm_max_length
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[TrainBatch]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         collate = PackedCollator(self.processor, skips=SkipCounter())
@@ -170,25 +171,20 @@ class TrainStream(IterableDataset):
         return plans
 
     # ------------------------------------------------------------------ collation
-    def _batch(self, planned: _Planned, collate: PackedCollator) -> dict[str, Any]:
-        before = Counter(collate.skips.counts)
-        batch = collate(planned.plan) if planned.plan else None
-        skipped = Counter(planned.skipped) + (collate.skips.counts - before)
-        if batch is None:
-            batch = {"empty": True}
-        elif not self.options.pack:
+    def _batch(self, planned: _Planned, collate: PackedCollator) -> TrainBatch:
+        batch = collate(planned.plan)  # its `skipped`: what collation dropped
+        if not self.options.pack and not batch.empty:
             batch = as_padded_batch(batch)
-        batch.update(stream=planned.after.to_list(), epoch=planned.after.epoch,
-                     skipped=dict(skipped), n_skipped=sum(skipped.values()))
-        return batch
+        skipped = Counter(planned.skipped) + Counter(batch.skipped)
+        return replace(batch, skipped=dict(skipped), stream=planned.after)
 
 
-def as_padded_batch(batch: dict[str, Any]) -> dict[str, Any]:
+def as_padded_batch(batch: TrainBatch) -> TrainBatch:
     """A packed batch with one sample per row -> an ordinary right-padded one (2-D attention
     mask, positions derived from it), so attention can use the plain causal path."""
-    out = {k: v for k, v in batch.items() if k != "position_ids"}
-    out["attention_mask"] = (batch["segment_ids"] != 0).long()  # (B, T)
-    return out
+    inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
+    inputs["attention_mask"] = (batch.info["segment_ids"] != 0).long()  # (B, T)
+    return replace(batch, inputs=inputs)
 
 
 @dataclass(frozen=True)

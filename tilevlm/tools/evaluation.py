@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from tilevlm.data.collate import Sample, sample_images, sample_messages, to_model_inputs
+from tilevlm.data.batch import TrainBatch
+from tilevlm.data.collate import Sample, sample_images, sample_messages
 from tilevlm.inference.generation import generate
-from tilevlm.config import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,10 @@ def _answer(model: nn.Module, processor: Any, chunk: list[Sample], max_new_token
 
 def _loss(model: nn.Module, processor: Any, chunk: list[Sample]) -> tuple[float, int]:
     """Mean loss over the chunk's answer tokens, and how many there are."""
-    batch = processor([sample_messages(s) for s in chunk], [sample_images(s) for s in chunk])
-    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    batch = TrainBatch.of(processor([sample_messages(s) for s in chunk],
+                                    [sample_images(s) for s in chunk]))
     device = next(model.parameters()).device
-    return float(model(**to_model_inputs(batch, device)).loss), n
+    return float(model(**batch.inputs_on(device)).loss), batch.label_count()
 
 
 def _report(scored: list[_Scored], loss: float, n_examples: int) -> EvalReport:

@@ -6,8 +6,8 @@ Layout of `out_dir/checkpoint-{step}/`:
     optimizer.safetensors                             optimizer state tensors, `state.{i}.{name}`
     optimizer.json                                    param groups + non-tensor state + schedule
     rng.safetensors                                   torch CPU/CUDA generator states, numpy keys
-    trainer_state.json                                step, data position, counters, RNG scalars,
-                                                      the TrainConfig
+    trainer_state.json                                `TrainState` (step, data position,
+                                                      counters), RNG scalars, the TrainConfig
 
 Writes are atomic: everything goes into `out_dir/.tmp-ckpt-XXXX`, every file is fsynced, the
 directory is renamed to `checkpoint-{step}` with `os.replace`, and then the `latest` pointer file
@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,6 +41,20 @@ OPTIMIZER_META = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 TMP_PREFIX = ".tmp-ckpt-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ---------------------------------------------------------------- trainer state
+@dataclass
+class TrainState:
+    """What a checkpoint must remember besides tensors (`trainer_state.json`, "state")."""
+
+    step: int = 0  # optimizer steps done
+    position: int = 0  # samples drawn from the training stream, all ranks (bad ones included)
+    skipped_samples: int = 0
+    nonfinite_steps: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # by reason, all ranks
+    data_positions: list[Any] = field(default_factory=list)  # per rank, at the last save
+    epoch: dict[str, Any] = field(default_factory=dict)  # the current epoch's padding figures
 
 
 # ---------------------------------------------------------------- optimizer state

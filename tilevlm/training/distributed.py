@@ -126,11 +126,6 @@ def all_reduce_sum(values: Sequence[float], device: torch.device | None = None) 
     return tensor.tolist()
 
 
-def all_reduce_mean(values: Sequence[float], device: torch.device | None = None) -> list[float]:
-    """Element-wise mean over ranks."""
-    return [v / world_size() for v in all_reduce_sum(values, device)]
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (`[obj]` in one process)."""
     if world_size() <= 1:

@@ -5,19 +5,22 @@
 - `StreamFeed`: a dataset path (`DatasetSpec`): a `TrainStream`; position = (epoch, block,
   plans) per rank.
 
-Each rank has its own position (ranks can drift apart: an all-bad micro-batch makes a rank draw
-one more). A checkpoint holds every rank's position; resuming with the same number of processes
-restores each exactly, with another number see `resume_start` / `stream.resume_position`.
+Both are a `Feed`. Each rank has its own position (ranks can drift apart: an all-bad
+micro-batch makes a rank draw one more). A checkpoint holds every rank's position; resuming with
+the same number of processes restores each exactly, with another number see `MapFeed.resume` /
+`stream.resume_position`.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from typing import Any, Iterator, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
+from tilevlm.data.batch import TrainBatch
 from tilevlm.data.collate import SkipBadSamples, VLMCollator
 from tilevlm.data.sampler import ResumableBatchSampler
 from tilevlm.data.sources import DatasetSpec
@@ -26,6 +29,45 @@ from tilevlm.data.stream import (StreamLayout, StreamOptions, StreamPosition, Tr
 from tilevlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SavedFeed:
+    """What a checkpoint's trainer state says about the data."""
+
+    positions: list[Any]  # every rank's `Feed.position()` at the save
+    layout: dict[str, Any]  # the saving run's `Feed.layout()`
+    drawn: int  # samples drawn from the training data, all ranks
+
+    @classmethod
+    def from_trainer_state(cls, trainer_state: dict[str, Any]) -> "SavedFeed":
+        state = trainer_state["state"]
+        return cls(state.get("data_positions") or [], trainer_state.get("data_layout", {}),
+                   state.get("position", 0))
+
+
+class Feed(Protocol):
+    """One rank's micro-batches and its position in the data."""
+
+    world_size: int
+
+    def layout(self) -> dict[str, Any]:
+        """What a saved position means (saved beside it)."""
+
+    def resume(self, saved: SavedFeed) -> None:
+        """Start where a checkpoint stopped."""
+
+    def batches(self, pin_memory: bool) -> Iterator[TrainBatch]:
+        """Endless micro-batches from the current position."""
+
+    def consumed(self, batch: TrainBatch) -> None:
+        """Advance the position past `batch`."""
+
+    def position(self) -> Any:
+        """This rank's position, JSON-able, as checkpoints save it."""
+
+    def epoch(self) -> int:
+        """The epoch the position is in."""
 
 
 def ignore_sigint(worker_id: int) -> None:
@@ -48,13 +90,13 @@ class MapFeed:
     def layout(self) -> dict[str, Any]:
         return {"kind": "map", "world_size": self.world_size, "batch_size": self.cfg.batch_size}
 
-    def resume(self, saved: list[Any], position: int) -> None:
+    def resume(self, saved: SavedFeed) -> None:
         """This rank's own saved position, or with another number of ranks the earliest one."""
-        ints = [p for p in saved if isinstance(p, int)]
+        ints = [p for p in saved.positions if isinstance(p, int)]
         self.pos = ints[self.rank] if len(ints) == self.world_size else \
-            min(ints, default=position)
+            min(ints, default=saved.drawn)
 
-    def batches(self, pin_memory: bool) -> Iterator[dict[str, Any] | None]:
+    def batches(self, pin_memory: bool) -> Iterator[TrainBatch]:
         cfg = self.cfg
         sampler = ResumableBatchSampler(len(self.data), cfg.batch_size, cfg.seed, start=self.pos,
                                         rank=self.rank, world_size=self.world_size)
@@ -64,7 +106,7 @@ class MapFeed:
             pin_memory=pin_memory, generator=torch.Generator().manual_seed(cfg.seed),
             worker_init_fn=ignore_sigint))
 
-    def consumed(self, batch: dict[str, Any] | None) -> None:
+    def consumed(self, batch: TrainBatch) -> None:
         self.pos += self.cfg.batch_size * self.world_size
 
     def position(self) -> int:
@@ -95,30 +137,27 @@ class StreamFeed:
     def layout(self) -> dict[str, Any]:
         return {"kind": "stream", **self._layout().__dict__}
 
-    def resume(self, saved: list[Any], saved_layout: dict[str, Any]) -> None:
-        if saved_layout.get("kind") != "stream":
+    def resume(self, saved: SavedFeed) -> None:
+        if saved.layout.get("kind") != "stream":
             log.warning("the checkpoint was not trained on a dataset stream: starting the data "
                         "from the beginning")
             return
-        old = StreamLayout(**{k: v for k, v in saved_layout.items() if k != "kind"})
-        self.pos = resume_position(saved, old, self._layout(), self.rank)
+        old = StreamLayout(**{k: v for k, v in saved.layout.items() if k != "kind"})
+        self.pos = resume_position(saved.positions, old, self._layout(), self.rank)
 
-    def batches(self, pin_memory: bool) -> Iterator[dict[str, Any]]:
+    def batches(self, pin_memory: bool) -> Iterator[TrainBatch]:
         stream = TrainStream(self.spec.open, self.processor, self.options, self.rank,
                              self.world_size, start=self.pos)
         return iter(stream_loader(stream, self.cfg.num_workers, pin_memory, ignore_sigint))
 
-    def consumed(self, batch: dict[str, Any]) -> None:
-        self.pos = StreamPosition(*batch["stream"])
+    def consumed(self, batch: TrainBatch) -> None:
+        self.pos = batch.stream
 
     def position(self) -> list[int]:
         return self.pos.to_list()
 
     def epoch(self) -> int:
         return self.pos.epoch
-
-
-Feed = Union[MapFeed, StreamFeed]
 
 
 def make_feed(data: Any, processor: Any, cfg: TrainConfig, rank: int, world_size: int) -> Feed:
@@ -129,12 +168,8 @@ def make_feed(data: Any, processor: Any, cfg: TrainConfig, rank: int, world_size
 
 def resume_feed(feed: Feed, trainer_state: dict[str, Any]) -> None:
     """Set the feed's start from a checkpoint's trainer state."""
-    saved = trainer_state["state"].get("data_positions") or []
-    layout = trainer_state.get("data_layout", {})
-    if isinstance(feed, MapFeed):
-        feed.resume(saved, trainer_state["state"].get("position", 0))
-    else:
-        feed.resume(saved, layout)
-    if layout.get("world_size", feed.world_size) != feed.world_size:
-        log.info("resuming a %d-process run with %d processes", layout["world_size"],
-                 feed.world_size)
+    saved = SavedFeed.from_trainer_state(trainer_state)
+    feed.resume(saved)
+    saved_world = saved.layout.get("world_size", feed.world_size)
+    if saved_world != feed.world_size:
+        log.info("resuming a %d-process run with %d processes", saved_world, feed.world_size)

@@ -36,33 +36,22 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from tilevlm.training import checkpoints, distributed, optim
-from tilevlm.data.collate import label_count, to_model_inputs, token_counts
+from tilevlm.data.batch import OTHER, TrainBatch
+from tilevlm.data.packing import INVALID
 from tilevlm.data.skips import (IMAGE_ERROR, MALFORMED, PATH_ESCAPE, PLACEHOLDERS, TOO_LONG,
                                 TOO_MANY_TILES)
 from tilevlm.device import resolve_device, resolve_dtype
-from tilevlm.training.train_config import TrainConfig
+from tilevlm.training import checkpoints, distributed, optim
+from tilevlm.training.checkpoints import TrainState
 from tilevlm.training.feed import Feed, make_feed, resume_feed
+from tilevlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 # Skip reasons summed over ranks each step; anything else (e.g. a map-style sample that failed
-# to read) is counted as "other".
+# to read) is counted as OTHER.
 SKIP_REASONS = (MALFORMED, PLACEHOLDERS, PATH_ESCAPE, IMAGE_ERROR, TOO_LONG, TOO_MANY_TILES,
-                "invalid", "other")
-
-
-@dataclass
-class TrainState:
-    """What a checkpoint must remember besides tensors."""
-
-    step: int = 0  # optimizer steps done
-    position: int = 0  # samples drawn from the training stream, all ranks (bad ones included)
-    skipped_samples: int = 0
-    nonfinite_steps: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)  # by reason, all ranks
-    data_positions: list[Any] = field(default_factory=list)  # per rank, at the last save
-    epoch: dict[str, Any] = field(default_factory=dict)  # the current epoch's padding figures
+                INVALID, OTHER)
 
 
 @dataclass
@@ -92,7 +81,7 @@ class _Run:
     metrics: "MetricsLog | _NoMetrics"
     feed: Feed
     params: list[nn.Parameter] = field(default_factory=list)
-    batches: Iterator[dict[str, Any] | None] | None = None
+    batches: Iterator[TrainBatch] | None = None
     last_loss: float | None = None
     last_val: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
@@ -116,6 +105,17 @@ class _StepFigures:
     drawn: int = 0  # samples drawn, skipped ones included
     stop: int = 0  # ranks asked to stop (Ctrl-C)
     skipped: Counter = field(default_factory=Counter)
+
+    def count(self, batch: TrainBatch) -> None:
+        """What `batch` drew and skipped; its samples and tokens unless it is empty."""
+        for reason, n in batch.skipped.items():
+            self.skipped[reason if reason in SKIP_REASONS else OTHER] += n
+        self.drawn += batch.n_samples + batch.n_skipped
+        if not batch.empty:
+            self.samples += batch.n_samples
+            self.rows += batch.rows
+            self.real_tokens += batch.n_real_tokens
+            self.slots += batch.slots
 
     def vector(self) -> list[float]:
         return [self.loss_sum, self.tokens, self.samples, self.rows, self.real_tokens,
@@ -189,7 +189,7 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     _seed_everything(cfg.seed)
     device = distributed.rank_device(resolve_device(cfg.device))
     model.to(device)
-    if cfg.compile:  # forward replaced per block: same parameters, same state-dict keys
+    if cfg.compile:  # per block (nn.Module.compile): same parameters, same state-dict keys
         from tilevlm.training.compile import compile_blocks
 
         compile_blocks(model, backend=cfg.compile)
@@ -266,7 +266,7 @@ def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
                                                      cfg.min_lr_ratio))
     local = _StepFigures()
     batches = [_next_batch(run, local) for _ in range(cfg.grad_accum)]
-    local.tokens = sum(label_count(b) for b in batches)
+    local.tokens = sum(b.label_count() for b in batches)
     total_tokens = max(1.0, distributed.all_reduce_sum([local.tokens], run.device)[0])
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1  # the gradient all-reduce runs once, on the last one
@@ -288,38 +288,22 @@ def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
     return step.stop > 0
 
 
-def _next_batch(run: _Run, figures: _StepFigures) -> dict[str, Any]:
+def _next_batch(run: _Run, figures: _StepFigures) -> TrainBatch:
     """The next non-empty micro-batch; counts what was drawn and skipped on the way."""
     while True:
         batch = next(run.batches)
         run.feed.consumed(batch)
-        if batch is None:  # a map-style batch whose every sample was bad
-            figures.drawn += run.cfg.batch_size
-            figures.skipped["other"] += run.cfg.batch_size
-            continue
-        n_skipped = batch.pop("n_skipped", 0)
-        by_reason = batch.pop("skipped", None) or {"other": n_skipped}
-        for reason, n in by_reason.items():
-            figures.skipped[reason if reason in SKIP_REASONS else "other"] += n
-        if batch.get("empty"):
-            figures.drawn += n_skipped
-            continue
-        n_samples = batch.get("n_samples", batch["input_ids"].shape[0])
-        real, slots = token_counts(batch)
-        figures.drawn += n_samples + n_skipped
-        figures.samples += n_samples
-        figures.rows += batch["input_ids"].shape[0]
-        figures.real_tokens += real
-        figures.slots += slots
-        return batch
+        figures.count(batch)
+        if not batch.empty:
+            return batch
 
 
-def _forward_backward(run: _Run, batch: dict[str, Any], total_tokens: float) -> float:
+def _forward_backward(run: _Run, batch: TrainBatch, total_tokens: float) -> float:
     """Backward of this micro-batch's share of the step loss (its token-loss sum / all tokens
     of the step; times the world size, which DDP's gradient averaging divides out); returns
     its token-loss sum."""
-    inputs = to_model_inputs(batch, run.device)
-    n = label_count(batch)
+    inputs = batch.inputs_on(run.device)
+    n = batch.label_count()
     with run.autocast():
         # return_logits=False: the LM head only where labels count (a fraction of the rows)
         loss = run.train_model(**inputs, return_logits=False).loss  # mean over its n tokens
