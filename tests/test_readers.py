@@ -311,5 +311,5 @@ def test_raw_samples_fit_the_trainers_collator(parquet_file, processor):
 
     samples = list(LengthFilter(open_dataset(parquet_file), processor))
     batch = VLMCollator(processor)(samples)
-    assert batch["n_skipped"] == 1  # the truncated PNG, found when decoding
-    assert batch["input_ids"].shape[0] == len(samples) - 1
+    assert batch.n_skipped == 1  # the truncated PNG, found when decoding
+    assert batch.inputs["input_ids"].shape[0] == len(samples) - 1

@@ -266,9 +266,9 @@ def test_bad_images_in_training_data_are_skipped_and_counted(image_dir, tiny_con
     names = sorted(BAD_IMAGES) + good
     samples = [{"messages": turn, "images": [(image_dir / n).read_bytes()]} for n in names]
     batch = VLMCollator(processor)(samples)
-    assert batch["n_skipped"] == len(BAD_IMAGES)
-    assert batch["input_ids"].shape[0] == len(good)
-    assert len(batch["grids"]) == len(good)
+    assert batch.n_skipped == len(BAD_IMAGES)
+    assert batch.inputs["input_ids"].shape[0] == len(good)
+    assert len(batch.info["grids"]) == len(good)
 
 
 def test_bad_images_in_a_dataset_file_are_skipped_and_counted(image_dir, tmp_path, tiny_config,
@@ -286,9 +286,9 @@ def test_bad_images_in_a_dataset_file_are_skipped_and_counted(image_dir, tmp_pat
     kept = list(LengthFilter(reader, processor))
     header_bad = reader.skips.counts["image_error"]
     batch = VLMCollator(processor)(kept)
-    assert header_bad + batch["n_skipped"] == len(BAD_IMAGES)
+    assert header_bad + batch.n_skipped == len(BAD_IMAGES)
     assert header_bad >= 3  # empty, text, bomb, 0x0: refused from the header
-    assert batch["input_ids"].shape[0] == 1
+    assert batch.inputs["input_ids"].shape[0] == 1
 
 
 # ============================================================================ 2. text and shapes

@@ -81,20 +81,6 @@ class TrainBatch:
         in page-locked memory."""
         return replace(self, inputs={k: v.pin_memory() for k, v in self.inputs.items()})
 
-    def __getitem__(self, key: str) -> Any:
-        """Read access by the keys of the dict a batch used to be: a model input, an `info`
-        entry, or a field (`n_skipped` too)."""
-        if key in self.inputs:
-            return self.inputs[key]
-        if key in self.info:
-            return self.info[key]
-        if key in _READABLE:
-            return getattr(self, key)
-        raise KeyError(key)
-
-
-_READABLE = frozenset({f.name for f in fields(TrainBatch)} | {"n_skipped"})
-
 
 def _real_tokens(inputs: dict[str, torch.Tensor]) -> int:
     """Tokens the 2-D attention mask keeps; every slot without one."""
