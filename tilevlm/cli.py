@@ -1,4 +1,5 @@
-"""The `tilevlm` command: one subcommand per module in `tilevlm/commands/`.
+"""The `tilevlm` command: one subcommand per module named in COMMANDS (under `tilevlm/commands/`,
+beside the shared `options.py` and `answering.py`, which are not commands).
 
 Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
 Modules are imported only when their command runs, so `tilevlm --help` stays fast.

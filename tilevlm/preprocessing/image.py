@@ -265,8 +265,8 @@ def thread_map(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> lis
     """[fn(x) for x in items], on `threads` threads; results (and the first error) in order.
 
     Pillow's decoders and resampling and NumPy's arithmetic release the GIL, so threads run the
-    image work truly in parallel: 2 threads preprocess 1.9x the images/s of 1 on 2 cores, where 2
-    DataLoader worker processes reach 1.4x (they pay to ship the float tiles between processes).
+    image work truly in parallel, and unlike DataLoader worker processes they do not pay to ship
+    the float tiles between processes (docs/performance.md has the figures).
     The pool is kept per process (a forked DataLoader worker must not reuse its parent's).
     """
     if threads <= 1 or len(items) <= 1:

@@ -39,8 +39,9 @@ def count_image_tokens(width: int, height: int, config: VLMConfig) -> int:
     return tiles_per_image(grid, config.use_global_tile) * (1 + config.mp_image_token_length)
 
 
-# Below this many pixels, an already-decoded image is processed faster on the calling thread
-# (a demo batch of 32 images of 96x96: 9-11 ms on one thread, 11-15 ms on two).
+# Below this many pixels, an already-decoded image is processed faster on the calling thread:
+# there is nothing to decode and little to resize, so handing it to a thread costs more than it
+# saves (docs/performance.md has the figures).
 SMALL_DECODED_PIXELS = 256 * 256
 
 

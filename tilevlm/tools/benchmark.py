@@ -36,8 +36,8 @@ class BenchConfig:
     preset: str = "original_small"
     max_img_size: int | None = None  # None: 2 x the tile size (a 2x2 grid + global tile)
     device: str = "cpu"
-    dtype: str = "auto"  # "fp32" | "bf16" | "auto" (bf16 on CUDA, fp32 on CPU)
-    weights: str | None = None  # inference weights "fp32" | "bf16" | "int8"; None: the dtype
+    dtype: str = "auto"  # a `tilevlm.device.DTYPE_NAMES` name ("auto": that module's rule)
+    weights: str | None = None  # a `quantize.WEIGHT_FORMATS` name for inference; None: the dtype
     compile: bool = False  # torch.compile the decode step (generation.compiled_decode_step)
     compile_train: bool = False  # torch.compile every block for the training step
     baseline: bool = False  # also time prefill and decode with fp32 weights, eager, same run
