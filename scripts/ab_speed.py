@@ -4,7 +4,7 @@
 
 Each round times every variant once, in turn, so load from other processes hits all of them
 alike; every figure is printed with the 1-minute load average when it was taken. The preprocess
-baseline is `tilevlm/image.py` as of --ref (git show), the others are in-tree options.
+baseline is `tilevlm/preprocessing/image.py` (`tilevlm/image.py` before the move) as of --ref (git show), the others are in-tree options.
 """
 
 from __future__ import annotations
@@ -43,8 +43,12 @@ def _alternate(variants: dict[str, Callable[[], float]], rounds: int, unit: str)
 
 
 def _old_image_module(ref: str):
-    source = subprocess.run(["git", "show", f"{ref}:tilevlm/image.py"], capture_output=True,
-                            text=True, check=True).stdout
+    for where in ("tilevlm/preprocessing/image.py", "tilevlm/image.py"):  # after / before the move
+        shown = subprocess.run(["git", "show", f"{ref}:{where}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            break
+    shown.check_returncode()
+    source = shown.stdout
     path = Path(tempfile.mkdtemp()) / "image_ref.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("image_ref", path)
