@@ -7,6 +7,7 @@ one full forward per token instead of the KV cache of `generate`.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,33 @@ from tilevlm.preprocessing.chat_template import chat_segments
 
 
 # ----------------------------------------------------------------------------- images
+
+def nanovlm_resized_size(width: int, height: int, tile: int, max_side: int,
+                         resize_to_max_side_len: bool = False) -> tuple[int, int]:
+    """nanoVLM's DynamicResize._get_new_hw, step by step as it is written there (4e0c096):
+    the (width, height) an image is resized to before it is split into tiles."""
+    long, short = (width, height) if width >= height else (height, width)
+    target_long = max_side if resize_to_max_side_len else min(max_side, math.ceil(long / tile) * tile)
+    scale = target_long / long
+    target_short = math.ceil(short * scale / tile) * tile
+    target_short = max(target_short, tile)
+    return (target_long, target_short) if width >= height else (target_short, target_long)
+
+
+def nanovlm_tiles(img: Image.Image, tile: int, max_side: int) -> torch.Tensor:
+    """nanoVLM's image pipeline in plain torch: DynamicResize (PIL bicubic, as torchvision does
+    for a PIL image), ToTensor, then GlobalAndSplitImages (the global patch a bilinear,
+    antialiased resize of the float tensor, as torchvision's tensor resize does; none for 1x1).
+    -> [N, 3, tile, tile] in [0, 1], global first."""
+    size = nanovlm_resized_size(img.width, img.height, tile, max_side)
+    x = to_tensor(img.resize(size, Image.Resampling.BICUBIC))  # (3, H, W)
+    tiles = split_tiles(x, tile)
+    if tiles.shape[0] == 1:
+        return tiles
+    thumb = torch.nn.functional.interpolate(x[None], size=(tile, tile), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    return torch.cat([thumb, tiles])
+
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """An RGB PIL image as float32 [3, H, W] in [0, 1]."""

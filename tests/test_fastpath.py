@@ -233,7 +233,7 @@ def test_jpeg_draft_keeps_the_grid_and_the_picture(tmp_path, size, orientation):
     from tilevlm.tools.benchmark import BenchConfig
     from tilevlm.preprocessing.image import ImageTransform, load_image
 
-    transform = ImageTransform(BenchConfig().model_config())  # 224 tiles, 448 max
+    transform = ImageTransform(BenchConfig().model_config(), jpeg_draft=True)  # 224 tiles, 448 max
     path = _jpeg(tmp_path / "big.jpg", size, orientation)
     full, grid = transform(load_image(path))
     fast, fast_grid = transform.load(path)  # decoded at 1/2 scale

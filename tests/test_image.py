@@ -12,16 +12,22 @@ from tilevlm import PRESETS, preset
 from tilevlm.preprocessing.image import (ImageTransform, load_image, resize_to_tiles, tile_grid,
                                          tiles_per_image)
 
-from reference import reassemble_tiles, split_tiles, to_tensor
+from reference import (nanovlm_resized_size, nanovlm_tiles, reassemble_tiles, split_tiles,
+                       to_tensor)
 
 SIZES = [(1, 1), (223, 225), (224, 224), (448, 224), (1000, 10), (5000, 1), (1, 5000)]
-# Expected (n_h, n_w) per preset for SIZES (round to nearest tile, at least 1, at most max).
+# Expected (n_h, n_w) per preset for SIZES (nanoVLM's rule: sides rounded up to whole tiles,
+# the long side at most max_img_size, at least one tile).
 EXPECTED_GRIDS = {
     "original_small": [(1, 1)] * 7,
-    "split_448": [(1, 1), (1, 1), (1, 1), (1, 2), (1, 2), (1, 2), (2, 1)],
-    "split_896": [(1, 1), (1, 1), (1, 1), (1, 2), (1, 4), (1, 4), (4, 1)],
+    "split_448": [(1, 1), (2, 2), (1, 1), (1, 2), (1, 2), (1, 2), (2, 1)],
+    "split_896": [(1, 1), (2, 2), (1, 1), (1, 2), (1, 4), (1, 4), (4, 1)],
     "tiny": [(1, 1), (3, 3), (3, 3), (2, 3), (1, 3), (1, 3), (3, 1)],
 }
+# Photo-shaped and awkward sizes for the comparison with nanoVLM's rule.
+PHOTO_SIZES = [(1280, 720), (1920, 1080), (720, 1280), (4032, 3024), (3024, 4032), (640, 480),
+               (1000, 300), (300, 1000), (2000, 1500), (225, 224), (449, 448), (1023, 767),
+               (800, 533), (1200, 675), (512, 511), (97, 1), (1, 20000), (333, 332), (6000, 100)]
 
 
 # ----------------------------------------------------------------------------- grid and resize
@@ -44,11 +50,22 @@ def test_resize_matches_the_grid(name, size):
     assert max(resized.size) <= cfg.max_img_size
 
 
-def test_tile_grid_rounds_to_nearest_and_keeps_aspect():
-    assert tile_grid(335, 224, 224, 896) == (1, 1)  # 1.496 tiles wide -> 1
-    assert tile_grid(336, 224, 224, 896) == (1, 2)  # 1.5 -> 2 (half up)
+def test_tile_grid_rounds_up_and_keeps_aspect():
+    assert tile_grid(1280, 720, 224, 448) == (2, 2)  # a 16:9 photo at 448: 2x2, as in nanoVLM
+    assert tile_grid(1280, 720, 224, 896) == (3, 4)  # 896 x 504 -> 896 x 672
+    assert tile_grid(335, 224, 224, 896) == (2, 2)  # 1.5 tiles wide -> 2
+    assert tile_grid(225, 224, 224, 896) == (2, 2)  # a pixel over one tile: the next multiple
     assert tile_grid(2000, 1000, 224, 896) == (2, 4)  # long side scaled to 896
     assert tile_grid(100, 60, 224, 896) == (1, 1)  # small images become one whole tile
+
+
+@pytest.mark.parametrize("size", PHOTO_SIZES)
+@pytest.mark.parametrize("tile, max_side", [(224, 448), (224, 896), (512, 2048), (32, 96)])
+def test_tile_grid_is_nanovlms_rule(size, tile, max_side):
+    width, height = nanovlm_resized_size(*size, tile, max_side)
+    assert tile_grid(*size, tile, max_side) == (height // tile, width // tile)
+    assert tile_grid(*size, tile, max_side, resize_to_max_side_len=True) == tuple(
+        s // tile for s in nanovlm_resized_size(*size, tile, max_side, True)[::-1])
 
 
 def test_resize_to_max_side_len_scales_up():
@@ -109,7 +126,28 @@ def test_transform_global_thumbnail_first(photo, tiny_config):
     resized, thumb, grid = transform.resize(img)
     tiles, _ = transform(img)
     assert thumb.size == (32, 32)
-    assert torch.allclose(tiles[0], to_tensor(thumb) * 2 - 1, atol=1e-6)
+    # nanoVLM's global patch: a bilinear, antialiased resize of the float pixels
+    reference = nanovlm_tiles(img, 32, 96)[0]
+    torch.testing.assert_close(tiles[0], reference * 2 - 1, atol=1e-5, rtol=0)
+    assert (to_tensor(thumb) - reference).abs().max() <= 0.5 / 255 + 1e-6  # rounded for display
+
+
+@pytest.mark.parametrize("size", [(1280, 720), (720, 1280), (1000, 300), (300, 1000),
+                                  (2000, 1500), (225, 224), (640, 480), (97, 1), (1, 2000)])
+@pytest.mark.parametrize("encoding", ["png", "jpeg"])
+def test_pixels_are_nanovlms_within_one_level(photo, size, encoding):
+    """Grid, tile order and pixels of a nanoVLM-configured model equal nanoVLM's pipeline
+    (DynamicResize, ToTensor, GlobalAndSplitImages) within one 8-bit level, for files too."""
+    config = preset("split_448", image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    img = photo(*size)
+    buf = io.BytesIO()
+    img.save(buf, encoding.upper(), quality=95)
+    tiles, grid = ImageTransform(config).load(buf.getvalue())
+    expected = nanovlm_tiles(load_image(buf.getvalue()), 224, 448)
+    width, height = nanovlm_resized_size(*size, 224, 448)
+    assert grid == (height // 224, width // 224)
+    assert tiles.shape == expected.shape
+    assert (tiles - expected).abs().max() <= 1 / 255 + 1e-6
 
 
 def test_transform_no_global_for_1x1_or_when_disabled(photo, tiny_config):

@@ -77,7 +77,8 @@ def test_count_image_tokens_matches_processor_for_each_preset(name, tiny_tokeniz
 
 def test_original_small_is_one_tile_of_50_tokens():
     assert count_image_tokens(640, 480, preset("original_small")) == 50
-    assert count_image_tokens(640, 360, preset("split_448")) == 3 * 50  # 1x2 grid + global
+    assert count_image_tokens(640, 360, preset("split_448")) == 5 * 50  # 2x2 grid + global
+    assert count_image_tokens(640, 224, preset("split_448")) == 3 * 50  # 1x2 grid + global
     assert count_image_tokens(640, 480, preset("split_448")) == 5 * 50  # 2x2 grid + global
 
 
@@ -144,7 +145,7 @@ def test_input_ids_equal_the_encoded_chat_template(processor, tiny_tokenizer, ti
 
 
 def test_many_images_many_samples(processor, photo):
-    images = [[photo(96, 96), photo(40, 30)], [], [photo(96, 32)]]
+    images = [[photo(96, 96), photo(30, 20)], [], [photo(96, 32)]]
     convs = [_chat("a <image> b <image>", "x"), _chat("no picture", "y"), _chat("<image>", "z")]
     batch = processor(convs, images)
     assert batch["grids"] == [[(3, 3), (1, 1)], [], [(1, 3)]]

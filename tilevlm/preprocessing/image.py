@@ -3,19 +3,20 @@
 Pillow + NumPy + torch only (no torchvision). The tile grid is a pure function of the image size
 (`tile_grid`), so token counts are known before any pixel is decoded.
 
-Resize rule (`tile_grid`): scale so the long side is at most `max_img_size` (exactly
-`max_img_size` with `resize_to_max_side_len`), keeping the aspect ratio; images already smaller
-are not scaled up at this step. Then each side is rounded to the *nearest* multiple of the tile
-size, clamped to [1, max_img_size // tile_size] tiles. So a small image (say 100x60) still becomes
-one whole tile (it is scaled up to 224x224): tiles have a fixed size. nanoVLM rounds *up* instead
-(its 225x225 becomes a 2x2 grid of 448 pixels); rounding to nearest keeps a 225x225 image at one
-tile and avoids four-fold token costs for images a pixel over a tile boundary.
+Resize rule (`tile_grid`), nanoVLM's DynamicResize, which the seed describes: the long side
+becomes `max_img_size` with `resize_to_max_side_len`, else its length rounded *up* to a multiple of
+the tile size, at most `max_img_size`; the short side keeps the aspect ratio and is rounded *up*
+to a multiple of the tile size too, at least one tile. So a 1280x720 photo is a 2x2 grid at
+`max_img_size` 448, and a 100x60 image one whole tile. The image is resized once, bicubic, from
+its 8-bit pixels; the global thumbnail is a bilinear (antialiased) resize of the resized image's
+float [0, 1] pixels to one tile, as nanoVLM's GlobalAndSplitImages does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import threading
 import warnings
@@ -25,6 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from tilevlm.config import VLMConfig
@@ -210,24 +212,22 @@ def tile_grid(width: int, height: int, tile_size: int, max_img_size: int,
               resize_to_max_side_len: bool = False) -> tuple[int, int]:
     """The (n_h, n_w) tile grid of a width x height image; see the module docstring for the rule.
 
-    Integer arithmetic only, so the grid (and every token count) is exact and reproducible.
+    The same floating-point steps as nanoVLM's DynamicResize, so a nanoVLM-born model sees the
+    grids it was trained on, also where a product lands next to a tile boundary.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if tile_size <= 0 or max_img_size < tile_size:
         raise ValueError(f"need 0 < tile_size <= max_img_size, got {tile_size} and {max_img_size}")
-    long_side = max(width, height)
-    # Scaled side = side * target / long_side, where target is the scaled long side.
-    target = max_img_size if resize_to_max_side_len else min(long_side, max_img_size)
+    long_side, short_side = max(width, height), min(width, height)
+    target_long = max_img_size if resize_to_max_side_len else min(
+        max_img_size, math.ceil(long_side / tile_size) * tile_size)
+    scale = target_long / long_side
+    target_short = max(math.ceil(short_side * scale / tile_size) * tile_size, tile_size)
     max_tiles = max_img_size // tile_size
-    return (_round_tiles(height, target, long_side, tile_size, max_tiles),
-            _round_tiles(width, target, long_side, tile_size, max_tiles))
-
-
-def _round_tiles(side: int, target: int, long_side: int, tile_size: int, max_tiles: int) -> int:
-    """round(side * target / long_side / tile_size), half up, clamped to [1, max_tiles]."""
-    n = (2 * side * target + long_side * tile_size) // (2 * long_side * tile_size)
-    return min(max(n, 1), max_tiles)
+    n_long = min(target_long // tile_size, max_tiles)
+    n_short = min(target_short // tile_size, max_tiles)
+    return (n_short, n_long) if width >= height else (n_long, n_short)
 
 
 def tiles_per_image(grid: tuple[int, int], use_global: bool) -> int:
@@ -283,12 +283,15 @@ class ImageTransform:
     The global tile (the whole image resized to one tile) is added when `config.use_global_tile`
     and the grid is larger than 1x1; a 1x1 grid's only tile already is the whole image.
 
-    Speed (`tilevlm bench`, preprocessing): `load` decodes a large JPEG at a reduced scale
-    (`draft_scale`); the image is resized once; the uint8 pixels are converted to float, cut
-    into tiles and normalized in one preallocated [N, 3, T, T] tensor (each tile a view of it).
+    Speed (`tilevlm bench`, preprocessing): the image is resized once; the uint8 pixels are
+    converted to float, cut into tiles and normalized in one preallocated [N, 3, T, T] tensor
+    (each tile a view of it). `jpeg_draft=True` also lets `load` decode a large JPEG at a reduced
+    scale (`draft_scale`): faster, the same grid, but pixels a few 8-bit levels away from a full
+    decode and resize (what nanoVLM feeds its models), so it is off unless asked for.
     """
 
-    def __init__(self, config: VLMConfig) -> None:
+    def __init__(self, config: VLMConfig, jpeg_draft: bool = False) -> None:
+        self.jpeg_draft = jpeg_draft
         self.tile_size = config.vit_img_size
         self.max_img_size = config.max_img_size
         self.resize_to_max_side_len = config.resize_to_max_side_len
@@ -301,8 +304,9 @@ class ImageTransform:
 
     def load(self, source: ImageLike, max_pixels: int = 89_478_485
              ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """`self(load_image(source))`, with a large JPEG decoded at a reduced scale."""
-        return self(load_image(source, max_pixels=max_pixels, draft_scale=self.draft_scale))
+        """`self(load_image(source))` (a large JPEG decoded at a reduced scale with `jpeg_draft`)."""
+        draft = self.draft_scale if self.jpeg_draft else None
+        return self(load_image(source, max_pixels=max_pixels, draft_scale=draft))
 
     def load_many(self, sources: Iterable[ImageLike], max_pixels: int = 89_478_485,
                   threads: int | None = None) -> list[tuple[torch.Tensor, tuple[int, int]]]:
@@ -325,34 +329,53 @@ class ImageTransform:
         return 1
 
     def resize(self, img: Image.Image) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
-        """The resized image, the global thumbnail (or None) and the grid; for display too."""
-        resized = resize_to_tiles(img, self.tile_size, self.max_img_size,
-                                  self.resize_to_max_side_len)
-        grid = (resized.height // self.tile_size, resized.width // self.tile_size)
-        thumb = None
-        if tiles_per_image(grid, self.use_global) > grid[0] * grid[1]:
-            thumb = resized.resize((self.tile_size, self.tile_size), _RESAMPLE)
-        return resized, thumb, grid
+        """The resized image, the global thumbnail (or None, 8-bit for display) and the grid."""
+        resized, grid = self._resized(img)
+        if not self._has_thumbnail(grid):
+            return resized, None, grid
+        thumb = global_thumbnail(_hwc_uint8(resized), self.tile_size)  # (3, T, T) in [0, 1]
+        thumb8 = np.rint(thumb.transpose(1, 2, 0) * 255.0).clip(0, 255).astype(np.uint8)
+        return resized, Image.fromarray(thumb8), grid
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        resized, thumb, grid = self.resize(img)
+        resized, grid = self._resized(img)
         t, (n_h, n_w) = self.tile_size, grid
-        first = 0 if thumb is None else 1
-        # NumPy, not torch: these small loops run on one thread, and torch's thread pool
-        # costs more than it saves here (and a lot when the cores are shared).
+        first = 1 if self._has_thumbnail(grid) else 0
+        hwc = _hwc_uint8(resized)  # (H, W, 3)
+        # NumPy, not torch, for the tiles: these small loops run on one thread, and torch's
+        # thread pool costs more than it saves here (and a lot when the cores are shared).
         tiles = np.empty((first + n_h * n_w, 3, t, t), dtype=np.float32)  # (N, 3, T, T)
-        if thumb is not None:
-            self._normalize_into(tiles[0], _hwc_uint8(thumb).transpose(2, 0, 1))  # (3, T, T)
-        pixels = _hwc_uint8(resized).reshape(n_h, t, n_w, t, 3)  # (n_h, T, n_w, T, 3)
+        if first:
+            thumb = global_thumbnail(hwc, t)  # (3, T, T) in [0, 1]
+            np.subtract(thumb * (255.0 * self._scale), self._shift, out=tiles[0])
+        pixels = hwc.reshape(n_h, t, n_w, t, 3)  # (n_h, T, n_w, T, 3)
         # One pass: uint8 -> float, channels first, row-major tiles (each tile a view).
         self._normalize_into(tiles[first:].reshape(n_h, n_w, 3, t, t),
                              pixels.transpose(0, 2, 4, 1, 3))  # (n_h, n_w, 3, T, T)
         return torch.from_numpy(tiles), grid
 
+    def _resized(self, img: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
+        resized = resize_to_tiles(img, self.tile_size, self.max_img_size,
+                                  self.resize_to_max_side_len)
+        return resized, (resized.height // self.tile_size, resized.width // self.tile_size)
+
+    def _has_thumbnail(self, grid: tuple[int, int]) -> bool:
+        return tiles_per_image(grid, self.use_global) > grid[0] * grid[1]
+
     def _normalize_into(self, out: np.ndarray, pixels: np.ndarray) -> None:
         """out = (pixels / 255 - mean) / std, written in place (pixels: uint8, channels at -3)."""
         np.multiply(pixels, self._scale, out=out)
         np.subtract(out, self._shift, out=out)
+
+
+def global_thumbnail(hwc: np.ndarray, tile_size: int) -> np.ndarray:
+    """The whole resized image as one tile: its float [0, 1] pixels resized bilinearly with
+    antialiasing (nanoVLM's global patch: torchvision's tensor resize, which is this
+    interpolate call). uint8 [H, W, 3] -> float32 [3, T, T]."""
+    x = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))[None].float() / 255.0
+    thumb = F.interpolate(x, size=(tile_size, tile_size), mode="bilinear", align_corners=False,
+                          antialias=True)  # (1, 3, T, T)
+    return thumb[0].numpy()
 
 
 def _hwc_uint8(img: Image.Image) -> np.ndarray:

@@ -55,7 +55,7 @@ class Processor:
     """
 
     def __init__(self, config: VLMConfig, tokenizer: VLMTokenizer,
-                 image_threads: int | None = None) -> None:
+                 image_threads: int | None = None, jpeg_draft: bool = False) -> None:
         if tokenizer.grid_side < config.max_tiles_per_side:
             raise ValueError(f"the tokenizer's {tokenizer.grid_side}x{tokenizer.grid_side} grid "
                              f"tokens cannot name the {config.max_tiles_per_side}-tile sides that "
@@ -69,7 +69,7 @@ class Processor:
                              f"lm_vocab_size {config.lm_vocab_size}")
         self.config = config
         self.tokenizer = tokenizer
-        self.transform = ImageTransform(config)
+        self.transform = ImageTransform(config, jpeg_draft=jpeg_draft)  # see ImageTransform
         # A batch's images are decoded on this many threads (None: `default_image_threads()`).
         self.image_threads = image_threads
 
