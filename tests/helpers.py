@@ -200,6 +200,36 @@ def _reshard(directory: Path) -> None:
         json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+NANOVLM_CHAT_TEMPLATE = (  # nanoVLM's lm_chat_template (models/config.py)
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' "
+    "}}{% endif %}")
+
+
+def write_base_tokenizer(directory: Path, vocab_size: int) -> Path:
+    """A base LLM's tokenizer directory as SmolLM2's is: byte-level BPE with exactly `vocab_size`
+    tokens, <|endoftext|>, <|im_start|>, <|im_end|> first, none of tilevlm's tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    first = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=first, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["What colour is the shape? A red circle in row 2, column 3."] * 50,
+                            trainer=trainer)
+    filler = vocab_size - tok.get_vocab_size(with_added_tokens=True)
+    tok.add_special_tokens([AddedToken(f"<|unused_{i}|>", special=True) for i in range(filler)])
+    assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+              "bos_token": None, "chat_template": NANOVLM_CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
 def write_nanovlm(directory: Path, model: VisionLanguageModel) -> None:
     """`model` saved as a nanoVLM checkpoint directory (config.json + model.safetensors)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -244,7 +274,7 @@ def _nanovlm_config(model: VisionLanguageModel) -> dict:
     extra.update({f"r{r}c{c}": grid_token(r, c) for r in range(1, 9) for c in range(1, 9)})
     data = {k: v for k, v in cfg.to_dict().items()
             if k not in ("name", "grid_side", "image_mean", "image_std", "max_image_pixels",
-                         "use_global_tile")}
+                         "use_global_tile", "image_token_layout")}
     data.update(vit_dropout=0.0, vit_cls_flag=False, vit_model_type="google/siglip2-base-patch16-512",
                 lm_dropout=0.0, lm_attn_scaling=1.0, lm_use_tokens=False, extra_token_amount=66,
                 lm_model_type="HuggingFaceTB/SmolLM2-360M-Instruct", lm_chat_template="{{x}}",

@@ -16,7 +16,8 @@ from tilevlm.config import preset
 from tilevlm.special_tokens import IMAGE_TOKEN, grid_token
 from tilevlm.model import VisionLanguageModel
 
-from helpers import LLAMA_VOCAB, base_config, make_llama, make_siglip, write_nanovlm
+from helpers import (LLAMA_VOCAB, base_config, make_llama, make_siglip, write_base_tokenizer,
+                     write_nanovlm)
 
 
 def _tiny(tie: bool = True) -> VisionLanguageModel:
@@ -91,20 +92,18 @@ def test_build_from_hf_keeps_base_weights_and_adds_special_rows(tmp_path):
 def test_nanovlm_directory_loads_and_runs(tmp_path):
     source = _tiny()
     write_nanovlm(tmp_path / "nano", source)
-    tokenizer = {"added_tokens": [{"id": source.image_token_id, "content": IMAGE_TOKEN},
-                                  {"id": source.grid_token_id(1, 2), "content": grid_token(1, 2)}]}
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    # the plain base tokenizer nanoVLM starts from: it gains our tokens on loading, as in nanoVLM
+    write_base_tokenizer(tmp_path / "tok", source.cfg.lm_base_vocab_size)
     model = load_nanovlm(tmp_path / "nano", tokenizer_dir=tmp_path / "tok")
     assert (model.cfg.image_mean, model.cfg.image_std) == ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert model.cfg.image_token_layout == "nanovlm"
     _assert_same_weights(source, model)
     ids, pixels = _tiny_input(model)
     with torch.no_grad():
         assert torch.equal(model(ids, pixels).logits, source(ids, pixels).logits)
-    tokenizer["added_tokens"][0]["id"] += 1
-    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    write_base_tokenizer(tmp_path / "other", source.cfg.lm_base_vocab_size - 1)
     with pytest.raises(ValueError, match="special token ids"):
-        load_nanovlm(tmp_path / "nano", tokenizer_dir=tmp_path / "tok")
+        load_nanovlm(tmp_path / "nano", tokenizer_dir=tmp_path / "other")
     with pytest.raises(ValueError, match="load_nanovlm"):
         load_pretrained(tmp_path / "nano")
 

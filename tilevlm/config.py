@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
+from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, check_layout, grid_token,
+                                    special_tokens)
 
 # Labels with this value count for no loss (PyTorch's cross-entropy default ignore_index).
 IGNORE_INDEX = -100
@@ -53,6 +54,7 @@ class VLMConfig:
     max_img_size: int = 224  # the long side of a resized image is at most this
     resize_to_max_side_len: bool = False  # True: always scale the long side to max_img_size
     use_global_tile: bool = True  # a thumbnail tile before the grid (never for a 1x1 grid)
+    image_token_layout: str = "tilevlm"  # how an image is written in tokens: special_tokens.py
     grid_side: int | None = None  # derived: grid tokens cover grid_side x grid_side tiles
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SigLIP; (0,0,0) for nanoVLM
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SigLIP; (1,1,1) for nanoVLM
@@ -128,6 +130,7 @@ class VLMConfig:
         for name in ("image_mean", "image_std"):
             _check(len(getattr(self, name)) == 3, name, "must have 3 values (R, G, B)")
         _check(all(s > 0 for s in self.image_std), "image_std", "values must be > 0")
+        check_layout(self.image_token_layout, self.use_global_tile)
 
     # Derived sizes, read-only.
     @property

@@ -18,18 +18,18 @@ from tilevlm.preprocessing.image import (ImageLike, ImageTransform, default_imag
 from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, chat_segments, check_message,
                                                  place_image_placeholders)
 from tilevlm.preprocessing.tokenizer import VLMTokenizer
-from tilevlm.special_tokens import IMAGE_TOKEN, image_tokens
+from tilevlm.special_tokens import IMAGE_TOKEN, image_label, image_tokens
 
 
 def image_string(tokenizer: VLMTokenizer, grid: tuple[int, int], mp_image_token_length: int,
-                 use_global: bool) -> str:
-    """The token string standing for one image with this tile grid (the layout is
-    `tilevlm.special_tokens.image_tokens`)."""
+                 use_global: bool, layout: str = "tilevlm") -> str:
+    """The special tokens standing for one image with this tile grid, as one string (the
+    layouts are `tilevlm.special_tokens`)."""
     n_h, n_w = grid
     if not (1 <= n_h <= tokenizer.grid_side and 1 <= n_w <= tokenizer.grid_side):
         raise ValueError(f"a {n_h}x{n_w} tile grid does not fit the tokenizer's "
                          f"{tokenizer.grid_side}x{tokenizer.grid_side} grid tokens")
-    return "".join(image_tokens(grid, mp_image_token_length, use_global))
+    return "".join(image_tokens(grid, mp_image_token_length, use_global, layout))
 
 
 def count_image_tokens(width: int, height: int, config: VLMConfig) -> int:
@@ -137,8 +137,10 @@ class Processor:
             messages = place_image_placeholders(messages, len(grids))
         except ValueError as e:
             raise ValueError(f"sample {index}: {e}") from None
-        strings = iter(image_string(self.tokenizer, g, self.config.mp_image_token_length,
-                                    self.config.use_global_tile) for g in grids)
+        cfg = self.config
+        strings = iter(image_label(cfg.image_token_layout, k, len(grids)) + image_string(
+            self.tokenizer, g, cfg.mp_image_token_length, cfg.use_global_tile,
+            cfg.image_token_layout) for k, g in enumerate(grids))
         placed = []
         for m in messages:
             pieces = m["content"].split(IMAGE_PLACEHOLDER)

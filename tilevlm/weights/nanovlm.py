@@ -12,7 +12,8 @@ import torch
 from tilevlm.config import VLMConfig
 from tilevlm.files import read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.special_tokens import IMAGE_TOKEN, special_tokens
+from tilevlm.preprocessing.tokenizer import VLMTokenizer, load_tokenizer
+from tilevlm.special_tokens import special_tokens
 from tilevlm.weights.convert import assemble, convert, expand, grow_rows, listing
 from tilevlm.weights.safetensors_files import CONFIG_FILE, read_safetensors
 
@@ -87,10 +88,11 @@ def nanovlm_config(checkpoint_dir: str | Path) -> VLMConfig:
         raise ValueError(f"{where}: lm_attn_scaling != 1.0 is not supported")
     fields = {k: data[k] for k in NANOVLM_CONFIG_FIELDS if k in data}
     grid_side = _nanovlm_grid_side(data, where)
-    derived_vocab = fields.get("lm_base_vocab_size", 49152) + 2 + (grid_side or 8) ** 2
+    derived_vocab = fields.get("lm_base_vocab_size", 49152) + len(special_tokens(grid_side or 8))
     vocab = max(int(data.get("lm_vocab_size", 0)), derived_vocab)
     return VLMConfig(**fields, grid_side=grid_side, lm_vocab_size=vocab, image_mean=(0, 0, 0),
-                     image_std=(1, 1, 1), name=f"nanovlm:{Path(checkpoint_dir).name}")
+                     image_std=(1, 1, 1), image_token_layout="nanovlm",
+                     name=f"nanovlm:{Path(checkpoint_dir).name}")
 
 
 def convert_nanovlm(tensors: dict[str, torch.Tensor], cfg: VLMConfig,
@@ -123,20 +125,15 @@ def convert_nanovlm(tensors: dict[str, torch.Tensor], cfg: VLMConfig,
     return out
 
 
-def check_tokenizer_ids(tokenizer_dir: str | Path, model: VisionLanguageModel) -> None:
-    """The tokenizer's special tokens must have the ids the model expects (reads tokenizer.json)."""
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    data = read_json_object(path)
-    ids = {t.get("content"): t.get("id") for t in data.get("added_tokens", [])}
-    vocab = (data.get("model") or {}).get("vocab")
-    if isinstance(vocab, dict):
-        ids = {**vocab, **ids}
-    expected = model.cfg.special_token_ids()
-    wrong = [f"{tok} is {ids.get(tok)}, model expects {want}"
-             for tok, want in expected.items() if tok in ids and ids[tok] != want]
-    if IMAGE_TOKEN not in ids or wrong:
-        raise ValueError(f"{path}: special token ids do not match the model: "
-                         + (listing(wrong, 4) if wrong else f"{IMAGE_TOKEN} is missing"))
+def check_tokenizer_ids(tokenizer: VLMTokenizer, cfg: VLMConfig, where: str | Path) -> None:
+    """The tokenizer's special tokens must have the ids the model expects."""
+    ids = {token: tokenizer.tokenizer.token_to_id(token) for token in cfg.special_token_ids()}
+    wrong = [f"{tok} is {ids[tok]}, model expects {want}"
+             for tok, want in cfg.special_token_ids().items() if ids[tok] != want]
+    if wrong:
+        raise ValueError(f"{where}: special token ids do not match the model: {listing(wrong, 4)} "
+                         f"(the tokenizer has {tokenizer.base_vocab_size} base tokens, the model "
+                         f"{cfg.lm_base_vocab_size}: give the tokenizer the model was trained with)")
 
 
 def load_nanovlm(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None = None,
@@ -144,14 +141,15 @@ def load_nanovlm(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None = 
     """A nanoVLM checkpoint directory (`config.json` + `model.safetensors`) as our model.
 
     The config is mapped field by field with image_mean=(0,0,0), image_std=(1,1,1) (nanoVLM
-    feeds [0, 1] pixels). With `tokenizer_dir`, its tokenizer.json is checked to give the special
-    tokens the ids the model uses.
+    feeds [0, 1] pixels) and nanoVLM's image token layout. With `tokenizer_dir` (the base
+    tokenizer nanoVLM starts from, e.g. SmolLM2's, which gains our tokens when it lacks them, as
+    nanoVLM adds them at run time), the special tokens must get the ids the model uses.
     """
     checkpoint_dir = Path(checkpoint_dir)
     cfg = nanovlm_config(checkpoint_dir)
     what = f"nanoVLM weights in {checkpoint_dir}"
+    if tokenizer_dir is not None:  # before any weight is read
+        tokenizer = load_tokenizer(tokenizer_dir, grid_side=cfg.grid_side)
+        check_tokenizer_ids(tokenizer, cfg, tokenizer_dir)
     tensors = convert_nanovlm(read_safetensors(checkpoint_dir), cfg, what)
-    model = assemble(cfg, tensors, what, dtype)
-    if tokenizer_dir is not None:
-        check_tokenizer_ids(tokenizer_dir, model)
-    return model
+    return assemble(cfg, tensors, what, dtype)
