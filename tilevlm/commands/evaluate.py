@@ -1,7 +1,12 @@
-"""`tilevlm eval`: exact-match accuracy (overall and per question type) and mean loss of a saved
-model on a data source; writes a JSON report.
+"""`tilevlm eval`: score a saved model.
 
     tilevlm eval --model runs/tiny --data synthetic --split test --n 200 --out report.json
+    tilevlm eval --model runs/vlm --data ai2d/test.parquet --task ai2d --limit 500
+    tilevlm eval --model runs/vlm --data val.jsonl --image-root images/ --task textvqa
+
+On the built-in synthetic data: exact match (overall and per question type) and the mean loss.
+On a local data set: a named task's metric (`tilevlm.benchmarks.tasks`), overall and per
+category, a JSON report and every prediction as JSON lines.
 """
 
 from __future__ import annotations
@@ -21,13 +26,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="a saved model, a training checkpoint, or a run directory (its "
                         "latest checkpoint)")
-    parser.add_argument("--data", required=True, help="data source: 'synthetic'")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
-    parser.add_argument("--n", type=int, default=200, help="number of samples")
-    parser.add_argument("--out", metavar="FILE", help="report path (default: "
-                        "MODEL/eval-SPLIT.json)")
+    from tilevlm.benchmarks.tasks import TASKS
+    from tilevlm.data.readers import FORMATS
+
+    parser.add_argument("--data", required=True,
+                        help="'synthetic', or a local data set: parquet file(s), a save_to_disk "
+                        "directory, or a .json / .jsonl file")
+    parser.add_argument("--task", choices=sorted(TASKS), default=None,
+                        help="what to score on a local data set (default: exact_match, the "
+                        "final assistant message of conversation data)")
+    parser.add_argument("--data-format", choices=FORMATS, default=None,
+                        help="override the detected format of --data")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="where image paths in the data are found (default: beside the data)")
+    parser.add_argument("--split", default="test",
+                        help="split: of the synthetic data (train, validation, test), or of a "
+                        "saved DatasetDict")
+    parser.add_argument("--n", type=int, default=200, help="synthetic samples to evaluate")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="score at most this many samples of a local data set")
+    parser.add_argument("--out", metavar="FILE", help="report path (default: MODEL/eval-SPLIT.json "
+                        "for synthetic data, ./eval-TASK.json for a data set)")
+    parser.add_argument("--predictions", metavar="FILE",
+                        help="every prediction as JSON lines (default: beside the report, "
+                        "*.predictions.jsonl)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="longest answer (default: 16 on synthetic data, else the task's)")
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (only for a nanoVLM checkpoint)")
@@ -36,23 +61,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tilevlm.inference.loading import load_model, load_processor
+
+    if args.n < 1 or args.batch_size < 1 or any(
+            v is not None and v < 1 for v in (args.max_new_tokens, args.limit)):
+        raise ValueError("--n, --limit, --batch-size and --max-new-tokens must be >= 1")
+    model_dir = resolve_model_dir(Path(args.model))
+    processor = load_processor(model_dir, args.tokenizer)
+    on_task = args.data != "synthetic" or args.task is not None
+    data = _task_data(args, processor) if on_task else None  # checked before the weights load
+    model = store_weights(load_model(model_dir, processor, args.device, args.tokenizer), args)
+    if data is not None:
+        return _run_task(args, model, processor, model_dir, *data)
+    return _run_synthetic(args, model, processor, model_dir)
+
+
+def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) -> int:
     from tilevlm.data.sources import named_dataset
     from tilevlm.tools.evaluation import evaluate, write_report
-    from tilevlm.inference.loading import load_for_inference
 
-    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("--n, --batch-size and --max-new-tokens must be >= 1")
-    model_dir = resolve_model_dir(Path(args.model))
-    model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
-    model = store_weights(model, args)
     samples = named_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens)
+                      max_new_tokens=args.max_new_tokens or 16)
     out = write_report(report, args.out or model_dir / f"eval-{args.split}.json")
     per_type = ", ".join(f"{q} {100 * v['accuracy']:.1f}%" for q, v in report.per_qtype.items())
     log.info("%s (%s weights) on %d %s samples: exact match %.1f%% (%s), loss %.4f", model_dir,
              args.weights, report.n, args.split, 100 * report.accuracy, per_type, report.loss)
     log.info("report written to %s", out)
+    return 0
+
+
+def _task_data(args: argparse.Namespace, processor):
+    """(task, samples, skips) of a local data set; a wrong path or missing column fails here."""
+    from tilevlm.benchmarks.run import task_samples
+    from tilevlm.benchmarks.tasks import get_task
+
+    if args.data == "synthetic":
+        raise ValueError("--task scores a local data set; give --data PATH (the synthetic "
+                         "data is scored without --task)")
+    task = get_task(args.task or "exact_match")
+    samples, skips = task_samples(task, args.data, processor, args.data_format, args.image_root,
+                                  split=args.split)
+    return task, samples, skips
+
+
+def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task, samples,
+              skips) -> int:
+    from tilevlm.benchmarks.run import run_task, write_outputs
+
+    report, predictions = run_task(model, processor, samples, task, skips, args.batch_size,
+                                   args.max_new_tokens, args.limit)
+    report.model, report.data = str(model_dir), str(args.data)
+    out = Path(args.out or f"eval-{task.name}.json")
+    preds = Path(args.predictions or out.with_suffix(".predictions.jsonl"))
+    write_outputs(report, predictions, out, preds)
+    per_category = ", ".join(f"{c} {100 * v['score']:.1f}%" for c, v in report.per_category.items())
+    log.info("%s on %s (%s): %s %.1f%% over %d samples%s; skipped %s", model_dir, args.data,
+             task.name, task.metric, 100 * report.score, report.n,
+             f" ({per_category})" if per_category else "", report.skipped or "none")
+    log.info("report written to %s, predictions to %s", out, preds)
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from tilevlm.data.parquet import (BATCH_ROWS, cauldron_sample, find_columns, require_pyarrow,
                                   take_rows)
-from tilevlm.data.rowreader import Keep, RowReader, Sample
+from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample
 from tilevlm.data.skips import SkipCounter
 
 
@@ -63,9 +63,10 @@ class HFDiskReader(RowReader):
 
     def __init__(self, path: str | Path, split: str = "train",
                  image_root: str | Path | None = None, rank: int = 0, world_size: int = 1,
-                 skips: SkipCounter | None = None) -> None:
+                 skips: SkipCounter | None = None, row_format: RowFormat | None = None) -> None:
         super().__init__(rank, world_size, skips)
         pa = require_pyarrow()
+        self.row_format = row_format
         self.path = Path(path)
         self.files = arrow_files(self.path, split)
         self.image_root = Path(image_root) if image_root is not None else self.files[0].parent
@@ -73,7 +74,8 @@ class HFDiskReader(RowReader):
             schema, _ = _open_arrow(pa, self.files[0])
         except (OSError, pa.ArrowException) as e:
             raise ValueError(f"{self.files[0]}: not a readable Arrow stream ({e})") from None
-        self.columns = find_columns(schema.names, str(self.path))
+        self.columns = (row_format.columns(schema.names, str(self.path)) if row_format
+                        else find_columns(schema.names, str(self.path)))
 
     def _rows(self, keep: Keep) -> Iterator[tuple[str, Any]]:
         pa = require_pyarrow()
@@ -90,4 +92,6 @@ class HFDiskReader(RowReader):
                 first += batch.num_rows
 
     def _to_sample(self, row: Any, where: str) -> Sample:
+        if self.row_format is not None:
+            return self.row_format.to_sample(row, self.image_root, where)
         return cauldron_sample(row, self.columns[1], self.image_root, where)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tilevlm.data.rowreader import Keep, RowReader, Sample, make_sample, safe_image_path
+from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample, make_sample, safe_image_path
 from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -43,8 +43,10 @@ class LlavaReader(RowReader):
     """Raw samples from LLaVA `.json` / `.jsonl` files (in the order given), this shard only."""
 
     def __init__(self, files: Sequence[str | Path], image_root: str | Path | None = None,
-                 rank: int = 0, world_size: int = 1, skips: SkipCounter | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, skips: SkipCounter | None = None,
+                 row_format: RowFormat | None = None) -> None:
         super().__init__(rank, world_size, skips)
+        self.row_format = row_format  # other records than LLaVA's (checked row by row)
         if not files:
             raise ValueError("no LLaVA json files given")
         self.files = [Path(f) for f in files]
@@ -69,6 +71,10 @@ class LlavaReader(RowReader):
                 row = json.loads(row)
             except json.JSONDecodeError as e:
                 raise SkipSample(MALFORMED, f"not valid JSON ({e})") from None
+        if self.row_format is not None:
+            if not isinstance(row, dict):
+                raise SkipSample(MALFORMED, f"expected a JSON object, got {row!r:.80}")
+            return self.row_format.to_sample(row, self.image_root, where)
         return llava_sample(row, self.image_root, where)
 
 

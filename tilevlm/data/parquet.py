@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tilevlm.data.rowreader import Keep, RowReader, Sample, make_sample, safe_image_path
+from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample, make_sample, safe_image_path
 from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
 
 TEXT_COLUMN = "texts"
@@ -88,9 +88,11 @@ class ParquetReader(RowReader):
     """Raw samples from parquet files (sorted paths), this rank's shard only."""
 
     def __init__(self, files: Sequence[str | Path], image_root: str | Path | None = None,
-                 rank: int = 0, world_size: int = 1, skips: SkipCounter | None = None) -> None:
+                 rank: int = 0, world_size: int = 1, skips: SkipCounter | None = None,
+                 row_format: RowFormat | None = None) -> None:
         super().__init__(rank, world_size, skips)
         pa = require_pyarrow()
+        self.row_format = row_format
         if not files:
             raise ValueError("no parquet files given")
         self.files = sorted(Path(f) for f in files)
@@ -101,7 +103,9 @@ class ParquetReader(RowReader):
                 meta = pa.parquet.ParquetFile(path)
             except (OSError, pa.ArrowException) as e:
                 raise ValueError(f"{path}: not a readable parquet file ({e})") from None
-            self._columns.append(find_columns(meta.schema_arrow.names, str(path)))
+            names = meta.schema_arrow.names
+            self._columns.append(row_format.columns(names, str(path)) if row_format
+                                 else find_columns(names, str(path)))
             self._num_rows.append(meta.metadata.num_rows)
 
     @property
@@ -133,4 +137,6 @@ class ParquetReader(RowReader):
 
     def _to_sample(self, row: Any, where: str) -> Sample:
         values, image_column, root = row
+        if self.row_format is not None:
+            return self.row_format.to_sample(values, root, where)
         return cauldron_sample(values, image_column, root, where)

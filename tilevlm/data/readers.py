@@ -17,7 +17,7 @@ from pathlib import Path
 from tilevlm.data.hfdisk import HFDiskReader, is_saved_dataset
 from tilevlm.data.llava import LlavaReader
 from tilevlm.data.parquet import ParquetReader
-from tilevlm.data.rowreader import RowReader
+from tilevlm.data.rowreader import RowFormat, RowReader
 from tilevlm.data.skips import SkipCounter
 
 FORMATS = ("parquet", "hf", "llava")
@@ -28,18 +28,21 @@ EXPECTED = ("a .parquet file, a directory of .parquet files, a glob of them, a d
 
 def open_dataset(path: str | Path, data_format: str | None = None,
                  image_root: str | Path | None = None, rank: int = 0, world_size: int = 1,
-                 split: str = "train", skips: SkipCounter | None = None) -> RowReader:
+                 split: str = "train", skips: SkipCounter | None = None,
+                 row_format: RowFormat | None = None) -> RowReader:
     """The reader for `path`; `data_format` (parquet | hf | llava) overrides the detection.
 
     `image_root`: where image paths in the data are looked up (and confined to); default the
-    data file's directory. `split` picks the split of a saved DatasetDict. An unknown or
+    data file's directory. `split` picks the split of a saved DatasetDict. `row_format` reads
+    rows of other columns (a benchmark task's) instead of the built-in layouts. An unknown or
     unreadable path is a ValueError that says what was expected.
     """
     if data_format is not None and data_format not in FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; choose one of {', '.join(FORMATS)}")
     files = _expand(path)
     data_format = data_format or detect_format(path, files)
-    kwargs = dict(image_root=image_root, rank=rank, world_size=world_size, skips=skips)
+    kwargs = dict(image_root=image_root, rank=rank, world_size=world_size, skips=skips,
+                  row_format=row_format)
     if data_format == "hf":
         if not is_saved_dataset(Path(path)):
             raise ValueError(f"{path}: not a directory saved by datasets' save_to_disk "

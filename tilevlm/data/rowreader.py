@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -33,6 +33,17 @@ from tilevlm.data.skips import MALFORMED, PATH_ESCAPE, PLACEHOLDERS, SkipCounter
 Sample = dict[str, Any]
 Keep = Callable[[int], bool]  # global row index -> whether this process reads the row
 Block = dict[int, "Sample | SkipSample"]  # stream position -> sample (or why it was dropped)
+
+
+class RowFormat(Protocol):
+    """How a table's rows become raw samples, when they are not the readers' built-in layouts
+    (The Cauldron's `images` + `texts`, LLaVA records): e.g. a benchmark task's columns."""
+
+    def columns(self, names: Sequence[str], where: str) -> list[str]:
+        """The columns to read, given the table's; a ValueError naming a missing one."""
+
+    def to_sample(self, row: dict[str, Any], root: Path, where: str) -> Sample:
+        """One row (its `columns`) -> a raw sample; SkipSample for a row it cannot use."""
 
 
 class RowReader:

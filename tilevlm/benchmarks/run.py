@@ -1,0 +1,153 @@
+"""Score a model on a task over a local data set: batched KV-cached greedy answers, the task's
+metric per answer, a report (overall, per category, skips, timings) and every prediction.
+
+    samples, skips = task_samples(get_task("ai2d"), "ai2d/test.parquet", processor)
+    report, predictions = run_task(model, processor, samples, task, skips=skips, limit=500)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tilevlm.benchmarks.tasks import Task, TaskRows, score
+from tilevlm.data.lengths import LengthFilter
+from tilevlm.data.readers import open_dataset
+from tilevlm.data.rowreader import Sample
+from tilevlm.data.skips import IMAGE_ERROR, SkipCounter
+from tilevlm.tools.evaluation import greedy_answers, split_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskReport:
+    task: str
+    metric: str
+    score: float  # the mean of the metric over the scored samples
+    n: int  # samples scored
+    per_category: dict[str, dict[str, float]] = field(default_factory=dict)  # {n, score}
+    skipped: dict[str, int] = field(default_factory=dict)  # samples not scored, by reason
+    model: str = ""
+    data: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def task_samples(task: Task, data: str | Path, processor: Any, data_format: str | None = None,
+                 image_root: str | Path | None = None, split: str = "train"
+                 ) -> tuple[Iterable[Sample], SkipCounter]:
+    """The task's samples of a local data set, header-checked and within `lm_max_length` (what
+    fails is counted in the returned SkipCounter). `exact_match` reads the conversation formats
+    `train` reads; the other tasks read their columns (parquet, save_to_disk, JSON / JSONL)."""
+    skips = SkipCounter()
+    row_format = None if task.metric == "exact_match" else TaskRows(task)
+    reader = open_dataset(data, data_format, image_root, split=split, skips=skips,
+                          row_format=row_format)
+    samples = reader if row_format is not None else (_as_reference(s) for s in reader)
+    return LengthFilter(samples, processor, skips=skips), skips
+
+
+def _as_reference(sample: Sample) -> Sample:
+    """A conversation sample with its final assistant message as the reference."""
+    _, reference = split_prompt(sample["messages"])
+    return {**sample, "reference": reference, "n_choices": 0,
+            "category": sample.get("qtype")}
+
+
+@torch.no_grad()
+def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: Task,
+             skips: SkipCounter | None = None, batch_size: int = 8,
+             max_new_tokens: int | None = None, limit: int | None = None,
+             progress: bool = True) -> tuple[TaskReport, list[dict[str, Any]]]:
+    """(report, one prediction record per scored sample). A sample the processor refuses (an
+    image that does not decode) is counted as skipped, never a crash."""
+    skips = skips if skips is not None else SkipCounter()
+    max_new_tokens = max_new_tokens or task.max_new_tokens
+    start, predictions = time.perf_counter(), []
+    stream = itertools.islice(samples, limit) if limit else iter(samples)
+    bar = tqdm(total=limit, desc=f"eval {task.name}", unit="sample", disable=not progress,
+               dynamic_ncols=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for chunk in _chunks(stream, batch_size):
+            for sample, answer in _answer_chunk(model, processor, chunk, max_new_tokens, skips):
+                predictions.append(_record(task, sample, answer))
+            bar.update(len(chunk))
+    finally:
+        model.train(was_training)
+        bar.close()
+    report = _report(task, predictions, skips, time.perf_counter() - start)
+    if report.n == 0:
+        raise ValueError(f"no sample of the data could be scored with task {task.name} "
+                         f"(skipped: {skips.as_dict() or 'none; the data set is empty'})")
+    return report, predictions
+
+
+def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
+    while chunk := list(itertools.islice(samples, size)):
+        yield chunk
+
+
+def _answer_chunk(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int,
+                  skips: SkipCounter) -> list[tuple[Sample, str]]:
+    """Greedy answers for a chunk; when the batch fails, one by one, counting the bad ones."""
+    try:
+        return list(zip(chunk, _answers(model, processor, chunk, max_new_tokens)))
+    except ValueError:
+        good = []
+        for sample in chunk:
+            try:
+                good += zip([sample], _answers(model, processor, [sample], max_new_tokens))
+            except ValueError as e:
+                skips.add(IMAGE_ERROR, sample.get("source", ""), str(e))
+        return good
+
+
+def _answers(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int
+             ) -> list[str]:
+    prompts = [split_prompt(s["messages"])[0] for s in chunk]
+    return greedy_answers(model, processor, prompts, [s["images"] for s in chunk], max_new_tokens)
+
+
+def _record(task: Task, sample: Sample, prediction: str) -> dict[str, Any]:
+    return {"source": sample.get("source", ""), "prompt": sample["messages"][-2]["content"],
+            "prediction": prediction, "reference": sample["reference"],
+            "score": score(task, prediction, sample), "category": sample.get("category")}
+
+
+def _report(task: Task, predictions: list[dict[str, Any]], skips: SkipCounter,
+            seconds: float) -> TaskReport:
+    by_category: dict[str, list[float]] = defaultdict(list)
+    for p in predictions:
+        if p["category"] is not None:
+            by_category[p["category"]].append(p["score"])
+    per_category = {c: {"n": len(s), "score": sum(s) / len(s)}
+                    for c, s in sorted(by_category.items())}
+    total = sum(p["score"] for p in predictions)
+    return TaskReport(task.name, task.metric, total / max(len(predictions), 1), len(predictions),
+                      per_category, skips.as_dict(), seconds=seconds)
+
+
+def write_outputs(report: TaskReport, predictions: list[dict[str, Any]], report_path: Path,
+                  predictions_path: Path) -> None:
+    """The JSON report and the predictions, one JSON object a line."""
+    for path in (report_path, predictions_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with predictions_path.open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
