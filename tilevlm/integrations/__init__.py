@@ -1,0 +1,1 @@
+"""Adapters that let other tools drive tilevlm models (imported only by those tools)."""
