@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from tilevlm.benchmarks.metrics import normalize_answer
 from tilevlm.data.batch import TrainBatch
 from tilevlm.data.collate import Sample, sample_images, sample_messages
 from tilevlm.inference.generation import generate
@@ -39,11 +40,6 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def normalize_answer(text: str) -> str:
-    """Case, surrounding whitespace, inner runs of spaces and a final period do not count."""
-    return " ".join(text.strip().lower().split()).rstrip(".").strip()
 
 
 def split_prompt(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str]:
