@@ -29,7 +29,7 @@ def write_llava(directory: Path, n: int = 16) -> Path:
     (directory / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
-        make_photo(40, 30 + 2 * i, i).save(directory / "images" / f"{i}.png")
+        make_photo(32, 16 + i, i).save(directory / "images" / f"{i}.png")  # one tile each
         records.append({"id": str(i), "image": f"{i}.png", "conversations": [
             {"from": "human", "value": f"<image>\nWhat is {i}?"},
             {"from": "gpt", "value": f"It is {i}."}]})
