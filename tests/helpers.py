@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +79,20 @@ def train_cli(config: Path, tokenizer: Path, data: Path, out: Path, *extra: str)
             "--lr-vision", "2e-3", "--lr-projector", "2e-3", "--shuffle-block", "8",
             "--save-every", "0", *extra]
     assert main(args) == 0
+
+
+def cli(*argv: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `tilevlm` command in a subprocess (this tree first on PYTHONPATH), its output
+    captured as text."""
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "tilevlm.cli", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """The non-empty lines of a finished command's stderr."""
+    return [line for line in done.stderr.splitlines() if line.strip()]
 
 
 def records(out: Path) -> list[dict]:

@@ -19,6 +19,8 @@ import sys
 import warnings
 from typing import Iterator
 
+from tilevlm.commands.options import apply_threads
+
 COMMANDS = {
     "demo": "tilevlm.commands.demo",
     "train": "tilevlm.commands.train",
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with _one_line_warnings(args.command):
+            apply_threads(args)
             return int(args._run(args) or 0)
     except ValueError as e:
         logging.debug("traceback", exc_info=True)

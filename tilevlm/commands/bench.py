@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from tilevlm.commands.options import add_weights_argument, weights_format
+from tilevlm.commands.options import add_threads_argument, add_weights_argument, weights_format
 
 HELP = "measure preprocessing, training, prefill, decode and vision speed (random weights)"
 
@@ -36,8 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
                         help="labels: LM head only at label positions (forward with return_logits=False); "
                              "full: model(**batch).loss over every position")
-    parser.add_argument("--threads", type=int, default=d.threads,
-                        help="torch threads (default: all cores; 1 can be faster on a busy machine)")
+    add_threads_argument(parser)
     parser.add_argument("--preprocess-threads", type=int, default=d.preprocess_threads,
                         help="threads for the parallel preprocessing figure (default: the cores)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="timed runs (median)")

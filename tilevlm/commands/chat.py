@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from tilevlm.commands.answering import stream_answer
-from tilevlm.commands.options import add_generation_arguments, sampling_params, store_weights
+from tilevlm.commands.options import (add_generation_arguments, model_path, sampling_params,
+                                      store_weights)
 
 HELP = "chat with a model interactively (/image PATH attaches an image, /reset, /quit)"
 
@@ -65,10 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.inference.loading import load_for_inference
 
     sampling_params(args)
-    model, processor = load_for_inference(args.model, args.device, args.tokenizer)
+    model_dir = model_path(args)
+    model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
     model = store_weights(model, args)
     conv = Conversation()
-    print(f"tilevlm chat: {args.model}. {COMMANDS_HELP}")
+    print(f"tilevlm chat: {model_dir}. {COMMANDS_HELP}")
     while True:
         try:
             line = input("you> ").strip()

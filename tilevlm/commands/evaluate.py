@@ -2,15 +2,17 @@
 model on a data source; writes a JSON report.
 
     tilevlm eval --model runs/tiny --data synthetic --split test --n 200 --out report.json
+    tilevlm eval --model runs/tiny --data synthetic --n 200 > report.json   # the report on stdout
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-from pathlib import Path
 
-from tilevlm.commands.options import LOADED_DTYPE, add_weights_argument, store_weights
+from tilevlm.commands.options import (LOADED_DTYPE, add_model_argument, add_threads_argument,
+                                      add_weights_argument, model_path, store_weights)
 
 HELP = "evaluate a saved model: exact-match accuracy and loss, as a JSON report"
 
@@ -18,14 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="a saved model, a training checkpoint, or a run directory (its "
-                        "latest checkpoint)")
+    add_model_argument(parser)
     parser.add_argument("--data", required=True, help="data source: 'synthetic'")
     parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
     parser.add_argument("--n", type=int, default=200, help="number of samples")
-    parser.add_argument("--out", metavar="FILE", help="report path (default: "
-                        "MODEL/eval-SPLIT.json)")
+    parser.add_argument("--out", metavar="FILE", help="where the JSON report goes (default: "
+                        "standard output; the model directory is never written to)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory (only for a nanoVLM checkpoint)")
     add_weights_argument(parser, "evaluation, to see what bf16 or int8 weights cost in accuracy",
                          LOADED_DTYPE)
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,28 +43,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--n, --batch-size and --max-new-tokens must be >= 1")
-    model_dir = resolve_model_dir(Path(args.model))
+    model_dir = model_path(args)
     model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
     model = store_weights(model, args)
     samples = named_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens)
-    out = write_report(report, args.out or model_dir / f"eval-{args.split}.json")
     per_type = ", ".join(f"{q} {100 * v['accuracy']:.1f}%" for q, v in report.per_qtype.items())
     log.info("%s (%s weights) on %d %s samples: exact match %.1f%% (%s), loss %.4f", model_dir,
              args.weights, report.n, args.split, 100 * report.accuracy, per_type, report.loss)
-    log.info("report written to %s", out)
+    if args.out:
+        log.info("report written to %s", write_report(report, args.out))
+    else:
+        print(json.dumps(report.to_dict(), indent=2))
     return 0
 
-
-def resolve_model_dir(path: Path) -> Path:
-    """A directory with config.json, or the latest checkpoint of a run directory."""
-    from tilevlm.training.checkpoints import find_latest
-
-    if (path / "config.json").is_file():
-        return path
-    ckpt = find_latest(path)
-    if ckpt is None:
-        raise ValueError(f"{path}: neither a saved model (config.json) nor a run directory "
-                         "with checkpoints")
-    return ckpt

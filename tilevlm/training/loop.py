@@ -63,6 +63,7 @@ class TrainResult:
     interrupted: bool
     skipped_samples: int
     nonfinite_steps: int
+    model_dir: Path | None = None  # OUT/model: the shareable model (`_write_model`)
 
 
 @dataclass
@@ -143,11 +144,12 @@ def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]]
             interrupted = _loop(run, stop)
             if not interrupted:
                 _finish(run)
+            model_dir = _write_model(run)
     finally:
         run.batches = None  # shuts DataLoader workers down
         run.metrics.close()
     return TrainResult(run.state.step, run.last_loss, run.last_val, run.last_checkpoint,
-                       interrupted, run.state.skipped_samples, run.state.nonfinite_steps)
+                       interrupted, run.state.skipped_samples, run.state.nonfinite_steps, model_dir)
 
 
 def _loop(run: _Run, stop: "_SigintFlag") -> bool:
@@ -420,6 +422,19 @@ def _write_checkpoint(run: _Run) -> Path:
     run.last_checkpoint = checkpoints.atomic_checkpoint(run.cfg.out_dir, run.state.step, write)
     log.info("saved %s", run.last_checkpoint)
     return run.last_checkpoint
+
+
+def _write_model(run: _Run) -> Path:
+    """OUT/model/ on rank 0 (weights, config, tokenizer; no optimizer): what a run shares."""
+    from tilevlm.training.model_source import FINAL_MODEL, write_final_model
+
+    path = Path(run.cfg.out_dir) / FINAL_MODEL
+    if distributed.is_main():
+        write_final_model(run.model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
+        log.info("saved the model of step %d to %s (no optimizer state: the one to share)",
+                 run.state.step, path)
+    distributed.barrier()
+    return path
 
 
 # ---------------------------------------------------------------- plumbing

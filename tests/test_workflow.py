@@ -1,0 +1,83 @@
+"""The everyday workflow through the real CLI: train -> OUT/model/ -> every --model command reads
+the run folder, saying which model it picked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import cli, error_lines, make_photo
+
+TRAIN = ("train", "--preset", "tiny", "--data", "synthetic", "--steps", "3", "--batch-size", "2",
+         "--warmup-steps", "1", "--eval-every", "0", "--eval-batches", "1", "--val-size", "2",
+         "--train-size", "64", "--threads", "1", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("workflow") / "run"
+    done = cli(*TRAIN, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    make_photo(80, 60).save(path)
+    return path
+
+
+def test_train_writes_a_shareable_model(run_dir):
+    model = run_dir / "model"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in model.iterdir()}
+    assert not list(model.glob("optimizer*")) and not list(run_dir.glob(".tmp-*"))
+    assert (run_dir / "checkpoint-3" / "optimizer.safetensors").is_file()
+
+
+def test_generate_reads_a_run_folder_and_says_which_model(run_dir, image):
+    done = cli("generate", "--model", str(run_dir), "--image", str(image), "--prompt", "colour?",
+               "--max-new-tokens", "2", "--device", "cpu", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert f"using its final model {run_dir / 'model'}" in done.stderr
+
+
+def test_a_run_folder_without_model_gives_its_latest_checkpoint(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "model")
+    done = cli("eval", "--model", str(copy), "--data", "synthetic", "--n", "2", "--batch-size", "2",
+               "--max-new-tokens", "2", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert f"using its latest checkpoint {copy / 'checkpoint-3'}" in done.stderr
+    assert json.loads(done.stdout)["n"] == 2  # the report on stdout, nothing in the checkpoint
+    assert not list((copy / "checkpoint-3").glob("eval-*"))
+
+
+def test_train_continues_from_a_run_folder(run_dir, tmp_path):
+    done = cli("train", "--model", str(run_dir), "--data", "synthetic", "--steps", "1",
+               "--batch-size", "2", "--warmup-steps", "0", "--eval-every", "0", "--val-size", "2",
+               "--eval-batches", "1", "--no-progress", "--threads", "1", "--out", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr
+    assert "using its final model" in done.stderr and (tmp_path / "b" / "model").is_dir()
+
+
+def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
+    done = cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert done.returncode == 2 and len(error_lines(done)) == 1
+    assert "not found" in done.stderr
+
+
+@pytest.mark.parametrize("argv", [("demo", "--threads", "-1"),
+                                  ("train", "--preset", "tiny", "--data", "synthetic",
+                                   "--out", "x", "--threads", "0"),
+                                  ("eval", "--model", "x", "--data", "synthetic", "--threads", "0"),
+                                  ("bench", "--threads", "0")])
+def test_threads_below_one_is_one_line_and_exit_2(argv, tmp_path):
+    done = cli(*argv, cwd=tmp_path)
+    assert done.returncode == 2 and error_lines(done) == ["tilevlm " + argv[0] + ": error: "
+                                                          "--threads must be >= 1, got " + argv[-1]]
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,50 @@
+"""Which model a `--model PATH` means, and the shareable model a run folder ends with.
+
+Every command that takes `--model` calls `resolve_model`: a model directory (or a checkpoint, or a
+nanoVLM checkpoint: anything with a config.json) is used as it is; a run folder that `tilevlm
+train --out` wrote gives its final model (`OUT/model/`), else its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tilevlm.training import checkpoints
+from tilevlm.weights.safetensors_files import CONFIG_FILE
+
+log = logging.getLogger(__name__)
+
+FINAL_MODEL = "model"  # OUT/model/: weights, config and tokenizer, no optimizer
+
+
+def resolve_model(path: str | Path) -> Path:
+    """The model directory `path` stands for; logs which one when it had to choose."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: not found; give a model directory, a checkpoint or a run "
+                         "folder (what `tilevlm train --out` wrote)")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    final = path / FINAL_MODEL
+    if (final / CONFIG_FILE).is_file():
+        log.info("%s is a run folder: using its final model %s", path, final)
+        return final
+    latest = checkpoints.find_latest(path)
+    if latest is not None:
+        log.info("%s is a run folder without a final model: using its latest checkpoint %s",
+                 path, latest)
+        return latest
+    raise ValueError(f"{path}: no config.json, no {FINAL_MODEL}/ and no checkpoint here; give a "
+                     "model directory, a checkpoint or a run folder of `tilevlm train`")
+
+
+def write_final_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
+    """`out_dir/model/`: the model and its tokenizer (no optimizer), replaced atomically."""
+    from tilevlm.weights.native import save_pretrained
+
+    final = Path(out_dir) / FINAL_MODEL
+    return checkpoints.atomic_directory(final, lambda tmp: save_pretrained(model, tmp, tokenizer))
