@@ -81,12 +81,15 @@ def train_cli(config: Path, tokenizer: Path, data: Path, out: Path, *extra: str)
     assert main(args) == 0
 
 
-def cli(*argv: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """The real `tilevlm` command in a subprocess (this tree first on PYTHONPATH), its output
-    captured as text."""
+def cli_env() -> dict[str, str]:
+    """The environment for a `tilevlm` subprocess: this tree first on PYTHONPATH."""
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "tilevlm.cli", *argv], cwd=cwd, env=env,
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def cli(*argv: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `tilevlm` command in a subprocess, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "tilevlm.cli", *argv], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -5,21 +5,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from helpers import cli, error_lines, make_photo
+from helpers import cli, cli_env, error_lines, make_photo
+from tilevlm.training import checkpoints
 
-TRAIN = ("train", "--preset", "tiny", "--data", "synthetic", "--steps", "3", "--batch-size", "2",
-         "--warmup-steps", "1", "--eval-every", "0", "--eval-batches", "1", "--val-size", "2",
-         "--train-size", "64", "--threads", "1", "--no-progress")
+def train_args(steps: int = 3) -> list[str]:
+    return ["train", "--preset", "tiny", "--data", "synthetic", "--steps", str(steps),
+            "--batch-size", "2", "--warmup-steps", "1", "--eval-every", "0", "--eval-batches",
+            "1", "--val-size", "2", "--train-size", "64", "--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("workflow") / "run"
-    done = cli(*TRAIN, "--out", str(out))
+    done = cli(*train_args(), "--out", str(out))
     assert done.returncode == 0, done.stderr
     return out
 
@@ -81,3 +87,27 @@ def test_threads_below_one_is_one_line_and_exit_2(argv, tmp_path):
     assert done.returncode == 2 and error_lines(done) == ["tilevlm " + argv[0] + ": error: "
                                                           "--threads must be >= 1, got " + argv[-1]]
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_still_writes_the_model(tmp_path):
+    out = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-m", "tilevlm.cli", *train_args(100_000), "--out",
+                              str(out)],
+                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not step_losses_written(out) and time.monotonic() < deadline:
+            assert child.poll() is None, child.communicate()[1]
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err
+    assert (out / "model" / "config.json").is_file() and checkpoints.find_latest(out) is not None
+
+
+def step_losses_written(out: Path) -> bool:
+    metrics = out / "metrics.jsonl"
+    return metrics.is_file() and '"loss"' in metrics.read_text()
