@@ -111,3 +111,11 @@ def test_ctrl_c_still_writes_the_model(tmp_path):
 def step_losses_written(out: Path) -> bool:
     metrics = out / "metrics.jsonl"
     return metrics.is_file() and '"loss"' in metrics.read_text()
+
+
+def test_warmup_longer_than_the_run_is_one_line_and_exit_2(tmp_path):
+    done = cli("train", "--preset", "tiny", "--data", "synthetic", "--steps", "30", "--out",
+               str(tmp_path / "run"), "--threads", "1")  # the default --warmup-steps is 50
+    assert done.returncode == 2 and len(error_lines(done)) == 1
+    assert "warmup_steps (50) is larger than steps (30)" in done.stderr
+    assert not (tmp_path / "run").exists()

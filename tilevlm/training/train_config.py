@@ -64,6 +64,10 @@ class TrainConfig:
                      "shuffle_block"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps > self.steps:  # the learning rate would rise all run, never decay
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is larger than steps "
+                             f"({self.steps}); give --warmup-steps at most --steps (a tenth of "
+                             "it is usual)")
         if self.max_tiles < 1:
             raise ValueError(f"TrainConfig.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0 <= self.min_lr_ratio <= 1:
