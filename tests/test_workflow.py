@@ -119,3 +119,13 @@ def test_warmup_longer_than_the_run_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2 and len(error_lines(done)) == 1
     assert "warmup_steps (50) is larger than steps (30)" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [["--no-progress"], ["--progress"]])  # stderr is a pipe here
+def test_a_log_without_a_drawn_bar_shows_the_loss(flags, tmp_path):
+    argv = [a for a in train_args(4) if a != "--no-progress"]
+    done = cli(*argv, *flags, "--log-every", "2", "--save-every", "0", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if ": loss " in line]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
+    assert "\r" not in done.stderr

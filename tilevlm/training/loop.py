@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -374,6 +375,16 @@ def _log_step(run: _Run, bar: Any, step: _StepFigures, loss: float, grad_norm: f
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{step.samples / seconds:.1f}",
                     refresh=False)
     bar.update(1)
+    _log_loss_line(run, bar, loss, lr, step.samples / seconds)
+
+
+def _log_loss_line(run: _Run, bar: Any, loss: float, lr: float, samples_per_s: float) -> None:
+    """Where no bar is drawn (--no-progress, a redirected log), a loss line every log_every steps
+    and at the last one."""
+    step, cfg = run.state.step, run.cfg
+    if bar.disable and cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
+        log.info("step %d/%d: loss %.4f, lr %.2e, %.1f samples/s", step, cfg.steps, loss, lr,
+                 samples_per_s)
 
 
 # ---------------------------------------------------------------- validation, checkpoints
@@ -482,8 +493,8 @@ def _tensorboard_writer(out_dir: Path) -> Any:
 def _progress_bar(cfg: TrainConfig, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=initial, desc="train",
-                disable=not (cfg.progress and distributed.is_main()),
+    drawn = cfg.progress and distributed.is_main() and sys.stderr.isatty()  # no \r frames in files
+    return tqdm(total=cfg.steps, initial=initial, desc="train", disable=not drawn,
                 dynamic_ncols=True)
 
 

@@ -53,7 +53,9 @@ class TrainConfig:
                                "buffer per epoch; 0: file order)")
     compile: str = _knob("", "torch.compile the vision and decoder blocks for the training "
                          "step: a backend name, usually 'inductor' ('': eager)")
-    progress: bool = _knob(True, "show a progress bar")
+    progress: bool = _knob(True, "show a progress bar (only on a terminal: a redirected log "
+                           "gets loss lines instead)")
+    log_every: int = _knob(10, "without a progress bar, a loss line every N steps (0: none)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -61,7 +63,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_projector", "lr_vision", "lr_decoder", "weight_decay", "warmup_steps",
                      "grad_clip", "eval_every", "eval_batches", "save_every", "num_workers", "pack",
-                     "shuffle_block"):
+                     "shuffle_block", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps > self.steps:  # the learning rate would rise all run, never decay
