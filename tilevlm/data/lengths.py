@@ -22,7 +22,7 @@ from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
 from tilevlm.preprocessing.image import tile_grid, tiles_per_image
 from tilevlm.preprocessing.processor import count_image_tokens
-from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER, chat_segments
+from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 
 _ORIENTATION = 0x0112  # the EXIF orientation tag
 _TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
@@ -93,8 +93,9 @@ class SampleMeter:
         return self.text_tokens(sample["messages"]) + image_tokens, n_tiles
 
     def text_tokens(self, messages: list[dict[str, str]]) -> int:
-        """ChatML tokens of the messages with every `<image>` removed (no generation prompt)."""
-        pieces = [piece for text, _ in chat_segments(messages)
+        """Chat-format tokens of the messages with every `<image>` removed (no generation
+        prompt)."""
+        pieces = [piece for text, _ in self.tokenizer.chat_segments(messages)
                   for piece in text.split(IMAGE_PLACEHOLDER)]
         return sum(len(ids) for ids in self.tokenizer.encode_batch(pieces))
 
