@@ -129,3 +129,19 @@ def test_a_log_without_a_drawn_bar_shows_the_loss(flags, tmp_path):
     lines = [line for line in done.stderr.splitlines() if ": loss " in line]
     assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
     assert "\r" not in done.stderr
+
+
+def test_inspect_takes_a_model_and_counts_image_tokens_as_generate_does(run_dir, image, tmp_path):
+    png = tmp_path / "tiles.png"
+    shown = cli("inspect", str(image), "--model", str(run_dir), "--save-png", str(png))
+    assert shown.returncode == 0, shown.stderr
+    tokens = int(shown.stdout.split("image tokens: ")[1].split()[0])
+    assert f"model:        {run_dir}" in shown.stdout and "tiles:        7" in shown.stdout
+    done = cli("generate", "--model", str(run_dir), "--image", str(image), "--prompt", "colour?",
+               "--max-new-tokens", "1", "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert f"/ {tokens} image), 7 tiles" in done.stderr
+    from PIL import Image
+
+    with Image.open(png) as figure:  # the original beside the tiles and the thumbnail
+        assert figure.width > 3 * 160
