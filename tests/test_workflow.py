@@ -145,3 +145,23 @@ def test_inspect_takes_a_model_and_counts_image_tokens_as_generate_does(run_dir,
 
     with Image.open(png) as figure:  # the original beside the tiles and the thumbnail
         assert figure.width > 3 * 160
+
+
+def test_python_m_tilevlm_and_version():
+    from tilevlm import __version__
+
+    done = subprocess.run([sys.executable, "-m", "tilevlm", "--version"], env=cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"tilevlm {__version__}"
+
+
+def test_every_option_has_help_and_one_default():
+    from tilevlm.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name, parser in commands.items():
+        missing = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+        assert not missing, f"{name}: options without help: {missing}"
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        assert all(chunk.count("(default:") <= 1 for chunk in text.split("\n  -")), name

@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tilevlm.config import PRESETS
 
     d = BenchConfig()
-    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS),
+                        help="the architecture measured (random weights)")
     parser.add_argument("--max-img-size", type=int, default=None,
                         help="default: 2 x the preset's tile size (2x2 grid + global tile)")
     parser.add_argument("--device", default=d.device, help="cpu, cuda or auto")
@@ -41,9 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads for the parallel preprocessing figure (default: the cores)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs first")
-    parser.add_argument("--train-batch", type=int, default=d.train_batch)
-    parser.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=list(d.decode_batches))
+    parser.add_argument("--train-batch", type=int, default=d.train_batch,
+                        help="samples in the timed training step")
+    parser.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
+                        help="tokens generated in each timed decode")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=list(d.decode_batches),
+                        help="the batch sizes decode is timed at")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="which measurements to run")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the results here")

@@ -22,12 +22,14 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument("--data", required=True, help="data source: 'synthetic'")
-    parser.add_argument("--split", default="test", choices=("train", "validation", "test"))
+    parser.add_argument("--split", default="test", choices=("train", "validation", "test"),
+                        help="which split of the synthetic data (test: images never trained on)")
     parser.add_argument("--n", type=int, default=200, help="number of samples")
     parser.add_argument("--out", metavar="FILE", help="where the JSON report goes (default: "
                         "standard output; the model directory is never written to)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="samples answered together")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="the longest answer, in tokens (exact match compares whole answers)")
     parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (only for a nanoVLM checkpoint)")

@@ -86,7 +86,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument("--tokenizer", metavar="DIR", default=None,
                         help="tokenizer directory (needed for nanoVLM checkpoints)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="the longest answer, in tokens (generation also stops at the end "
+                        "of the model's turn or a --stop text)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
