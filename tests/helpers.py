@@ -94,8 +94,13 @@ def cli(*argv: str, timeout: float = 240, cwd: Path | None = None) -> subprocess
 
 
 def error_lines(done: subprocess.CompletedProcess) -> list[str]:
-    """The non-empty lines of a finished command's stderr."""
-    return [line for line in done.stderr.splitlines() if line.strip()]
+    """A finished command's stderr from its first `tilevlm COMMAND: error:` line on (the log
+    lines before it left out); there is never a traceback."""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    first = next((i for i, line in enumerate(lines)
+                  if line.startswith("tilevlm ") and ": error: " in line), len(lines))
+    return lines[first:]
 
 
 def records(out: Path) -> list[dict]:

@@ -165,3 +165,10 @@ def test_every_option_has_help_and_one_default():
         text = parser.format_help()
         assert "(default: None)" not in text and "(default: False)" not in text, name
         assert all(chunk.count("(default:") <= 1 for chunk in text.split("\n  -")), name
+
+
+def test_a_missing_data_file_says_not_found(tmp_path, hf_tokenizer_dir):
+    done = cli("train", "--preset", "tiny", "--data", str(tmp_path / "llava.json"), "--tokenizer",
+               str(hf_tokenizer_dir), "--out", str(tmp_path / "run"), "--steps", "1", "--warmup-steps", "0")
+    assert done.returncode == 2 and len(error_lines(done)) == 1
+    assert f"{tmp_path / 'llava.json'}: not found" in done.stderr
