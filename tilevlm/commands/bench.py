@@ -7,7 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from tilevlm.commands.options import add_threads_argument, add_weights_argument, weights_format
+from tilevlm.commands.options import (add_device_argument, add_threads_argument,
+                                      add_weights_argument, weights_format)
 
 HELP = "measure preprocessing, training, prefill, decode and vision speed (random weights)"
 
@@ -23,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the architecture measured (random weights)")
     parser.add_argument("--max-img-size", type=int, default=None,
                         help="default: 2 x the preset's tile size (2x2 grid + global tile)")
-    parser.add_argument("--device", default=d.device, help="cpu, cuda or auto")
+    add_device_argument(parser, d.device)
     parser.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 on CUDA, fp32 on CPU; training uses autocast in bf16")
     add_weights_argument(parser, "prefill and decode", "the --dtype")

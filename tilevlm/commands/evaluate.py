@@ -11,8 +11,9 @@ import argparse
 import json
 import logging
 
-from tilevlm.commands.options import (LOADED_DTYPE, add_model_argument, add_threads_argument,
-                                      add_weights_argument, model_path, store_weights)
+from tilevlm.commands.options import (LOADED_DTYPE, add_device_argument, add_model_argument,
+                                      add_threads_argument, add_weights_argument, model_path,
+                                      store_weights)
 
 HELP = "evaluate a saved model: exact-match accuracy and loss, as a JSON report"
 
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="samples answered together")
     parser.add_argument("--max-new-tokens", type=int, default=16,
                         help="the longest answer, in tokens (exact match compares whole answers)")
-    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (only for a nanoVLM checkpoint)")
     add_weights_argument(parser, "evaluation, to see what bf16 or int8 weights cost in accuracy",

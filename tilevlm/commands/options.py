@@ -62,6 +62,13 @@ def model_path(args: argparse.Namespace) -> Path:
     return resolve_model(args.model)
 
 
+def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """`--device`, for every command that runs the model."""
+    from tilevlm.device import DEVICE_HELP
+
+    parser.add_argument("--device", default=default, help=DEVICE_HELP)
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """`--threads N`: the one definition, on every command that computes (`apply_threads`)."""
     parser.add_argument("--threads", type=int, default=None, metavar="N",
@@ -96,7 +103,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when this text appears (repeatable)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_argument(parser)
     add_weights_argument(parser, "generation", LOADED_DTYPE)
     add_threads_argument(parser)
 

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from tilevlm.device import DTYPE_NAMES
+from tilevlm.device import DEVICE_HELP, DTYPE_NAMES
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -36,7 +36,7 @@ class TrainConfig:
     grad_clip: float = _knob(1.0, "max global gradient norm (0: no clipping)")
     dtype: str = _knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (CPU too)",
                        DTYPE_NAMES)
-    device: str = _knob("auto", "auto: cuda when available, else cpu; or a torch device name")
+    device: str = _knob("auto", DEVICE_HELP)
     eval_every: int = _knob(100, "validate every N steps (0: only at the end)")
     eval_batches: int = _knob(4, "validation set size, in batches")
     eval_max_new_tokens: int = _knob(16, "longest validation answer, in tokens")
