@@ -30,6 +30,7 @@ COMMANDS = {
     "chat": "tilevlm.commands.chat",
     "inspect": "tilevlm.commands.inspect",
     "build": "tilevlm.commands.build",
+    "merge": "tilevlm.commands.merge",
     "bench": "tilevlm.commands.bench",
 }
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
+
+from tilevlm.commands.options import add_new_out_arguments, check_new_out
 
 HELP = "build a model directory from local HF SigLIP + SmolLM2 weights, or from a nanoVLM checkpoint"
 
@@ -26,10 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory (default: the --llm directory; required with --nanovlm)")
     parser.add_argument("--preset", default="split_448", choices=sorted(PRESETS),
                         help="image settings (max_img_size, global tile, lm_max_length) for an HF build")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="where to write the model (a new or empty directory)")
-    parser.add_argument("--force", action="store_true",
-                        help="write into --out even when it already holds files")
+    add_new_out_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.preprocessing.processor import Processor
     from tilevlm.preprocessing.tokenizer import load_tokenizer
 
-    _check_out(Path(args.out), args.force)
+    check_new_out(args)
     if args.nanovlm:
         if args.siglip or args.llm:
             raise ValueError("give either --nanovlm, or --siglip and --llm, not both")
@@ -63,12 +61,3 @@ def run(args: argparse.Namespace) -> int:
           f"vocabulary {cfg.lm_base_vocab_size} + {cfg.n_special_tokens} special tokens")
     return 0
 
-
-def _check_out(out: Path, force: bool) -> None:
-    """A ValueError when --out holds anything, unless --force: a build never overwrites
-    unasked."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a directory; give a new directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"--out {out} already holds files; give a new directory, or --force to "
-                         "write over them")

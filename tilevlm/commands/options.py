@@ -62,6 +62,24 @@ def model_path(args: argparse.Namespace) -> Path:
     return resolve_model(args.model)
 
 
+def add_new_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--out DIR` for a new model directory, and `--force` (`check_new_out`)."""
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="where to write the model (a new or empty directory)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --out even when it already holds files")
+
+
+def check_new_out(args: argparse.Namespace) -> None:
+    """A ValueError when --out holds anything, unless --force: nothing is overwritten unasked."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory; give a new directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"--out {out} already holds files; give a new directory, or --force to "
+                         "write over them")
+
+
 def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     """`--device`, for every command that runs the model."""
     from tilevlm.device import DEVICE_HELP

@@ -138,7 +138,7 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]
         ckpt = find_latest(args.resume)
         if ckpt is None:
             raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
-        model = load_pretrained(ckpt).train()
+        model = _resume_skeleton(ckpt, args.lora) or load_pretrained(ckpt).train()
         return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side)
     if args.model:
         model_dir = model_path(args)
@@ -150,6 +150,22 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]
     tokenizer, config = _tokenizer_for(args, config)
     torch.manual_seed(seed)
     return VisionLanguageModel(config), tokenizer
+
+
+def _resume_skeleton(ckpt: Any, lora: int) -> Any:
+    """For a LoRA checkpoint (its adapters' tensors beside the base ones), a model of its config
+    whose weights `train` loads after adding the adapters; None for any other checkpoint. A
+    ValueError when --lora differs from the checkpoint's."""
+    from tilevlm.files import read_json_object
+    from tilevlm.model.vlm import VisionLanguageModel
+    from tilevlm.training.checkpoints import TRAINER_STATE
+    from tilevlm.weights.native import load_config
+
+    saved = read_json_object(ckpt / TRAINER_STATE).get("train_config", {}).get("lora", 0)
+    if saved != lora:
+        raise ValueError(f"{ckpt} was trained with --lora {saved}; resume with --lora {saved} "
+                         "(and its other --lora-* options)")
+    return VisionLanguageModel(load_config(ckpt)).train() if saved else None
 
 
 def _tokenizer_for(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:

@@ -192,6 +192,10 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     _seed_everything(cfg.seed)
     device = distributed.rank_device(resolve_device(cfg.device))
     model.to(device)
+    if cfg.lora:  # before compile and the optimizer: the adapters are parameters too
+        from tilevlm.training.lora import apply_lora
+
+        apply_lora(model, cfg.lora_spec())
     if cfg.compile:  # per block (nn.Module.compile): same parameters, same state-dict keys
         from tilevlm.training.compile import compile_blocks
 
@@ -442,6 +446,10 @@ def _write_model(run: _Run) -> Path:
     path = Path(run.cfg.out_dir) / FINAL_MODEL
     if distributed.is_main():
         write_final_model(run.model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
+        if run.cfg.lora:
+            from tilevlm.training.model_source import write_adapter
+
+            log.info("saved the adapter alone to %s", write_adapter(run.model, run.cfg.out_dir))
         log.info("saved the model of step %d to %s (no optimizer state: the one to share)",
                  run.state.step, path)
     distributed.barrier()

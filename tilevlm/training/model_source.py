@@ -7,6 +7,7 @@ train --out` wrote gives its final model (`OUT/model/`), else its latest checkpo
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,20 @@ def resolve_model(path: str | Path) -> Path:
 
 
 def write_final_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
-    """`out_dir/model/`: the model and its tokenizer (no optimizer), replaced atomically."""
+    """`out_dir/model/`: the model and its tokenizer (no optimizer), replaced atomically; a LoRA
+    model with its adapters merged (into a copy: `model` keeps them), a plain model directory."""
+    from tilevlm.training.lora import merge_lora
     from tilevlm.weights.native import save_pretrained
 
+    if getattr(model, "lora_spec", None) is not None:
+        model = merge_lora(copy.deepcopy(model).cpu())
     final = Path(out_dir) / FINAL_MODEL
     return checkpoints.atomic_directory(final, lambda tmp: save_pretrained(model, tmp, tokenizer))
+
+
+def write_adapter(model: nn.Module, out_dir: str | Path) -> Path:
+    """`out_dir/adapter/`: a LoRA model's adapters alone (`lora.save_adapter`), atomically."""
+    from tilevlm.training.lora import ADAPTER_DIR, save_adapter
+
+    final = Path(out_dir) / ADAPTER_DIR
+    return checkpoints.atomic_directory(final, lambda tmp: save_adapter(model, tmp))
