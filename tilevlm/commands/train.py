@@ -105,7 +105,8 @@ def _train(args: argparse.Namespace, cfg: Any) -> int:
                  result.step, args.out)
         return 130
     val = result.val or {}
-    log.info("done: step %d, loss %.4f%s; checkpoint %s; model %s", result.step, result.loss,
+    loss = "none (no step left to run)" if result.loss is None else f"{result.loss:.4f}"
+    log.info("done: step %d, loss %s%s; checkpoint %s; model %s", result.step, loss,
              f", validation exact match {100 * val['val_accuracy']:.1f}%" if val else "",
              result.checkpoint, result.model_dir)
     return 0
