@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,19 @@ def quick(out_dir: Path, **overrides: Any) -> TrainConfig:
                   lr_decoder=2e-3, eval_every=0, save_every=0, progress=False,
                   out_dir=str(out_dir))
     return TrainConfig(**{**values, **overrides})
+
+
+def interrupt_at_call(model: nn.Module, n: int) -> Any:
+    """A forward hook raising SIGINT on the model's n-th call (a Ctrl-C during a step); returns
+    its handle."""
+    calls = []
+
+    def interrupt(module: nn.Module, args: Any, output: Any) -> None:
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+
+    return model.register_forward_hook(interrupt)
 
 
 def train_cli(config: Path, tokenizer: Path, data: Path, out: Path, *extra: str) -> None:

@@ -3,13 +3,12 @@ path train --lora -> OUT/adapter/ + OUT/model/ -> merge."""
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import SMALL, cli, error_lines, make_model, make_photo, quick, step_losses
+from helpers import (SMALL, cli, error_lines, interrupt_at_call, make_model, make_photo, quick,
+                     step_losses)
 from tilevlm import preset
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.inference.loading import load_for_inference
@@ -66,14 +65,7 @@ def test_a_lora_run_resumes_exactly(setup, tmp_path):
     config, processor, data = setup
     train(make_model(config), processor, data, None, quick(tmp_path / "full", **LORA))
     model = make_model(config)
-    calls = []
-
-    def interrupt(module, args, output):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-
-    hook = model.register_forward_hook(interrupt)
+    hook = interrupt_at_call(model, 3)  # Ctrl-C during step 3
     part = train(model, processor, data, None, quick(tmp_path / "part", **LORA))
     hook.remove()
     assert part.interrupted and part.step == 3
@@ -110,3 +102,13 @@ def test_bad_lora_options_are_one_line(tmp_path):
     done = cli("train", "--preset", "tiny", "--data", "synthetic", "--out", str(tmp_path / "r"),
                "--lora", "2", "--lora-decoder", "qkv,mlp", "--warmup-steps", "0", "--steps", "1")
     assert done.returncode == 2 and len(error_lines(done)) == 1 and "mlp" in done.stderr
+
+
+def test_a_lora_checkpoint_as_model_says_what_to_use(setup, tmp_path):
+    from tilevlm.training.model_source import resolve_model
+
+    config, processor, data = setup
+    train(make_model(config), processor, data, None, quick(tmp_path, steps=2, save_every=2, **LORA))
+    with pytest.raises(ValueError, match="checkpoint of a LoRA run"):
+        resolve_model(tmp_path / "checkpoint-2")
+    assert resolve_model(tmp_path) == tmp_path / "model"  # the merged model

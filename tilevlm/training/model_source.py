@@ -29,7 +29,7 @@ def resolve_model(path: str | Path) -> Path:
         raise ValueError(f"{path}: not found; give a model directory, a checkpoint or a run "
                          "folder (what `tilevlm train --out` wrote)")
     if (path / CONFIG_FILE).is_file():
-        return path
+        return _not_lora(path)
     final = path / FINAL_MODEL
     if (final / CONFIG_FILE).is_file():
         log.info("%s is a run folder: using its final model %s", path, final)
@@ -38,9 +38,21 @@ def resolve_model(path: str | Path) -> Path:
     if latest is not None:
         log.info("%s is a run folder without a final model: using its latest checkpoint %s",
                  path, latest)
-        return latest
+        return _not_lora(latest)
     raise ValueError(f"{path}: no config.json, no {FINAL_MODEL}/ and no checkpoint here; give a "
                      "model directory, a checkpoint or a run folder of `tilevlm train`")
+
+
+def _not_lora(directory: Path) -> Path:
+    """`directory`, unless it is a LoRA run's checkpoint (base weights and adapters side by
+    side, which only `train --resume` reads): a ValueError saying what to use."""
+    from tilevlm.files import read_json_object
+
+    state = read_json_object(directory / checkpoints.TRAINER_STATE, missing_ok=True)
+    if state.get("train_config", {}).get("lora"):
+        raise ValueError(f"{directory} is a checkpoint of a LoRA run: continue it with `tilevlm "
+                         "train --resume`, or use the run's model/ (merged) or `tilevlm merge`")
+    return directory
 
 
 def write_final_model(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
