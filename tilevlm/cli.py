@@ -63,11 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """An option's default after its help, unless it is None or False, or the help says it."""
+    """An option's default after its help, unless it is None, False or empty, or the help says
+    it."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default in (None, False) or "default" in text:
+        if action.default is None or action.default is False or action.default == "" \
+                or "default" in text:
             return text
         return super()._get_help_string(action)
 
