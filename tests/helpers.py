@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,19 @@ def quick(out_dir: Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{**values, **overrides})
 
 
+def interrupt_at_call(model: nn.Module, n: int) -> Any:
+    """A forward hook raising SIGINT on the model's n-th call (a Ctrl-C during a step); returns
+    its handle."""
+    calls = []
+
+    def interrupt(module: nn.Module, args: Any, output: Any) -> None:
+        calls.append(1)
+        if len(calls) == n:
+            signal.raise_signal(signal.SIGINT)
+
+    return model.register_forward_hook(interrupt)
+
+
 def train_cli(config: Path, tokenizer: Path, data: Path, out: Path, *extra: str) -> None:
     """`tilevlm train` on a dataset path with quick settings; `extra` flags win."""
     args = ["train", "--config", str(config), "--tokenizer", str(tokenizer), "--data", str(data),
@@ -76,6 +93,28 @@ def train_cli(config: Path, tokenizer: Path, data: Path, out: Path, *extra: str)
             "--lr-vision", "2e-3", "--lr-projector", "2e-3", "--shuffle-block", "8",
             "--save-every", "0", *extra]
     assert main(args) == 0
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for a `tilevlm` subprocess: this tree first on PYTHONPATH."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+def cli(*argv: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real `tilevlm` command in a subprocess, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "tilevlm.cli", *argv], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """A finished command's stderr from its first `tilevlm COMMAND: error:` line on (the log
+    lines before it left out); there is never a traceback."""
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    first = next((i for i, line in enumerate(lines)
+                  if line.startswith("tilevlm ") and ": error: " in line), len(lines))
+    return lines[first:]
 
 
 def records(out: Path) -> list[dict]:

@@ -9,7 +9,7 @@ import torch
 from tilevlm.cli import main
 from tilevlm.inference.loading import load_for_inference
 
-from helpers import LLAMA_VOCAB, make_llama, make_photo, make_siglip, write_nanovlm
+from helpers import LLAMA_VOCAB, cli, error_lines, make_llama, make_photo, make_siglip, write_nanovlm
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,23 @@ def test_build_errors_are_one_line(tmp_path, hf_dirs, capsys):
     assert main(["build", "--siglip", str(tmp_path / "none"), "--llm", str(hf_dirs / "llama"),
                  "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_build_keeps_the_presets_grid_in_the_siglip_tile(hf_dirs):
+    from tilevlm.config import preset
+    from tilevlm.weights.huggingface import hf_config
+
+    cfg = hf_config(hf_dirs / "siglip", hf_dirs / "llama", preset("split_896"))  # 4 x 224 px
+    assert (cfg.vit_img_size, cfg.max_img_size, cfg.max_tiles_per_side) == (32, 128, 4)
+
+
+def test_build_never_overwrites_unasked(hf_dirs, tmp_path):
+    out = tmp_path / "vlm"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    argv = ["build", "--siglip", str(hf_dirs / "siglip"), "--llm", str(hf_dirs / "llama"),
+            "--preset", "tiny", "--out", str(out)]
+    done = cli(*argv)
+    assert done.returncode == 2 and len(error_lines(done)) == 1 and "--force" in done.stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert cli(*argv, "--force").returncode == 0 and (out / "config.json").is_file()

@@ -115,12 +115,12 @@ def test_train_and_eval_commands(tmp_path):
                                        "lm_vocab_size": None}))
     run_dir = tmp_path / "run"
     assert main(["train", "--config", str(config_file), "--data", "synthetic", "--out",
-                 str(run_dir), "--steps", "2", "--batch-size", "2", "--eval-every", "0",
-                 "--eval-batches", "1", "--no-progress"]) == 0
+                 str(run_dir), "--steps", "2", "--warmup-steps", "1", "--batch-size", "2",
+                 "--eval-every", "0", "--eval-batches", "1", "--no-progress"]) == 0
     assert (run_dir / "latest").read_text().strip() == "checkpoint-2"
     assert main(["train", "--resume", str(run_dir), "--data", "synthetic", "--out", str(run_dir),
-                 "--steps", "3", "--batch-size", "2", "--eval-every", "0", "--eval-batches",
-                 "1", "--no-progress"]) == 0
+                 "--steps", "3", "--warmup-steps", "1", "--batch-size", "2", "--eval-every", "0",
+                 "--eval-batches", "1", "--no-progress"]) == 0
     assert (run_dir / "latest").read_text().strip() == "checkpoint-3"
     report_path = tmp_path / "report.json"
     assert main(["eval", "--model", str(run_dir), "--data", "synthetic", "--n", "3",

@@ -83,3 +83,15 @@ def test_chat_keeps_turns_and_images(model_dir, images, monkeypatch, capsys):
     assert out.out.count("model> ") == 3
     assert "attached" in out.out and "conversation cleared" in out.out
     assert "error:" in out.out  # the missing image was refused, the chat went on
+
+
+def test_chat_system_prompt_opens_every_conversation(model_dir, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("tilevlm.commands.chat.stream_answer",
+                        lambda model, processor, messages, images, args: seen.append(
+                            [dict(m) for m in messages]) or "ok")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n/reset\nagain\n"))
+    assert main(["chat", "--model", str(model_dir), "--system", "Be brief."]) == 0
+    system = {"role": "system", "content": "Be brief."}
+    assert seen == [[system, {"role": "user", "content": "hi"}],
+                    [system, {"role": "user", "content": "again"}]]

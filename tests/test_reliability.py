@@ -455,7 +455,7 @@ def test_disk_full_on_the_command_line_is_one_line_and_exit_1(tmp_path, monkeypa
     monkeypatch.setattr("tilevlm.training.checkpoints.save_file", disk_full)
     code, _, err = run_cli(capsys, "train", "--config", str(config_file), "--data", "synthetic",
                            "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
-                           "--train-size", "20", "--eval-batches", "0", "--no-progress")
+                           "--warmup-steps", "1", "--train-size", "20", "--eval-batches", "0", "--no-progress")
     assert code == 1
     assert_one_line_error(err, "train", "No space left on device")
     assert checkpoints.find_latest(tmp_path / "run") is None

@@ -29,7 +29,7 @@ from tilevlm.preprocessing.processor import Processor
 from tilevlm.training.loop import TrainConfig, train
 from tilevlm.training import checkpoints
 
-from helpers import SMALL, make_model, quick, step_losses
+from helpers import SMALL, interrupt_at_call, make_model, quick, step_losses
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +62,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 
     # Ctrl-C during step 3: the step finishes, checkpoint-3 is written, train() returns.
     model = make_model(config)
-    calls = []
-
-    def interrupt(module, args, output):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGINT)
-
-    hook = model.register_forward_hook(interrupt)
+    hook = interrupt_at_call(model, 3)
     part = train(model, processor, train_data, None, quick(tmp_path / "part"))
     hook.remove()
     assert part.interrupted and part.step == 3

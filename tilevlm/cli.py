@@ -19,6 +19,9 @@ import sys
 import warnings
 from typing import Iterator
 
+from tilevlm import __version__
+from tilevlm.commands.options import apply_threads
+
 COMMANDS = {
     "demo": "tilevlm.commands.demo",
     "train": "tilevlm.commands.train",
@@ -27,6 +30,7 @@ COMMANDS = {
     "chat": "tilevlm.commands.chat",
     "inspect": "tilevlm.commands.inspect",
     "build": "tilevlm.commands.build",
+    "merge": "tilevlm.commands.merge",
     "bench": "tilevlm.commands.bench",
 }
 
@@ -47,14 +51,27 @@ def build_parser() -> argparse.ArgumentParser:
         "(train, run, evaluate and inspect).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"tilevlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in _available().items():
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=_HelpFormatter)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """An option's default after its help, unless it is None, False or empty, or the help says
+    it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == "" \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with _one_line_warnings(args.command):
+            apply_threads(args)
             return int(args._run(args) or 0)
     except ValueError as e:
         logging.debug("traceback", exc_info=True)

@@ -8,18 +8,36 @@ if TYPE_CHECKING:  # torch is imported inside the functions: the CLI's option ta
     import torch
 
 DTYPE_NAMES = ("auto", "fp32", "bf16")
+DEVICE_HELP = ("auto: cuda when available, else mps (Apple GPUs), else cpu; or a torch device "
+               "name (cpu, cuda, cuda:1, mps)")
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """'auto' / None: CUDA when present, else CPU. 'cuda' without a GPU is a clear error."""
+    """'auto' / None: CUDA when present, else Apple's MPS when torch reports it, else CPU.
+    'cuda' or 'mps' that this torch cannot use is a clear error.
+
+    MPS runs in fp32 (the "auto" precision below) with the plain AdamW; it is untested here (no
+    Apple GPU in the test machines): this function and `_mps_available` are its whole code path.
+    """
     import torch
 
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if _mps_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA GPU; "
                          "use --device cpu")
+    if name.startswith("mps") and not _mps_available():
+        raise ValueError("--device mps was asked for, but this PyTorch reports no usable Apple "
+                         "MPS device; use --device cpu")
     return torch.device(name)
+
+
+def _mps_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def auto_uses_bf16(device: torch.device) -> bool:

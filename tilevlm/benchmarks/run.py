@@ -142,12 +142,10 @@ def _report(task: Task, predictions: list[dict[str, Any]], skips: SkipCounter,
                       per_category, skips.as_dict(), seconds=seconds)
 
 
-def write_outputs(report: TaskReport, predictions: list[dict[str, Any]], report_path: Path,
-                  predictions_path: Path) -> None:
-    """The JSON report and the predictions, one JSON object a line."""
-    for path in (report_path, predictions_path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    with predictions_path.open("w") as f:
+def write_predictions(predictions: list[dict[str, Any]], path: Path) -> Path:
+    """Every prediction, one JSON object a line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
         for p in predictions:
             f.write(json.dumps(p) + "\n")
+    return path

@@ -7,7 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from tilevlm.commands.options import add_weights_argument, weights_format
+from tilevlm.commands.options import (add_device_argument, add_threads_argument,
+                                      add_weights_argument, weights_format)
 
 HELP = "measure preprocessing, training, prefill, decode and vision speed (random weights)"
 
@@ -19,10 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tilevlm.config import PRESETS
 
     d = BenchConfig()
-    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS),
+                        help="the architecture measured (random weights)")
     parser.add_argument("--max-img-size", type=int, default=None,
                         help="default: 2 x the preset's tile size (2x2 grid + global tile)")
-    parser.add_argument("--device", default=d.device, help="cpu, cuda or auto")
+    add_device_argument(parser, d.device)
     parser.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 on CUDA, fp32 on CPU; training uses autocast in bf16")
     add_weights_argument(parser, "prefill and decode", "the --dtype")
@@ -36,15 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
                         help="labels: LM head only at label positions (forward with return_logits=False); "
                              "full: model(**batch).loss over every position")
-    parser.add_argument("--threads", type=int, default=d.threads,
-                        help="torch threads (default: all cores; 1 can be faster on a busy machine)")
+    add_threads_argument(parser)
     parser.add_argument("--preprocess-threads", type=int, default=d.preprocess_threads,
                         help="threads for the parallel preprocessing figure (default: the cores)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="timed runs (median)")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs first")
-    parser.add_argument("--train-batch", type=int, default=d.train_batch)
-    parser.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=list(d.decode_batches))
+    parser.add_argument("--train-batch", type=int, default=d.train_batch,
+                        help="samples in the timed training step")
+    parser.add_argument("--decode-tokens", type=int, default=d.decode_tokens,
+                        help="tokens generated in each timed decode")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=list(d.decode_batches),
+                        help="the batch sizes decode is timed at")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="which measurements to run")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the results here")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tilevlm.commands.options import add_new_out_arguments, check_new_out
+
 HELP = "build a model directory from local HF SigLIP + SmolLM2 weights, or from a nanoVLM checkpoint"
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory (default: the --llm directory; required with --nanovlm)")
     parser.add_argument("--preset", default="split_448", choices=sorted(PRESETS),
                         help="image settings (max_img_size, global tile, lm_max_length) for an HF build")
-    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the model")
+    add_new_out_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.preprocessing.processor import Processor
     from tilevlm.preprocessing.tokenizer import load_tokenizer
 
+    check_new_out(args)
     if args.nanovlm:
         if args.siglip or args.llm:
             raise ValueError("give either --nanovlm, or --siglip and --llm, not both")
@@ -57,3 +60,4 @@ def run(args: argparse.Namespace) -> int:
           f"max_img_size {cfg.max_img_size}, {cfg.mp_image_token_length} tokens per tile, "
           f"vocabulary {cfg.lm_base_vocab_size} + {cfg.n_special_tokens} special tokens")
     return 0
+

@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from tilevlm.commands.answering import stream_answer
-from tilevlm.commands.options import add_generation_arguments, sampling_params, store_weights
+from tilevlm.commands.options import (add_generation_arguments, model_path, sampling_params,
+                                      store_weights)
 
 HELP = "chat with a model interactively (/image PATH attaches an image, /reset, /quit)"
 
@@ -15,13 +16,19 @@ COMMANDS_HELP = "commands: /image PATH (attach to your next message), /reset, /q
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_generation_arguments(parser)
+    parser.add_argument("--system", metavar="TEXT", default=None,
+                        help="a system prompt that opens the conversation (default: none; the "
+                        "model's chat template may add its own)")
 
 
 class Conversation:
     """Messages and the images they refer to, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, system: str | None = None) -> None:
+        self.system = system
         self.messages: list[dict[str, str]] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
         self.images: list[str] = []
         self.pending: list[str] = []  # attached, waiting for the next user message
 
@@ -46,7 +53,7 @@ def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
     if name in ("/quit", "/exit"):
         return False
     if name == "/reset":
-        conv.__init__()
+        conv.__init__(conv.system)
         print("(conversation cleared)")
     elif name == "/image" and arg.strip():
         try:
@@ -65,10 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.inference.loading import load_for_inference
 
     sampling_params(args)
-    model, processor = load_for_inference(args.model, args.device, args.tokenizer)
+    model_dir = model_path(args)
+    model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
     model = store_weights(model, args)
-    conv = Conversation()
-    print(f"tilevlm chat: {args.model}. {COMMANDS_HELP}")
+    conv = Conversation(args.system)
+    _line_editing()
+    print(f"tilevlm chat: {model_dir}. {COMMANDS_HELP}")
     while True:
         try:
             line = input("you> ").strip()
@@ -91,3 +100,13 @@ def run(args: argparse.Namespace) -> int:
             conv.images = conv.images[:n_images]
             continue
         conv.add_assistant(reply)
+
+
+def _line_editing() -> None:
+    """Arrow keys, line editing and history for `input()` on a terminal (GNU readline, where
+    Python has it)."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (importing it is what turns it on)
+        except ImportError:
+            pass

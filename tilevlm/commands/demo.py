@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tilevlm.commands.options import add_threads_argument
+
 HELP = "train a tiny VLM from scratch on built-in tile-grid questions and show what it learned"
 
 log = logging.getLogger(__name__)
@@ -17,11 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     parser.add_argument("--out", default=d.out_dir, help="where the model, report and figure go")
     parser.add_argument("--steps", type=int, default=d.steps, help="training steps")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help="training samples per step")
     parser.add_argument("--test-size", type=int, default=d.test_size, help="held-out test questions")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of the data, the model init and the test split")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,8 +1,9 @@
 """`tilevlm eval`: score a saved model.
 
     tilevlm eval --model runs/tiny --data synthetic --split test --n 200 --out report.json
-    tilevlm eval --model runs/vlm --data ai2d/test.parquet --task ai2d --limit 500
-    tilevlm eval --model runs/vlm --data val.jsonl --image-root images/ --task textvqa
+    tilevlm eval --model runs/tiny --data synthetic --n 200 > report.json   # the report on stdout
+    tilevlm eval --model runs/vlm --data ai2d/test.parquet --task ai2d --limit 500 --out ai2d.json
+    tilevlm eval --model runs/vlm --data val.jsonl --image-root images/ --task textvqa --out r.json
 
 On the built-in synthetic data: exact match (overall and per question type) and the mean loss.
 On a local data set: a named task's metric (`tilevlm.benchmarks.tasks`), overall and per
@@ -12,23 +13,24 @@ category, a JSON report and every prediction as JSON lines.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
-from tilevlm.commands.options import LOADED_DTYPE, add_weights_argument, store_weights
+from tilevlm.commands.options import (LOADED_DTYPE, add_device_argument, add_model_argument,
+                                      add_threads_argument, add_weights_argument, model_path,
+                                      store_weights)
 
-HELP = "evaluate a saved model: exact-match accuracy and loss, as a JSON report"
+HELP = "evaluate a saved model: the synthetic quiz, or a benchmark task on a local data set"
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="a saved model, a training checkpoint, or a run directory (its "
-                        "latest checkpoint)")
     from tilevlm.benchmarks.tasks import TASKS
     from tilevlm.data.readers import FORMATS
 
+    add_model_argument(parser)
     parser.add_argument("--data", required=True,
                         help="'synthetic', or a local data set: parquet file(s), a save_to_disk "
                         "directory, or a .json / .jsonl file")
@@ -36,28 +38,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to score on a local data set (default: exact_match, the "
                         "final assistant message of conversation data)")
     parser.add_argument("--data-format", choices=FORMATS, default=None,
-                        help="override the detected format of --data")
+                        help="the format of --data, when it cannot be told from the path")
     parser.add_argument("--image-root", metavar="DIR",
                         help="where image paths in the data are found (default: beside the data)")
     parser.add_argument("--split", default="test",
-                        help="split: of the synthetic data (train, validation, test), or of a "
-                        "saved DatasetDict")
+                        help="the split of the synthetic data (train, validation, test: images "
+                        "never trained on), or of a saved DatasetDict")
     parser.add_argument("--n", type=int, default=200, help="synthetic samples to evaluate")
     parser.add_argument("--limit", type=int, default=None,
                         help="score at most this many samples of a local data set")
-    parser.add_argument("--out", metavar="FILE", help="report path (default: MODEL/eval-SPLIT.json "
-                        "for synthetic data, ./eval-TASK.json for a data set)")
+    parser.add_argument("--out", metavar="FILE", help="where the JSON report goes (default: "
+                        "standard output; the model directory is never written to)")
     parser.add_argument("--predictions", metavar="FILE",
-                        help="every prediction as JSON lines (default: beside the report, "
+                        help="every prediction of a task as JSON lines (default: beside --out, "
                         "*.predictions.jsonl)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="samples answered together")
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="longest answer (default: 16 on synthetic data, else the task's)")
-    parser.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
+                        help="the longest answer, in tokens (default: 16 on synthetic data, "
+                        "else the task's)")
+    add_device_argument(parser)
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (only for a nanoVLM checkpoint)")
     add_weights_argument(parser, "evaluation, to see what bf16 or int8 weights cost in accuracy",
                          LOADED_DTYPE)
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1 or any(
             v is not None and v < 1 for v in (args.max_new_tokens, args.limit)):
         raise ValueError("--n, --limit, --batch-size and --max-new-tokens must be >= 1")
-    model_dir = resolve_model_dir(Path(args.model))
+    model_dir = model_path(args)
     processor = load_processor(model_dir, args.tokenizer)
     on_task = args.data != "synthetic" or args.task is not None
     data = _task_data(args, processor) if on_task else None  # checked before the weights load
@@ -83,11 +87,13 @@ def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) 
     samples = named_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens or 16)
-    out = write_report(report, args.out or model_dir / f"eval-{args.split}.json")
     per_type = ", ".join(f"{q} {100 * v['accuracy']:.1f}%" for q, v in report.per_qtype.items())
     log.info("%s (%s weights) on %d %s samples: exact match %.1f%% (%s), loss %.4f", model_dir,
              args.weights, report.n, args.split, 100 * report.accuracy, per_type, report.loss)
-    log.info("report written to %s", out)
+    if args.out:
+        log.info("report written to %s", write_report(report, args.out))
+    else:
+        print(json.dumps(report.to_dict(), indent=2))
     return 0
 
 
@@ -107,30 +113,26 @@ def _task_data(args: argparse.Namespace, processor):
 
 def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task, samples,
               skips) -> int:
-    from tilevlm.benchmarks.run import run_task, write_outputs
+    from tilevlm.benchmarks.run import run_task, write_predictions
 
     report, predictions = run_task(model, processor, samples, task, skips, args.batch_size,
                                    args.max_new_tokens, args.limit)
     report.model, report.data = str(model_dir), str(args.data)
-    out = Path(args.out or f"eval-{task.name}.json")
-    preds = Path(args.predictions or out.with_suffix(".predictions.jsonl"))
-    write_outputs(report, predictions, out, preds)
     per_category = ", ".join(f"{c} {100 * v['score']:.1f}%" for c, v in report.per_category.items())
     log.info("%s on %s (%s): %s %.1f%% over %d samples%s; skipped %s", model_dir, args.data,
              task.name, task.metric, 100 * report.score, report.n,
              f" ({per_category})" if per_category else "", report.skipped or "none")
-    log.info("report written to %s, predictions to %s", out, preds)
+    preds = args.predictions or (Path(args.out).with_suffix(".predictions.jsonl")
+                                 if args.out else None)
+    if preds:
+        log.info("predictions written to %s", write_predictions(predictions, Path(preds)))
+    else:
+        log.info("predictions not written (give --out or --predictions)")
+    text = json.dumps(report.to_dict(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        log.info("report written to %s", args.out)
+    else:
+        print(text, end="")
     return 0
-
-
-def resolve_model_dir(path: Path) -> Path:
-    """A directory with config.json, or the latest checkpoint of a run directory."""
-    from tilevlm.training.checkpoints import find_latest
-
-    if (path / "config.json").is_file():
-        return path
-    ckpt = find_latest(path)
-    if ckpt is None:
-        raise ValueError(f"{path}: neither a saved model (config.json) nor a run directory "
-                         "with checkpoints")
-    return ckpt

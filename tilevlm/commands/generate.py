@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from tilevlm.commands.answering import prepare_batch, stream_batch
-from tilevlm.commands.options import add_generation_arguments, sampling_params, store_weights
+from tilevlm.commands.options import (add_generation_arguments, model_path, sampling_params,
+                                      store_weights)
 
 HELP = "answer a prompt about images with a trained model, streaming the answer"
 
@@ -26,9 +27,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:  # before the weights load or the vision encoder runs
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     resolve_device(args.device)
-    processor = load_processor(args.model, args.tokenizer)
+    model_dir = model_path(args)
+    processor = load_processor(model_dir, args.tokenizer)
     messages = [{"role": "user", "content": args.prompt}]
     batch = prepare_batch(processor, messages, args.image, args.max_new_tokens)
-    model = store_weights(load_model(args.model, processor, args.device, args.tokenizer), args)
+    model = store_weights(load_model(model_dir, processor, args.device, args.tokenizer), args)
     stream_batch(model, processor, batch, args)
     return 0

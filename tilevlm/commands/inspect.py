@@ -6,8 +6,12 @@ import argparse
 import logging
 from typing import TYPE_CHECKING
 
+from tilevlm.commands.options import MODEL_HELP, add_model_argument, model_path
+
 if TYPE_CHECKING:  # heavy modules are imported in run() only
     from PIL import Image
+
+    from tilevlm.config import VLMConfig
 
 HELP = "show how an image is resized and tiled and how many image tokens it takes"
 DEFAULT_PRESET = "split_448"
@@ -19,40 +23,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tilevlm.config import PRESETS  # light: the config module only
 
     parser.add_argument("image", help="image file (any format Pillow reads)")
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                        help="configuration whose tile size and max_img_size are used")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=sorted(PRESETS), help="configuration whose tile "
+                        f"size and max_img_size are used (default: {DEFAULT_PRESET})")
+    add_model_argument(source, required=False, help="use this model's image settings instead: "
+                       + MODEL_HELP)
     parser.add_argument("--save-png", metavar="OUT.png", default=None,
                         help="also draw the tiles, grid labels and global thumbnail to this PNG")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.config import preset
     from tilevlm.preprocessing.image import ImageTransform, load_image, tiles_per_image
     from tilevlm.preprocessing.processor import count_image_tokens
 
-    config = preset(args.preset)
+    config = _config(args)
     img = load_image(args.image, max_pixels=config.max_image_pixels)
     resized, thumb, grid = ImageTransform(config).resize(img)
     n_tiles = tiles_per_image(grid, config.use_global_tile)
     n_tokens = count_image_tokens(img.width, img.height, config)
     global_note = " (incl. 1 global thumbnail)" if thumb is not None else ""
     print(f"image:        {args.image}")
-    print(f"preset:       {config.name} (tile {config.vit_img_size} px, "
-          f"max side {config.max_img_size} px)")
+    source = f"model:        {args.model}" if args.model else f"preset:       {config.name}"
+    print(f"{source} (tile {config.vit_img_size} px, max side {config.max_img_size} px)")
     print(f"original:     {img.width}x{img.height}")
     print(f"resized:      {resized.width}x{resized.height}")
     print(f"grid:         {grid[0]}x{grid[1]} (rows x cols)")
     print(f"tiles:        {n_tiles}{global_note}")
     print(f"image tokens: {n_tokens} ({n_tiles} x (1 marker + {config.mp_image_token_length}))")
     if args.save_png:
-        _save_png(args.save_png, resized, grid, config.vit_img_size, thumb,
+        _save_png(args.save_png, img, resized, grid, config.vit_img_size, thumb,
                   f"{args.image}: {img.width}x{img.height} -> {resized.width}x{resized.height}, "
                   f"{grid[0]}x{grid[1]} tiles, {n_tokens} tokens")
     return 0
 
 
-def _save_png(path: str, resized: Image.Image, grid: tuple[int, int], tile_size: int,
-              thumb: Image.Image | None, title: str) -> None:
+def _config(args: argparse.Namespace) -> VLMConfig:
+    """The image settings of --model, else of --preset (default DEFAULT_PRESET)."""
+    from tilevlm.config import preset
+    from tilevlm.inference.loading import load_model_config
+
+    if args.model:
+        return load_model_config(model_path(args))
+    return preset(args.preset or DEFAULT_PRESET)
+
+
+def _save_png(path: str, original: Image.Image, resized: Image.Image, grid: tuple[int, int],
+              tile_size: int, thumb: Image.Image | None, title: str) -> None:
     from pathlib import Path
 
     from tilevlm.tools.visualize import draw_tiles
@@ -60,7 +76,7 @@ def _save_png(path: str, resized: Image.Image, grid: tuple[int, int], tile_size:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        draw_tiles(resized, grid, tile_size, thumb, title).save(out, format="PNG")
+        draw_tiles(resized, grid, tile_size, thumb, title, original).save(out, format="PNG")
     except OSError as e:
         raise ValueError(f"cannot write {out}: {e}") from None
     logger.info("wrote the tile figure to %s", out)

@@ -1,12 +1,14 @@
 """Command-line options that several commands share, and what they become in the library.
 
-Not a command itself: `generate` and `chat` take the generation options, and every command with
-`--weights` (`generate`, `chat`, `eval`, `bench`) takes the one definition here.
+Not a command itself: `generate` and `chat` take the generation options; every command with
+`--weights` (`generate`, `chat`, `eval`, `bench`), `--model` or `--threads` takes the one
+definition here.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy modules are imported when a command runs
@@ -42,13 +44,76 @@ def store_weights(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return model if weights is None else inference_weights(model, weights)
 
 
+MODEL_HELP = ("a model directory (from `tilevlm build`, `merge` or a run's model/), a "
+              "checkpoint, a nanoVLM checkpoint, or a run folder of `tilevlm train` (its final "
+              "model, else its latest checkpoint)")
+
+
+def add_model_argument(parser: argparse.ArgumentParser | argparse._ActionsContainer,
+                       required: bool = True, help: str = MODEL_HELP) -> None:
+    """`--model PATH`; `model_path(args)` resolves it."""
+    parser.add_argument("--model", required=required, metavar="PATH", help=help)
+
+
+def model_path(args: argparse.Namespace) -> Path:
+    """The model directory `--model` stands for (`resolve_model`: logs which when it chose)."""
+    from tilevlm.training.model_source import resolve_model
+
+    return resolve_model(args.model)
+
+
+def add_new_out_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--out DIR` for a new model directory, and `--force` (`check_new_out`)."""
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="where to write the model (a new or empty directory)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --out even when it already holds files")
+
+
+def check_new_out(args: argparse.Namespace) -> None:
+    """A ValueError when --out holds anything, unless --force: nothing is overwritten unasked."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a directory; give a new directory")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"--out {out} already holds files; give a new directory, or --force to "
+                         "write over them")
+
+
+def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    """`--device`, for every command that runs the model."""
+    from tilevlm.device import DEVICE_HELP
+
+    parser.add_argument("--device", default=default, help=DEVICE_HELP)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`: the one definition, on every command that computes (`apply_threads`)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice, one per core); on a "
+                        "busy machine fewer, even 1, can be many times faster")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads to `--threads` (when the command has it and it was given)."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, device, sampling and weight options of `generate` and `chat`."""
-    parser.add_argument("--model", required=True, metavar="DIR",
-                        help="model directory (from `tilevlm demo`/`train`, or a nanoVLM checkpoint)")
+    add_model_argument(parser)
     parser.add_argument("--tokenizer", metavar="DIR", default=None,
                         help="tokenizer directory (needed for nanoVLM checkpoints)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="the longest answer, in tokens (generation also stops at the end "
+                        "of the model's turn or a --stop text)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
@@ -56,8 +121,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="stop when this text appears (repeatable)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    add_device_argument(parser)
     add_weights_argument(parser, "generation", LOADED_DTYPE)
+    add_threads_argument(parser)
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

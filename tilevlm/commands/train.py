@@ -17,6 +17,8 @@ import dataclasses
 import logging
 from typing import Any
 
+from tilevlm.commands.options import add_model_argument, add_threads_argument, model_path
+
 HELP = "train a model (or continue a run) on a data source"
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--preset", choices=sorted(PRESETS), help="model configuration by name")
     model.add_argument("--config", metavar="FILE", help="model configuration (VLMConfig JSON)")
-    model.add_argument("--model", metavar="DIR", help="start from this model directory (e.g. "
-                       "made by `tilevlm build`); its tokenizer comes with it")
+    add_model_argument(model, required=False, help="start from this model (a model directory "
+                       "such as `tilevlm build` writes, a checkpoint, or a run folder: its final "
+                       "model, else its latest checkpoint); its tokenizer comes with it")
     parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or a run "
                         "directory (its latest checkpoint); the model comes from it")
     parser.add_argument("--data", required=True, help="'synthetic', or a dataset path: parquet "
@@ -50,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=100_000,
                         help="synthetic training samples (the order repeats after this many)")
     parser.add_argument("--val-size", type=int, default=256, help="synthetic validation samples")
+    add_threads_argument(parser)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _SKIP_FIELDS:
             _add_field(parser, f)
@@ -101,9 +105,10 @@ def _train(args: argparse.Namespace, cfg: Any) -> int:
                  result.step, args.out)
         return 130
     val = result.val or {}
-    log.info("done: step %d, loss %.4f%s; checkpoint %s", result.step, result.loss,
+    loss = "none (no step left to run)" if result.loss is None else f"{result.loss:.4f}"
+    log.info("done: step %d, loss %s%s; checkpoint %s; model %s", result.step, loss,
              f", validation exact match {100 * val['val_accuracy']:.1f}%" if val else "",
-             result.checkpoint)
+             result.checkpoint, result.model_dir)
     return 0
 
 
@@ -134,17 +139,34 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]
         ckpt = find_latest(args.resume)
         if ckpt is None:
             raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
-        model = load_pretrained(ckpt).train()
+        model = _resume_skeleton(ckpt, args.lora) or load_pretrained(ckpt).train()
         return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side)
     if args.model:
-        model = load_pretrained(args.model).train()
-        return model, load_tokenizer(args.tokenizer or args.model, grid_side=model.cfg.grid_side)
+        model_dir = model_path(args)
+        model = load_pretrained(model_dir).train()
+        return model, load_tokenizer(args.tokenizer or model_dir, grid_side=model.cfg.grid_side)
     if not (args.preset or args.config):
         raise ValueError("give --preset NAME, --config FILE or --model DIR (or --resume DIR)")
     config = preset(args.preset) if args.preset else VLMConfig.from_json(args.config)
     tokenizer, config = _tokenizer_for(args, config)
     torch.manual_seed(seed)
     return VisionLanguageModel(config), tokenizer
+
+
+def _resume_skeleton(ckpt: Any, lora: int) -> Any:
+    """For a LoRA checkpoint (its adapters' tensors beside the base ones), a model of its config
+    whose weights `train` loads after adding the adapters; None for any other checkpoint. A
+    ValueError when --lora differs from the checkpoint's."""
+    from tilevlm.files import read_json_object
+    from tilevlm.model.vlm import VisionLanguageModel
+    from tilevlm.training.checkpoints import TRAINER_STATE
+    from tilevlm.weights.native import load_config
+
+    saved = read_json_object(ckpt / TRAINER_STATE).get("train_config", {}).get("lora", 0)
+    if saved != lora:
+        raise ValueError(f"{ckpt} was trained with --lora {saved}; resume with --lora {saved} "
+                         "(and its other --lora-* options)")
+    return VisionLanguageModel(load_config(ckpt)).train() if saved else None
 
 
 def _tokenizer_for(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:

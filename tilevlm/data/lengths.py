@@ -23,7 +23,7 @@ from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
 from tilevlm.preprocessing.image import tile_grid, tiles_per_image
 from tilevlm.preprocessing.processor import count_image_tokens
-from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER, chat_segments
+from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 from tilevlm.special_tokens import image_label
 
 _ORIENTATION = 0x0112  # the EXIF orientation tag
@@ -95,14 +95,14 @@ class SampleMeter:
         return self.text_tokens(sample["messages"]) + image_tokens, n_tiles
 
     def text_tokens(self, messages: list[dict[str, str]]) -> int:
-        """ChatML tokens of the messages with every `<image>` replaced by its text label (the
-        layout's, often none) and no special tokens (no generation prompt). The label joins the
-        text before it, as in the processor, where special tokens split the text."""
+        """Chat-format tokens of the messages with every `<image>` replaced by its text label
+        (the layout's, often none) and no special tokens (no generation prompt). The label joins
+        the text before it, as in the processor, where special tokens split the text."""
         layout = self.config.image_token_layout
         n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         index = itertools.count()
         pieces: list[str] = []
-        for text, _ in chat_segments(messages):
+        for text, _ in self.tokenizer.chat_segments(messages):
             *before, last = text.split(IMAGE_PLACEHOLDER)
             pieces += [p + image_label(layout, next(index), n_images) for p in before] + [last]
         return sum(len(ids) for ids in self.tokenizer.encode_batch(pieces))

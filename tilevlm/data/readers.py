@@ -63,17 +63,22 @@ def detect_format(path: str | Path, files: list[Path] | None = None) -> str:
         return "parquet"
     if suffixes and suffixes <= set(LLAVA_SUFFIXES):
         return "llava"
-    what = "nothing" if not files else "mixed formats" if suffixes else "no known data files"
+    what = "mixed formats" if suffixes else "no known data files"
     raise ValueError(f"{path}: cannot tell the data format ({what}); expected {EXPECTED}, "
                      f"or pass data_format ({', '.join(FORMATS)})")
 
 
 def _expand(path: str | Path) -> list[Path]:
-    """A glob's matches (sorted), or the path itself when it exists; [] otherwise."""
+    """A glob's matches (sorted), or the path itself when it exists; a ValueError when there
+    is nothing."""
     text = str(path)
     if any(c in text for c in "*?["):
-        return [Path(p) for p in sorted(glob.glob(text, recursive=True))]
-    return [Path(text)] if Path(text).exists() else []
+        found = sorted(glob.glob(text, recursive=True))
+    else:
+        found = [text] if Path(text).exists() else []
+    if not found:
+        raise ValueError(f"{path}: not found; expected {EXPECTED}")
+    return [Path(p) for p in found]
 
 
 def _flatten(files: list[Path], suffixes: tuple[str, ...]) -> list[Path]:

@@ -15,7 +15,7 @@ from PIL import Image
 from tilevlm.config import IGNORE_INDEX, VLMConfig
 from tilevlm.preprocessing.image import (ImageLike, ImageTransform, default_image_threads, thread_map,
                            tile_grid, tiles_per_image)
-from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, chat_segments, check_message,
+from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, check_message,
                                                  place_image_placeholders)
 from tilevlm.preprocessing.tokenizer import VLMTokenizer
 from tilevlm.special_tokens import IMAGE_TOKEN, image_label, image_tokens
@@ -150,8 +150,9 @@ class Processor:
 
     def _tokenize(self, messages: list[dict[str, str]], add_generation_prompt: bool
                   ) -> tuple[list[int], list[int]]:
-        """ChatML token ids, and labels that keep only assistant content and its <|im_end|>."""
-        segments = chat_segments(messages, add_generation_prompt)
+        """Token ids in the tokenizer's chat format, and labels that keep only the assistant
+        replies (their content and closing marker)."""
+        segments = self.tokenizer.chat_segments(messages, add_generation_prompt)
         encoded = self.tokenizer.encode_batch([text for text, _ in segments])
         ids: list[int] = []
         labels: list[int] = []

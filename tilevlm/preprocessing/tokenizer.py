@@ -1,5 +1,6 @@
 """Tokenizers for tilevlm: a Hugging Face tokenizer directory read offline, or a small byte-level
-BPE trained here, plus our special tokens and the ChatML chat template.
+BPE trained here, plus our special tokens and the chat format: the tokenizer's own chat_template
+when its tokenizer_config.json has one (`tilevlm.preprocessing.jinja_chat`), else ChatML.
 
 Special tokens come right after the base vocabulary, in the order `tilevlm.special_tokens`
 defines. Nothing here touches the network.
@@ -15,7 +16,8 @@ from typing import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tilevlm.files import read_json_object
-from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START
+from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START, chat_segments
+from tilevlm.preprocessing.jinja_chat import renderer, template_segments
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
 
 logger = logging.getLogger(__name__)
@@ -33,8 +35,10 @@ class VLMTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, grid_side: int, base_vocab_size: int,
                  eos_token: str, pad_token: str | None = None,
-                 bos_token: str | None = None) -> None:
+                 bos_token: str | None = None, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
+        # The model's own Jinja chat template; None (or ChatML itself): the built-in ChatML.
+        self.chat_template = None if chat_template == CHATML_JINJA else chat_template
         self.grid_side = grid_side
         self.base_vocab_size = base_vocab_size
         self.eos_token, self.bos_token = eos_token, bos_token
@@ -64,6 +68,15 @@ class VLMTokenizer:
                              f"{self.grid_side}x{self.grid_side} grid tokens")
         return self._require_id(grid_token(row, col), "grid")
 
+    def chat_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+                      ) -> list[tuple[str, bool]]:
+        """The conversation as text pieces in this tokenizer's chat format, each with whether
+        it counts for the loss: its own `chat_template` when it has one, else ChatML."""
+        if self.chat_template is None:
+            return chat_segments(messages, add_generation_prompt)
+        render = renderer(self.chat_template, bos_token=self.bos_token, eos_token=self.eos_token)
+        return template_segments(render, messages, add_generation_prompt)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens in it are kept whole; no BOS/EOS is added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -81,7 +94,7 @@ class VLMTokenizer:
         self.tokenizer.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                   "pad_token": self.pad_token, "bos_token": self.bos_token,
-                  "chat_template": CHATML_JINJA, "tilevlm_grid_side": self.grid_side,
+                  "chat_template": self.chat_template or CHATML_JINJA, "tilevlm_grid_side": self.grid_side,
                   "tilevlm_base_vocab_size": self.base_vocab_size}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -113,7 +126,8 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
     eos = names.get("eos_token") or IM_END
     if "eos_token" not in names:
         logger.info("%s: no eos token configured; using %s", directory, IM_END)
-    return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"))
+    return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"),
+                        _chat_template(directory))
 
 
 def _special_token_names(directory: Path) -> dict[str, str]:
@@ -128,6 +142,16 @@ def _special_token_names(directory: Path) -> dict[str, str]:
             if isinstance(value, str) and value:
                 names[key] = value
     return names
+
+
+def _chat_template(directory: Path) -> str | None:
+    """tokenizer_config.json's `chat_template` (the default one of a named list), or None."""
+    template = read_json_object(directory / "tokenizer_config.json", missing_ok=True).get(
+        "chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def _special(content: str) -> AddedToken:

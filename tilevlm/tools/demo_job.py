@@ -60,7 +60,8 @@ class DemoConfig:
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr_vision=self.lr,
                            lr_projector=self.lr, lr_decoder=self.lr, weight_decay=0.0,
-                           warmup_steps=self.warmup_steps, grad_clip=1.0,
+                           warmup_steps=min(self.warmup_steps, self.steps),  # a short demo
+                           grad_clip=1.0,
                            eval_every=self.eval_every,
                            eval_batches=max(1, self.val_size // self.batch_size),
                            eval_max_new_tokens=8, save_every=0,

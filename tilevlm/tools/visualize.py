@@ -18,11 +18,13 @@ _TEXT = (20, 20, 20)
 
 
 def draw_tiles(img_resized: Image.Image, grid: tuple[int, int], tile_size: int,
-               global_tile: Image.Image | None = None, title: str | None = None) -> Image.Image:
+               global_tile: Image.Image | None = None, title: str | None = None,
+               original: Image.Image | None = None) -> Image.Image:
     """A figure of `img_resized` cut into its `grid` of `tile_size` tiles, labelled r1c1, r1c2, ...
 
-    The global thumbnail (if any) is drawn to the right, labelled "global"; `title` (may hold
-    several lines; long lines are wrapped) is written underneath.
+    The `original` image (if given) is drawn to the left at the tiles' height, labelled with its
+    size; the global thumbnail (if any) to the right, labelled "global"; `title` (may hold
+    several lines; long lines are wrapped) underneath.
     """
     n_h, n_w = grid
     if img_resized.size != (n_w * tile_size, n_h * tile_size):
@@ -32,24 +34,35 @@ def draw_tiles(img_resized: Image.Image, grid: tuple[int, int], tile_size: int,
     tile_px = tile_size * scale
     font = _font(max(12, tile_px // 10))
     main = _enlarge(img_resized, scale)
+    left = _at_height(original, main.height) if original is not None else None
     thumb = _enlarge(global_tile, scale) if global_tile is not None else None
-    width = _MARGIN * 2 + main.width + (thumb.width + _MARGIN if thumb is not None else 0)
+    panels = [p for p in (left, main, thumb) if p is not None]
+    width = _MARGIN * (len(panels) + 1) + sum(p.width for p in panels)
     text_lines = _wrap(title or "", font, width - 2 * _MARGIN)
     line_h = _line_height(font)
     height = _MARGIN * 2 + main.height + (len(text_lines) * line_h + _MARGIN if text_lines else 0)
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    canvas.paste(main, (_MARGIN, _MARGIN))
-    _draw_grid(draw, (_MARGIN, _MARGIN), grid, tile_px, font)
-    if thumb is not None:
-        x = _MARGIN * 2 + main.width
-        canvas.paste(thumb, (x, _MARGIN))
-        _label(draw, (x, _MARGIN), thumb.size, "global", font)
+    x = _MARGIN
+    for panel in panels:
+        canvas.paste(panel, (x, _MARGIN))
+        if panel is main:
+            _draw_grid(draw, (x, _MARGIN), grid, tile_px, font)
+        else:
+            text = "global" if panel is thumb else f"original {original.width}x{original.height}"
+            _label(draw, (x, _MARGIN), panel.size, text, font)
+        x += panel.width + _MARGIN
     y = _MARGIN * 2 + main.height
     for line in text_lines:
         draw.text((_MARGIN, y), line, fill=_TEXT, font=font)
         y += line_h
     return canvas
+
+
+def _at_height(img: Image.Image, height: int) -> Image.Image:
+    """`img` as RGB, scaled (aspect kept) to `height` pixels."""
+    width = max(1, round(img.width * height / img.height))
+    return img.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

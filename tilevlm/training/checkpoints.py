@@ -131,26 +131,32 @@ def save_training_files(directory: Path, optimizer: torch.optim.Optimizer,
 
 def atomic_checkpoint(out_dir: str | Path, step: int,
                       write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_dir)`, fsync, rename to `out_dir/checkpoint-{step}`, update `latest`."""
+    """`atomic_directory(out_dir/checkpoint-{step}, write)`, then update `latest`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out_dir))
     try:
-        os.chmod(tmp, 0o755)
-        write(tmp)
-        _fsync_tree(tmp)
+        final = atomic_directory(out_dir / f"checkpoint-{step}", write)
     except OSError as e:  # disk full, permissions: say which checkpoint failed and which is kept
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = find_latest(out_dir)
         raise OSError(e.errno, f"cannot write checkpoint-{step} in {out_dir}: {e.strerror or e}; "
                       + (f"the previous checkpoint {kept.name} is kept" if kept
                          else "there is no earlier checkpoint")) from e
+    _atomic_write_text(out_dir / LATEST, final.name + "\n")
+    return final
+
+
+def atomic_directory(final: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)` in a temporary directory beside `final`, fsync, rename to `final`
+    (replacing it): a kill leaves the old `final`, or the new one, never half of one."""
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=final.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        write(tmp)
+        _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    final = out_dir / f"checkpoint-{step}"
     _replace_dir(tmp, final)
-    _atomic_write_text(out_dir / LATEST, final.name + "\n")
     return final
 
 

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -63,6 +64,7 @@ class TrainResult:
     interrupted: bool
     skipped_samples: int
     nonfinite_steps: int
+    model_dir: Path | None = None  # OUT/model: the shareable model (`_write_model`)
 
 
 @dataclass
@@ -143,11 +145,12 @@ def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]]
             interrupted = _loop(run, stop)
             if not interrupted:
                 _finish(run)
+            model_dir = _write_model(run)
     finally:
         run.batches = None  # shuts DataLoader workers down
         run.metrics.close()
     return TrainResult(run.state.step, run.last_loss, run.last_val, run.last_checkpoint,
-                       interrupted, run.state.skipped_samples, run.state.nonfinite_steps)
+                       interrupted, run.state.skipped_samples, run.state.nonfinite_steps, model_dir)
 
 
 def _loop(run: _Run, stop: "_SigintFlag") -> bool:
@@ -189,6 +192,10 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     _seed_everything(cfg.seed)
     device = distributed.rank_device(resolve_device(cfg.device))
     model.to(device)
+    if cfg.lora:  # before compile and the optimizer: the adapters are parameters too
+        from tilevlm.training.lora import apply_lora
+
+        apply_lora(model, cfg.lora_spec())
     if cfg.compile:  # per block (nn.Module.compile): same parameters, same state-dict keys
         from tilevlm.training.compile import compile_blocks
 
@@ -372,6 +379,16 @@ def _log_step(run: _Run, bar: Any, step: _StepFigures, loss: float, grad_norm: f
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", sps=f"{step.samples / seconds:.1f}",
                     refresh=False)
     bar.update(1)
+    _log_loss_line(run, bar, loss, lr, step.samples / seconds)
+
+
+def _log_loss_line(run: _Run, bar: Any, loss: float, lr: float, samples_per_s: float) -> None:
+    """Where no bar is drawn (--no-progress, a redirected log), a loss line every log_every steps
+    and at the last one."""
+    step, cfg = run.state.step, run.cfg
+    if bar.disable and cfg.log_every and (step % cfg.log_every == 0 or step == cfg.steps):
+        log.info("step %d/%d: loss %.4f, lr %.2e, %.1f samples/s", step, cfg.steps, loss, lr,
+                 samples_per_s)
 
 
 # ---------------------------------------------------------------- validation, checkpoints
@@ -422,6 +439,23 @@ def _write_checkpoint(run: _Run) -> Path:
     return run.last_checkpoint
 
 
+def _write_model(run: _Run) -> Path:
+    """OUT/model/ on rank 0 (weights, config, tokenizer; no optimizer): what a run shares."""
+    from tilevlm.training.model_source import FINAL_MODEL, write_final_model
+
+    path = Path(run.cfg.out_dir) / FINAL_MODEL
+    if distributed.is_main():
+        write_final_model(run.model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
+        if run.cfg.lora:
+            from tilevlm.training.model_source import write_adapter
+
+            log.info("saved the adapter alone to %s", write_adapter(run.model, run.cfg.out_dir))
+        log.info("saved the model of step %d to %s (no optimizer state: the one to share)",
+                 run.state.step, path)
+    distributed.barrier()
+    return path
+
+
 # ---------------------------------------------------------------- plumbing
 class MetricsLog:
     """JSON lines in `out_dir/metrics.jsonl`, and TensorBoard scalars when tensorboard is
@@ -467,8 +501,8 @@ def _tensorboard_writer(out_dir: Path) -> Any:
 def _progress_bar(cfg: TrainConfig, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=cfg.steps, initial=initial, desc="train",
-                disable=not (cfg.progress and distributed.is_main()),
+    drawn = cfg.progress and distributed.is_main() and sys.stderr.isatty()  # no \r frames in files
+    return tqdm(total=cfg.steps, initial=initial, desc="train", disable=not drawn,
                 dynamic_ncols=True)
 
 

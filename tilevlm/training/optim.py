@@ -30,13 +30,18 @@ def split_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 def param_groups(model: nn.Module, lrs: dict[str, float],
                  weight_decay: float) -> list[dict]:
-    """AdamW groups for the parts with lr > 0; parts with lr == 0 are frozen in place."""
+    """AdamW groups for the parts with lr > 0; parts with lr == 0, and the weights LoRA keeps
+    frozen (`lora.frozen_parameters`), are frozen in place."""
+    from tilevlm.training.lora import frozen_parameters
+
+    frozen = frozen_parameters(model)
     groups = []
     for part, params in split_parts(model).items():
         lr = lrs[part]
         for p in params:
-            p.requires_grad_(lr > 0)
-        if lr == 0:
+            p.requires_grad_(lr > 0 and id(p) not in frozen)
+        params = [p for p in params if p.requires_grad]
+        if not params:
             continue
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]

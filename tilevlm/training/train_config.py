@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from tilevlm.device import DTYPE_NAMES
+from tilevlm.device import DEVICE_HELP, DTYPE_NAMES
 
 NONFINITE_ACTIONS = ("stop", "skip")
 
@@ -36,7 +36,7 @@ class TrainConfig:
     grad_clip: float = _knob(1.0, "max global gradient norm (0: no clipping)")
     dtype: str = _knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (CPU too)",
                        DTYPE_NAMES)
-    device: str = _knob("auto", "auto: cuda when available, else cpu; or a torch device name")
+    device: str = _knob("auto", DEVICE_HELP)
     eval_every: int = _knob(100, "validate every N steps (0: only at the end)")
     eval_batches: int = _knob(4, "validation set size, in batches")
     eval_max_new_tokens: int = _knob(16, "longest validation answer, in tokens")
@@ -53,7 +53,18 @@ class TrainConfig:
                                "buffer per epoch; 0: file order)")
     compile: str = _knob("", "torch.compile the vision and decoder blocks for the training "
                          "step: a backend name, usually 'inductor' ('': eager)")
-    progress: bool = _knob(True, "show a progress bar")
+    lora: int = _knob(0, "LoRA rank (0: off): the vision and decoder weights stay frozen and "
+                      "low-rank adapters train on the --lora-vision / --lora-decoder layers; the "
+                      "projector trains in full unless --lr-projector 0")
+    lora_alpha: float = _knob(16.0, "LoRA scale numerator: an adapter adds alpha / rank x B A")
+    lora_dropout: float = _knob(0.0, "dropout on the adapters' inputs")
+    lora_vision: str = _knob("", "vision-block layers given adapters, comma-separated, from "
+                             "qkv, proj, fc1, fc2 ('': none)")
+    lora_decoder: str = _knob("qkv,out,gate_up,down", "decoder-block layers given adapters, "
+                              "comma-separated, from qkv, out, gate_up, down ('': none)")
+    progress: bool = _knob(True, "show a progress bar (only on a terminal: a redirected log "
+                           "gets loss lines instead)")
+    log_every: int = _knob(10, "without a progress bar, a loss line every N steps (0: none)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -61,9 +72,15 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_projector", "lr_vision", "lr_decoder", "weight_decay", "warmup_steps",
                      "grad_clip", "eval_every", "eval_batches", "save_every", "num_workers", "pack",
-                     "shuffle_block"):
+                     "shuffle_block", "log_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_steps > self.steps:  # the learning rate would rise all run, never decay
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) is larger than steps "
+                             f"({self.steps}); give --warmup-steps at most --steps (a tenth of "
+                             "it is usual)")
+        if self.lora:
+            self.lora_spec()  # a ValueError for a bad rank, dropout or layer name
         if self.max_tiles < 1:
             raise ValueError(f"TrainConfig.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -73,6 +90,16 @@ class TrainConfig:
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE_ACTIONS}, "
                              f"got {self.on_nonfinite!r}")
+
+    def lora_spec(self) -> Any:
+        """The LoRASpec of the lora_* fields, or None when --lora is 0."""
+        if not self.lora:
+            return None
+        from tilevlm.training.lora import LoRASpec
+
+        names = lambda text: tuple(n.strip() for n in text.split(",") if n.strip())  # noqa: E731
+        return LoRASpec(self.lora, self.lora_alpha, self.lora_dropout, names(self.lora_vision),
+                        names(self.lora_decoder))
 
     @property
     def part_lrs(self) -> dict[str, float]:

@@ -172,8 +172,18 @@ def hf_config(siglip_dir: str | Path, llama_dir: str | Path, base_config: VLMCon
     side = vision["vit_img_size"] // vision["vit_patch_size"] // base.mp_pixel_shuffle_factor
     return base.replace(
         **vision, **decoder, grid_side=grid_side, mp_image_token_length=side * side,
-        max_img_size=max(base.max_img_size, vision["vit_img_size"]),
+        max_img_size=_max_img_size(base, vision["vit_img_size"]),
         lm_max_length=min(base.lm_max_length, decoder["lm_max_position_embeddings"]))
+
+
+def _max_img_size(base: VLMConfig, tile: int) -> int:
+    """The base config's tiles per side, in the vision tower's tile size (the preset names a
+    grid, not a pixel count: `tiny`'s 3 tiles of 32 px are 3 tiles of 224 px for SigLIP-224)."""
+    tiles = max(1, base.max_img_size // base.vit_img_size)
+    if tile != base.vit_img_size:
+        log.info("preset %s: up to %d tiles per side of %d px: max_img_size %d -> %d", base.name,
+                 tiles, tile, base.max_img_size, tiles * tile)
+    return tiles * tile
 
 
 def build_from_hf(siglip_dir: str | Path, llama_dir: str | Path,

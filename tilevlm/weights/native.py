@@ -34,7 +34,7 @@ def save_pretrained(model: VisionLanguageModel, directory: str | Path,
         tokenizer.save(directory)
     text = model.cfg.to_json() + "\n"
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
-    log.info("saved %s parameters to %s", f"{model.num_parameters():,}", directory)
+    log.debug("saved %s parameters to %s", f"{model.num_parameters():,}", directory)
     return directory
 
 
