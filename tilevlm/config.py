@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tilevlm.files import read_json
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
 
 # Labels with this value count for no loss (PyTorch's cross-entropy default ignore_index).
@@ -190,13 +191,11 @@ class VLMConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, strict: bool = True) -> "VLMConfig":
+        data = read_json(Path(path), dict, "a JSON object of VLMConfig fields")
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of VLMConfig fields")
-        return cls.from_dict(data, strict=strict)
+            return cls.from_dict(data, strict=strict)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> "VLMConfig":
         """A new config with some fields changed; derived fields are recomputed unless given."""

@@ -234,7 +234,7 @@ def _resume(run: _Run, path: Path) -> None:
         raise ValueError(f"{path}: no complete checkpoint to resume from")
     checkpoints.load_model_weights(run.model, ckpt)
     saved = checkpoints.load_training_files(ckpt, run.optimizer)
-    run.state = TrainState(**saved["state"])
+    run.state = checkpoints.train_state(saved["state"])
     resume_feed(run.feed, saved)
     _warn_config_changes(saved.get("train_config", {}),
                          saved.get("data_layout", {}).get("world_size", 1), run.cfg)
