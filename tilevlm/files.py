@@ -87,7 +87,8 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "number")
 
 
-def confined(root: str | Path, name: Any, what: str = "path") -> Path:
+def confined(root: str | Path, name: Any, what: str = "path",
+             root_name: str = "the directory") -> Path:
     """`root / name`, refused (ValueError) unless `name` is a non-empty string whose target,
     symlinks resolved, stays inside `root` (also resolved)."""
     if not isinstance(name, str) or not name or "\x00" in name:
@@ -95,7 +96,7 @@ def confined(root: str | Path, name: Any, what: str = "path") -> Path:
     base = os.path.realpath(root)
     path = os.path.realpath(os.path.join(base, name))  # an absolute `name` replaces `base`
     if os.path.commonpath([base, path]) != base:
-        raise ValueError(f"{what} {name!r:.200} is outside {base}")
+        raise ValueError(f"{what} {name!r:.200} is outside {root_name} {base}")
     return Path(path)
 
 

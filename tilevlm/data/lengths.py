@@ -11,15 +11,14 @@ parse, and adds `n_tokens` and `n_tiles` to each sample it passes on, for packin
 
 from __future__ import annotations
 
-import io
 import warnings
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
 from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
+from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
 from tilevlm.preprocessing.image import tile_grid, tiles_per_image
 from tilevlm.preprocessing.processor import count_image_tokens
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER, chat_segments
@@ -44,19 +43,14 @@ def image_size(source: Any, max_pixels: int) -> tuple[int, int]:
 def _header_size(source: Any) -> tuple[int, int]:
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else Path(source)
-        with warnings.catch_warnings():
+        fp = image_file(source, name)  # a regular file: a FIFO would block the header pass
+        with decoding(name, "cannot read the image header"), warnings.catch_warnings():
             # Our own pixel limit applies (above); Pillow's would only warn or raise early.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
                 return _displayed_size(img)
-    except Image.UnidentifiedImageError:
-        raise SkipSample(IMAGE_ERROR, f"{name}: not an image (unknown or unsupported format)"
-                         ) from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError,
-            Image.DecompressionBombError) as e:
-        raise SkipSample(IMAGE_ERROR, f"{name}: cannot read the image header "
-                                      f"({type(e).__name__}: {e})") from None
+    except ImageLoadError as e:
+        raise SkipSample(IMAGE_ERROR, str(e)) from None
 
 
 def _displayed_size(img: Image.Image) -> tuple[int, int]:
