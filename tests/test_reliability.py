@@ -353,7 +353,7 @@ def test_tokenizer_without_our_special_tokens_is_refused_before_the_weights(
     ({"lm_rms_eps": None}, "lm_rms_eps must be a finite number, got None"),
     ({"vit_inter_dim": -5}, "vit_inter_dim must be > 0"),
     ({"use_global_tile": "yes"}, "use_global_tile must be true or false"),
-    ({"image_mean": "gray"}, "image_mean must be a list of 3 numbers"),
+    ({"image_mean": "gray"}, "image_mean must be a list of 3 finite numbers"),
     ({"colour": 3}, "unknown VLMConfig fields: colour"),
 ])
 def test_contradictory_config_is_refused_before_the_weights(change, words, copy_of, capsys,
