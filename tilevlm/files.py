@@ -100,6 +100,17 @@ def confined(root: str | Path, name: Any, what: str = "path",
     return Path(path)
 
 
+def make_output_dir(path: Path, what: str = "output directory") -> Path:
+    """`path` as a directory (created with its parents); a ValueError when it, or a parent,
+    exists and is not a directory (an input mistake, not a machine failure)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{path}: cannot be the {what}: it or a parent exists and is not a "
+                         "directory") from None
+    return path
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename: a kill never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -75,6 +75,9 @@ class SampleMeter:
     def __init__(self, processor: Any) -> None:
         self.config = processor.config
         self.tokenizer = processor.tokenizer
+        # More characters than this cannot fit lm_max_length tokens (the factor 4 leaves room
+        # for normalizers that drop characters): such text is refused without tokenizing it.
+        self.max_chars = 4 * self.config.lm_max_length * self.tokenizer.max_token_chars
 
     def measure(self, sample: Sample) -> tuple[int, int]:
         """(tokens, tiles) the Processor will produce for this sample."""
@@ -88,6 +91,11 @@ class SampleMeter:
 
     def text_tokens(self, messages: list[dict[str, str]]) -> int:
         """ChatML tokens of the messages with every `<image>` removed (no generation prompt)."""
+        n_chars = sum(len(m["content"]) for m in messages)
+        if n_chars > self.max_chars:
+            raise SkipSample(TOO_LONG, f"{n_chars} characters of text, more than "
+                                       f"lm_max_length {self.config.lm_max_length} tokens can "
+                                       "hold (never truncated)")
         pieces = [piece for text, _ in chat_segments(messages)
                   for piece in text.split(IMAGE_PLACEHOLDER)]
         return sum(len(ids) for ids in self.tokenizer.encode_batch(pieces))

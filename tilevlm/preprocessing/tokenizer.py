@@ -7,6 +7,7 @@ defines. Nothing here touches the network.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -56,6 +57,13 @@ class VLMTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: no token covers more characters of
+        text (byte-level entries even cover fewer), so a text of more than N times this many
+        characters has more than N tokens, known before tokenizing it."""
+        return max(len(token) for token in self.tokenizer.get_vocab(with_added_tokens=False))
 
     def grid_token_id(self, row: int, col: int) -> int:
         """The id of grid token (row, col), both 1-based."""
@@ -112,7 +120,7 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
     base = _add_vlm_tokens(tok, grid_side, str(directory))
     eos = names.get("eos_token") or IM_END
     if "eos_token" not in names:
-        logger.info("%s: no eos token configured; using %s", directory, IM_END)
+        logger.debug("%s: no eos token configured; using %s", directory, IM_END)
     return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"))
 
 

@@ -5,6 +5,7 @@ from these fields."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,16 +57,19 @@ class TrainConfig:
     progress: bool = _knob(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
+        # Written so that NaN fails every check (every comparison with NaN is false).
+        for name in ("steps", "batch_size", "grad_accum", "max_tiles", "eval_max_new_tokens"):
+            if not getattr(self, name) >= 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_projector", "lr_vision", "lr_decoder", "weight_decay", "warmup_steps",
                      "grad_clip", "eval_every", "eval_batches", "save_every", "num_workers", "pack",
                      "shuffle_block"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_tiles < 1:
-            raise ValueError(f"TrainConfig.max_tiles must be >= 1, got {self.max_tiles}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, "
+                                 f"got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in DTYPE_NAMES:
