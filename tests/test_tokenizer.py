@@ -148,6 +148,9 @@ def test_load_errors_name_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": 1}')
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path)
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tilevlm.files import read_json_object
+from tilevlm.files import parse_json, read_json_object
 from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
 
@@ -111,8 +111,11 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
     if not path.is_file():
         raise ValueError(f"{directory}: no tokenizer.json; a fast Hugging Face tokenizer "
                          "(tokenizer.json, plus tokenizer_config.json for eos/pad/bos) is needed")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not isinstance(parse_json(text, str(path)), dict):  # the checks every JSON file gets
+        raise ValueError(f"{path}: expected a JSON object")
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises a plain Exception on malformed files
         raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
     names = _special_token_names(directory)
