@@ -6,11 +6,16 @@ ways (`struct.error` from a malformed EXIF tag, `OverflowError` from a huge TIFF
 is by *where* the exception was raised: anything raised inside Pillow (the decoder, called from
 our code) is a bad image, an `ImageLoadError` naming the input; an exception raised by tilevlm's
 own code is a bug and propagates unchanged.
+
+libtiff, which Pillow calls for compressed TIFF, prints its errors and warnings straight to the
+process's stderr (bypassing Python); its default handlers are switched off at import, since
+Pillow reports the same failures as exceptions, which the boundary turns into one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import stat
@@ -23,6 +28,31 @@ from PIL import Image
 
 _PIL_DIR = os.path.dirname(os.path.abspath(PIL.__file__)) + os.sep
 _OUR_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _quiet_libtiff() -> None:
+    """Unset libtiff's default error and warning handlers (they write to fd 2), where the
+    library can be found among the loaded ones (Linux); elsewhere nothing changes."""
+    import PIL._imaging  # noqa: F401  (loads Pillow's libtiff)
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libtiff" in line}
+    except OSError:
+        return
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("TIFFSetErrorHandler", "TIFFSetWarningHandler"):
+            setter = getattr(lib, name, None)
+            if setter is not None:
+                setter.restype, setter.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+                setter(None)
+
+
+_quiet_libtiff()
 
 
 class ImageLoadError(ValueError):
