@@ -53,7 +53,8 @@ from tilevlm.preprocessing.processor import Processor, image_string
 from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 from tilevlm.training.loop import TrainConfig, train
 
-from helpers import SMALL, make_model as _model, make_photo, quick, step_losses as _losses
+from helpers import (SMALL, assert_one_line_error, make_model as _model, make_photo, quick,
+                     step_losses as _losses)
 
 PROMPT = "What colour is the shape in row 1, column 1?"
 
@@ -166,15 +167,6 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def assert_one_line_error(err: str, command: str, *parts: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"tilevlm {command}: error: "), err
-    assert "Traceback" not in err
-    for part in parts:
-        assert part in lines[0], (part, lines[0])
 
 
 def generate_args(model: Path, *images: Path, prompt: str = PROMPT, new: int = 2) -> list[str]:

@@ -173,7 +173,7 @@ def _add_vlm_tokens(tok: Tokenizer, grid_side: int, source: str) -> int:
                 f"{source}: special token {content} has id {token_id}, expected {base + index}: "
                 f"{IMAGE_TOKEN}, {GLOBAL_IMAGE_TOKEN} and the grid tokens must follow the base "
                 f"vocabulary ({base} tokens) in that order")
-    logger.info("%s: base vocabulary %d tokens, %d with image/grid tokens (%d new)",
+    logger.debug("%s: base vocabulary %d tokens, %d with image/grid tokens (%d new)",
                 source, base, _vocab_size(tok), _vocab_size(tok) - before)
     return base
 

@@ -200,6 +200,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def check_pointer(out_dir: Path) -> None:
+    """A ValueError when the `latest` pointer exists but is not a regular file (it could not be
+    replaced at the first save, after the work of the steps before it)."""
+    pointer = out_dir / LATEST
+    if (pointer.exists() or pointer.is_symlink()) and not pointer.is_file():
+        raise ValueError(f"{pointer}: exists and is not a regular file; remove it (it is the "
+                         "pointer to the newest checkpoint)")
+
+
 def remove_stale_tmp(out_dir: str | Path) -> None:
     """Delete half-written checkpoint directories left by a killed run."""
     for path in Path(out_dir).glob(TMP_PREFIX + "*"):
@@ -245,7 +254,8 @@ def find_latest(path: str | Path) -> Path | None:
         return path
     steps = sorted(((int(m.group(1)), p) for p in path.glob("checkpoint-*")
                     if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()), reverse=True)
-    candidates = [p for p in [_pointed_at(path)] if p is not None] + [p for _, p in steps]
+    candidates = [p for p in [_pointed_at(path)] if p is not None] + \
+        [p for _, p in steps if _inside(path, p)]
     for candidate in candidates:
         problem = checkpoint_problem(candidate)
         if problem is None:
@@ -253,6 +263,16 @@ def find_latest(path: str | Path) -> Path | None:
         log.warning("%s is not an intact checkpoint (%s); trying the previous one", candidate,
                     problem)
     return None
+
+
+def _inside(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether `checkpoint`, symlinks resolved, is in `run_dir` (a warning when it is not)."""
+    try:
+        confined(run_dir, checkpoint.name, "checkpoint")
+    except ValueError as e:
+        log.warning("%s; not resuming from it", e)
+        return False
+    return True
 
 
 def _pointed_at(run_dir: Path) -> Path | None:

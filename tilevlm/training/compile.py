@@ -11,10 +11,9 @@ def check_backend(name: str) -> None:
     """A ValueError unless `name` is a torch.compile backend of this install."""
     import torch._dynamo
 
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if name not in known:
-        raise ValueError(f"--compile {name!r}: not a torch.compile backend here; choose one of "
-                         f"{', '.join(sorted(known))}")
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"--compile {name!r}: not a torch.compile backend here; e.g. "
+                         f"{', '.join(torch._dynamo.list_backends())}")
 
 
 def compile_blocks(model: nn.Module, training_only: bool = True, **compile_kwargs: Any

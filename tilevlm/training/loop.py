@@ -199,6 +199,7 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
                                       (cfg.adam_beta1, cfg.adam_beta2), device.type)
     out_dir = make_output_dir(Path(cfg.out_dir), "run directory (--out)")
     if distributed.is_main():
+        checkpoints.check_pointer(out_dir)
         checkpoints.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \
         if val_data is not None and distributed.is_main() else []

@@ -43,9 +43,9 @@ def _shards(directory: Path) -> list[Path]:
     weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index}: no 'weight_map'")
-    names = set(weight_map.values())
-    if not all(isinstance(name, str) for name in names):
+    if not all(isinstance(name, str) for name in weight_map.values()):
         raise ValueError(f"{index}: every 'weight_map' value must be a file name string")
+    names = set(weight_map.values())
     try:
         shards = [confined(directory, name, "shard") for name in sorted(names)]
     except ValueError as e:
