@@ -149,7 +149,7 @@ def _ensure_chat_markers(tok: Tokenizer, source: str) -> None:
     missing = [t for t in (IM_START, IM_END) if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens([_special(t) for t in missing])
-        logger.info("%s: added ChatML markers %s as special tokens", source, ", ".join(missing))
+        logger.debug("%s: added ChatML markers %s as special tokens", source, ", ".join(missing))
 
 
 def _vocab_size(tok: Tokenizer) -> int:
