@@ -35,6 +35,36 @@ SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
              max_img_size=64)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- the real CLI
+def run_tilevlm(*args: Any, timeout: float = 120, cwd: Path | None = None
+                ) -> subprocess.CompletedProcess:
+    """`python -m tilevlm.cli ARGS` in a child process (this checkout first on the path), so
+    stderr holds everything the user would see, log lines included; never waits forever."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", "tilevlm.cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(err: str, command: str, *parts: str) -> None:
+    """`err` is exactly one line, `tilevlm COMMAND: error: ...`, holding every part."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"tilevlm {command}: error: "), err
+    assert "Traceback" not in err
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+
+
+def assert_refused(done: subprocess.CompletedProcess, command: str, *parts: str) -> None:
+    """A child `tilevlm` run that refused its input: exit 2 and one line on stderr."""
+    assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
+    assert_one_line_error(done.stderr, command, *parts)
+
+
 # ----------------------------------------------------------------------------- images
 
 def make_photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -4,7 +4,11 @@
   reassemble the resized image exactly, and the processor's token count equals the contract,
   `count_image_tokens`, and the length the data pipeline measures from headers;
 - any byte string, and mutated valid PNG / JPEG / GIF / WebP / TIFF files: `load_image` returns an
-  RGB image or raises ValueError, nothing else (no other exception, no hang).
+  RGB image or raises ValueError, nothing else (no other exception, no hang);
+- real JPEG / PNG / WebP / TIFF files with EXIF whose header or EXIF bytes are mutated: the
+  header pass and the decoder give a size and an image or the named refusal; `tilevlm inspect`
+  on a seeded set of them exits 0 or with one line; a training stream over good and mutated
+  images counts exactly the bad ones in an epoch, and a real training run over them completes.
 
 `max_examples` is kept small so the file runs in well under 30 s on two cores.
 """
@@ -12,7 +16,11 @@
 from __future__ import annotations
 
 import io
+import itertools
+import json
+import struct
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -23,10 +31,13 @@ from PIL import Image
 
 from tilevlm import preset
 from tilevlm.special_tokens import IMAGE_TOKEN, grid_token
-from tilevlm.data.lengths import SampleMeter
+from tilevlm.data.lengths import SampleMeter, image_size
+from tilevlm.data.skips import SkipSample
+from tilevlm.preprocessing.decoding import ImageLoadError
 from tilevlm.preprocessing.image import ImageTransform, load_image, tile_grid, tiles_per_image
 from tilevlm.preprocessing.processor import Processor, count_image_tokens
 
+from helpers import SMALL, assert_refused, records, run_tilevlm
 from reference import normalize, reassemble_tiles, to_tensor
 
 FAST = settings(max_examples=60, deadline=None, derandomize=True,
@@ -197,3 +208,141 @@ def mutated(draw) -> bytes:
 @given(data=mutated())
 def test_mutated_image_files_are_an_image_or_a_value_error(data):
     _only_result_or_value_error(data)
+
+
+# ----------------------------------------------------------------------------- headers and EXIF
+def _with_exif(fmt: str) -> bytes:
+    """A real file with a full EXIF block (orientation, strings, a date), as phones write."""
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (21, 33, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    for tag, value in ((0x0112, 6), (0x010F, "Maker"), (0x0110, "Model"), (0x0131, "soft"),
+                       (0x0132, "2020:01:01 00:00:00")):
+        exif[tag] = value
+    buf = io.BytesIO()
+    if fmt.startswith("TIFF"):  # the EXIF tags are the file's own IFD
+        img.save(buf, "TIFF", tiffinfo=dict(exif), compression="tiff_lzw" if fmt == "TIFF-LZW"
+                 else None)
+    else:
+        img.save(buf, fmt, exif=exif)
+    return buf.getvalue()
+
+
+def _exif_block(fmt: str, data: bytes) -> tuple[int, int]:
+    """(start, end) of the EXIF bytes (TIFF: the header and first IFD)."""
+    if fmt == "JPEG":
+        at = data.index(b"Exif\x00\x00")
+        return at, at + struct.unpack(">H", data[at - 2:at])[0] - 2
+    if fmt == "PNG":
+        at = data.index(b"eXIf")
+        return at + 4, at + 4 + struct.unpack(">I", data[at - 4:at])[0]
+    if fmt == "WEBP":
+        at = data.index(b"EXIF")
+        return at + 8, at + 8 + struct.unpack("<I", data[at + 4:at + 8])[0]
+    return 0, min(len(data), 512)
+
+
+EXIF_FILES = {fmt: _with_exif(fmt) for fmt in ("JPEG", "PNG", "WEBP", "TIFF", "TIFF-LZW")}
+REGIONS = {fmt: [(0, 64), _exif_block(fmt, data)] for fmt, data in EXIF_FILES.items()}
+
+
+def mutate_header(fmt: str, edits: list[tuple[int, float, int]]) -> bytes:
+    """EXIF_FILES[fmt] with bytes in its header or EXIF block replaced: (region, where in it,
+    new byte) per edit."""
+    data = bytearray(EXIF_FILES[fmt])
+    for region, where, value in edits:
+        start, end = REGIONS[fmt][region % 2]
+        data[start + int(where * (end - start - 1))] = value
+    return bytes(data)
+
+
+header_edits = st.lists(st.tuples(st.integers(0, 1), st.floats(0, 1), st.integers(0, 255)),
+                        min_size=1, max_size=6)
+
+
+def _header_pass_and_decode(data: bytes) -> bool:
+    """Whether the header pass and the decoder both take `data`; a refusal is always the named
+    kind (SkipSample image_error, ImageLoadError), any other exception fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            image_size(data, 10**8)
+            img = load_image(data)
+        except SkipSample as e:
+            assert e.reason == "image_error"
+            return False
+        except ImageLoadError:
+            return False
+    assert img.mode == "RGB" and img.width > 0 and img.height > 0
+    return True
+
+
+@settings(FAST, max_examples=300)
+@given(fmt=st.sampled_from(sorted(EXIF_FILES)), edits=header_edits)
+def test_mutated_headers_and_exif_are_an_image_or_a_bad_image(fmt, edits):
+    _header_pass_and_decode(mutate_header(fmt, edits))
+
+
+def _fixed_mutations(per_format: int) -> dict[str, bytes]:
+    """A seeded set of header/EXIF mutations of every format (the same files every run)."""
+    rng = np.random.default_rng(14)
+    out = {}
+    for fmt in sorted(EXIF_FILES):
+        for k in range(per_format):
+            edits = [(int(rng.integers(2)), float(rng.random()), int(rng.integers(256)))
+                     for _ in range(int(rng.integers(1, 5)))]
+            out[f"{fmt.lower()}-{k}"] = mutate_header(fmt, edits)
+    return out
+
+
+def test_inspect_on_mutated_files_is_a_result_or_one_line(tmp_path):
+    for name, data in _fixed_mutations(1).items():
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(data)
+        done = run_tilevlm("inspect", path, timeout=60)
+        if done.returncode == 0:
+            assert "grid:" in done.stdout and "Traceback" not in done.stderr
+            assert all(": warning: " in line for line in done.stderr.splitlines()), done.stderr
+        else:
+            assert_refused(done, "inspect", str(path))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on the mutated files
+def test_training_over_good_and_mutated_images_counts_the_bad_ones(model_dir, tmp_path):
+    """One epoch of the stream counts exactly the undecodable images; a real run completes."""
+    from tilevlm.data.readers import open_dataset
+    from tilevlm.data.stream import StreamOptions, TrainStream
+    from tilevlm.preprocessing.tokenizer import load_tokenizer
+
+    root = tmp_path / "images"
+    root.mkdir()
+    files = {f"good-{k}.png": _encoded("PNG") for k in range(4)}
+    files.update({f"{name}.img": data for name, data in _fixed_mutations(3).items()})
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    n_bad = sum(not _header_pass_and_decode(data) for data in files.values())
+    assert 0 < n_bad < len(files)
+    turns = [{"from": "human", "value": "<image>What?"}, {"from": "gpt", "value": "A photo."}]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": n, "conversations": turns}) + "\n"
+                            for n in sorted(files)))
+
+    config = preset("tiny", **SMALL)
+    processor = Processor(config, load_tokenizer(model_dir, grid_side=config.grid_side))
+    stream = TrainStream(lambda rank, world: open_dataset(data, rank=rank, world_size=world),
+                         processor, StreamOptions(batch_size=4, block_size=len(files)))
+    epoch = itertools.takewhile(lambda b: b.stream.epoch == 0, iter(stream))
+    skipped = Counter()
+    for batch in epoch:
+        skipped.update(batch.skipped)
+    assert skipped == {"image_error": n_bad}
+
+    config_file = tmp_path / "small.json"
+    config.to_json(config_file)
+    out = tmp_path / "run"
+    done = run_tilevlm("train", "--config", config_file, "--tokenizer", model_dir, "--data", data,
+                       "--out", out, "--steps", 3, "--batch-size", 4, "--eval-batches", 0,
+                       "--no-progress", timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert set(records(out)[-1]["skipped"]) == {"image_error"}

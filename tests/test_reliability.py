@@ -53,7 +53,8 @@ from tilevlm.preprocessing.processor import Processor, image_string
 from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 from tilevlm.training.loop import TrainConfig, train
 
-from helpers import SMALL, make_model as _model, make_photo, quick, step_losses as _losses
+from helpers import (SMALL, assert_one_line_error, make_model as _model, make_photo, quick,
+                     step_losses as _losses)
 
 PROMPT = "What colour is the shape in row 1, column 1?"
 
@@ -166,15 +167,6 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def assert_one_line_error(err: str, command: str, *parts: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"tilevlm {command}: error: "), err
-    assert "Traceback" not in err
-    for part in parts:
-        assert part in lines[0], (part, lines[0])
 
 
 def generate_args(model: Path, *images: Path, prompt: str = PROMPT, new: int = 2) -> list[str]:
@@ -353,7 +345,7 @@ def test_tokenizer_without_our_special_tokens_is_refused_before_the_weights(
     ({"lm_rms_eps": None}, "lm_rms_eps must be a finite number, got None"),
     ({"vit_inter_dim": -5}, "vit_inter_dim must be > 0"),
     ({"use_global_tile": "yes"}, "use_global_tile must be true or false"),
-    ({"image_mean": "gray"}, "image_mean must be a list of 3 numbers"),
+    ({"image_mean": "gray"}, "image_mean must be a list of 3 finite numbers"),
     ({"colour": 3}, "unknown VLMConfig fields: colour"),
 ])
 def test_contradictory_config_is_refused_before_the_weights(change, words, copy_of, capsys,

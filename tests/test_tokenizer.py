@@ -121,7 +121,7 @@ def test_saved_tokenizer_loads_in_transformers(tiny_tokenizer, tmp_path):
 
 def test_load_hf_directory_adds_chat_markers_and_vlm_tokens(hf_tokenizer_dir, caplog):
     base = Tokenizer.from_file(str(hf_tokenizer_dir / "tokenizer.json")).get_vocab_size(True)
-    with caplog.at_level(logging.INFO, logger="tilevlm.preprocessing.tokenizer"):
+    with caplog.at_level(logging.DEBUG, logger="tilevlm.preprocessing.tokenizer"):
         tok = load_tokenizer(hf_tokenizer_dir, grid_side=4)
     assert "added ChatML markers" in caplog.text and "base vocabulary" in caplog.text
     assert tok.im_start_id == base and tok.im_end_id == base + 1
@@ -148,6 +148,9 @@ def test_load_errors_name_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer.json: not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": 1}')
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path)
 

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from typing import Iterator
@@ -88,22 +89,36 @@ def main(argv: list[str] | None = None) -> int:
             return int(args._run(args) or 0)
     except ValueError as e:
         logging.debug("traceback", exc_info=True)
-        print(f"tilevlm {args.command}: error: {e}", file=sys.stderr)
+        print(f"tilevlm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine, not the input: disk full, permissions, ...
         logging.debug("traceback", exc_info=True)
-        print(f"tilevlm {args.command}: error: {e}", file=sys.stderr)
+        print(f"tilevlm {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tilevlm {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
+_PILLOW_PART = f"{os.sep}PIL{os.sep}"  # in the file name of Pillow's modules
+
+
+def _one_line(message: object) -> str:
+    """A message on one line (library messages may quote multi-line text from elsewhere)."""
+    return " ".join(str(message).split())
+
+
 @contextlib.contextmanager
 def _one_line_warnings(command: str) -> Iterator[None]:
-    """Warnings as `tilevlm COMMAND: warning: MESSAGE`, not Python's two-line source excerpt."""
+    """Warnings as `tilevlm COMMAND: warning: MESSAGE`, not Python's two-line source excerpt.
+
+    Pillow's own warnings about a file it is decoding ("Tag data larger than file", ...) go to
+    the debug log: what counts is the outcome, an image or a one-line refusal naming the file."""
     def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"tilevlm {command}: warning: {message}", file=file or sys.stderr)
+        if _PILLOW_PART in filename:
+            logging.debug("Pillow: %s", message)
+            return
+        print(f"tilevlm {command}: warning: {_one_line(message)}", file=file or sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

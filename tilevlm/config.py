@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tilevlm.files import read_json
 from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, check_layout, grid_token,
                                     special_tokens)
 
@@ -68,10 +69,14 @@ class VLMConfig:
         self.image_std = _floats(self.image_std, "image_std")
         if self.vit_inter_dim is None:
             self.vit_inter_dim = 4 * self.vit_hidden_dim
+        self._check_ranges()
         max_tiles_per_side = max(1, self.max_img_size // max(self.vit_img_size, 1))
         needed_side = max(8, max_tiles_per_side)  # 8x8 as in nanoVLM, more when asked for
         if self.grid_side is None:
             self.grid_side = needed_side
+        _check(self.grid_side <= MAXIMA["grid_side"], "grid_side",
+               f"must be <= {MAXIMA['grid_side']}, got {self.grid_side} (max_img_size "
+               f"{self.max_img_size} / vit_img_size {self.vit_img_size} tiles per side)")
         vocab = self.lm_base_vocab_size + len(special_tokens(self.grid_side))
         if self.lm_vocab_size is None:
             self.lm_vocab_size = vocab
@@ -90,13 +95,20 @@ class VLMConfig:
             elif base in _TYPES and not _TYPES[base](value):
                 _fail(f.name, f"must be {_TYPE_NAMES[base]}, got {value!r:.60}")
 
-    def _validate(self, max_tiles_per_side: int, vocab: int) -> None:
-        positive = [f.name for f in dataclasses.fields(self)
-                    if str(f.type).split(" |")[0] in ("int", "float")]
-        for name in positive:
+    def _check_ranges(self) -> None:
+        """Every number > 0 and at most its MAXIMA bound (before anything is derived from it)."""
+        numbers = [f.name for f in dataclasses.fields(self)
+                   if str(f.type).split(" |")[0] in ("int", "float")]
+        for name in numbers:
             value = getattr(self, name)
-            if name != "lm_vocab_size" and value is not None and value <= 0:
+            if value is None:
+                continue
+            if value <= 0:
                 _fail(name, f"must be > 0, got {value}")
+            if value > MAXIMA.get(name, math.inf):
+                _fail(name, f"must be <= {MAXIMA[name]}, got {value}")
+
+    def _validate(self, max_tiles_per_side: int, vocab: int) -> None:
         _check(self.vit_img_size % self.vit_patch_size == 0, "vit_img_size",
                f"must be a multiple of vit_patch_size ({self.vit_img_size} % {self.vit_patch_size} != 0)")
         side = self.vit_img_size // self.vit_patch_size
@@ -193,13 +205,11 @@ class VLMConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, strict: bool = True) -> "VLMConfig":
+        data = read_json(Path(path), dict, "a JSON object of VLMConfig fields")
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of VLMConfig fields")
-        return cls.from_dict(data, strict=strict)
+            return cls.from_dict(data, strict=strict)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def replace(self, **changes: Any) -> "VLMConfig":
         """A new config with some fields changed; derived fields are recomputed unless given."""
@@ -224,10 +234,11 @@ _TYPE_NAMES = {"int": "an integer", "bool": "true or false", "str": "a string",
 
 
 def _floats(values: Any, name: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        _fail(name, f"must be a list of 3 numbers (R, G, B), got {values!r:.60}")
+    """Three finite numbers (a list or tuple; not a string, not booleans, not NaN/inf)."""
+    if not isinstance(values, (list, tuple)) or not all(
+            (_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in values):
+        _fail(name, f"must be a list of 3 finite numbers (R, G, B), got {values!r:.60}")
+    return tuple(float(v) for v in values)
 
 
 def _check(ok: bool, name: str, rule: str) -> None:
@@ -237,6 +248,18 @@ def _check(ok: bool, name: str, rule: str) -> None:
 
 def _fail(name: str, rule: str) -> None:
     raise ValueError(f"VLMConfig.{name} {rule}")
+
+
+# Upper bounds, far above any real model: a config.json with lm_n_blocks 200000 or grid_side
+# 10000 is refused at once instead of taking minutes or all memory to build.
+MAXIMA = {"vit_img_size": 4096, "vit_patch_size": 4096, "vit_hidden_dim": 16384,
+          "vit_inter_dim": 65536, "vit_n_heads": 256, "vit_n_blocks": 256,
+          "lm_hidden_dim": 32768, "lm_inter_dim": 131072, "lm_n_heads": 256,
+          "lm_n_kv_heads": 256, "lm_n_blocks": 512, "lm_base_vocab_size": 1 << 21,
+          "lm_vocab_size": (1 << 21) + 8192, "lm_max_position_embeddings": 1 << 20,
+          "lm_max_length": 1 << 20, "mp_pixel_shuffle_factor": 64,
+          "mp_image_token_length": 1 << 16, "max_img_size": 16384, "grid_side": 64,
+          "max_image_pixels": 1 << 32}
 
 
 _SIGLIP_B16_224 = dict(vit_img_size=224, vit_patch_size=16, vit_hidden_dim=768, vit_inter_dim=3072,

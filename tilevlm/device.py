@@ -24,13 +24,23 @@ def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else
                             "mps" if _mps_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} is not a device tilevlm runs on; use auto, cpu, "
+                         "cuda, cuda:N or mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but this PyTorch sees no CUDA GPU; "
                          "use --device cpu")
-    if name.startswith("mps") and not _mps_available():
+    if device.index is not None and device.type == "cuda" and \
+            device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+    if device.type == "mps" and not _mps_available():
         raise ValueError("--device mps was asked for, but this PyTorch reports no usable Apple "
                          "MPS device; use --device cpu")
-    return torch.device(name)
+    return device
 
 
 def _mps_available() -> bool:

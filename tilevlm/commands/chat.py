@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from tilevlm.commands.answering import stream_answer
-from tilevlm.commands.options import (add_generation_arguments, model_path, sampling_params,
+from tilevlm.commands.options import (add_generation_arguments, check_generation_arguments,
+                                      model_path,
                                       store_weights)
 
 HELP = "chat with a model interactively (/image PATH attaches an image, /reset, /quit)"
@@ -71,7 +72,7 @@ def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
 def run(args: argparse.Namespace) -> int:
     from tilevlm.inference.loading import load_for_inference
 
-    sampling_params(args)
+    check_generation_arguments(args)
     model_dir = model_path(args)
     model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
     model = store_weights(model, args)

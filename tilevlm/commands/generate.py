@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from tilevlm.commands.answering import prepare_batch, stream_batch
-from tilevlm.commands.options import (add_generation_arguments, model_path, sampling_params,
+from tilevlm.commands.options import (add_generation_arguments, check_generation_arguments,
+                                      model_path,
                                       store_weights)
 
 HELP = "answer a prompt about images with a trained model, streaming the answer"
@@ -23,9 +24,8 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.device import resolve_device
     from tilevlm.inference.loading import load_model, load_processor
 
-    sampling_params(args)  # bad options, model directory, images and prompt all fail
-    if args.max_new_tokens < 1:  # before the weights load or the vision encoder runs
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    check_generation_arguments(args)  # bad options, model directory, images and prompt all
+    # fail before the weights load or the vision encoder runs
     resolve_device(args.device)
     model_dir = model_path(args)
     processor = load_processor(model_dir, args.tokenizer)

@@ -71,10 +71,11 @@ def _save_png(path: str, original: Image.Image, resized: Image.Image, grid: tupl
               tile_size: int, thumb: Image.Image | None, title: str) -> None:
     from pathlib import Path
 
+    from tilevlm.files import make_output_dir
     from tilevlm.tools.visualize import draw_tiles
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent, "directory of --save-png")
     try:
         draw_tiles(resized, grid, tile_size, thumb, title, original).save(out, format="PNG")
     except OSError as e:

@@ -126,6 +126,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
+def check_generation_arguments(args: argparse.Namespace) -> None:
+    """The generation options of `generate` and `chat`, checked before anything loads."""
+    sampling_params(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """The sampling options as SamplingParams (a ValueError for a bad value)."""
     from tilevlm.inference.sampling import SamplingParams

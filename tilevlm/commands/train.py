@@ -94,12 +94,13 @@ def _train(args: argparse.Namespace, cfg: Any) -> int:
     from tilevlm.preprocessing.processor import Processor
     from tilevlm.training.loop import train
 
-    model, tokenizer = _model_and_tokenizer(args, cfg.seed)
+    ckpt = _resume_checkpoint(args)
+    model, tokenizer = _model_and_tokenizer(args, cfg.seed, ckpt)
     processor = Processor(model.cfg, tokenizer)
     train_data = training_data(args.data, "train", args.train_size, model.cfg, args.data_format,
                                args.image_root)
     result = train(model, processor, train_data, _val_data(args, model.cfg, processor, cfg), cfg,
-                   resume_from=args.resume)
+                   resume_from=ckpt)
     if result.interrupted:
         log.info("interrupted at step %d; to continue, run the same command with --resume %s",
                  result.step, args.out)
@@ -124,21 +125,30 @@ def _val_data(args: argparse.Namespace, config: Any, processor: Any, cfg: Any) -
     return None
 
 
-def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]:
-    """A fresh model from --preset/--config, the model of --model or --resume, and its
-    tokenizer (--tokenizer overrides the one a model directory holds)."""
+def _resume_checkpoint(args: argparse.Namespace) -> Any:
+    """The checkpoint --resume names (found once, so a fallback is reported once), or None."""
+    from tilevlm.training.checkpoints import find_latest
+
+    if not args.resume:
+        return None
+    ckpt = find_latest(args.resume)
+    if ckpt is None:
+        raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
+    return ckpt
+
+
+def _model_and_tokenizer(args: argparse.Namespace, seed: int, ckpt: Any) -> tuple[Any, Any]:
+    """A fresh model from --preset/--config, the model of --model or of the --resume
+    checkpoint `ckpt`, and its tokenizer (--tokenizer overrides the one a model directory
+    holds)."""
     import torch
 
     from tilevlm.weights.native import load_pretrained
     from tilevlm.config import VLMConfig, preset
     from tilevlm.model.vlm import VisionLanguageModel
     from tilevlm.preprocessing.tokenizer import load_tokenizer
-    from tilevlm.training.checkpoints import find_latest
 
-    if args.resume and not (args.preset or args.config or args.model):
-        ckpt = find_latest(args.resume)
-        if ckpt is None:
-            raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
+    if ckpt is not None and not (args.preset or args.config or args.model):
         model = _resume_skeleton(ckpt, args.lora) or load_pretrained(ckpt).train()
         return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side)
     if args.model:

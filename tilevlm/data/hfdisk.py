@@ -9,7 +9,6 @@ nothing is loaded whole. Rows are The Cauldron / FineVision style (see `tilevlm.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,6 +16,7 @@ from tilevlm.data.parquet import (BATCH_ROWS, cauldron_sample, find_columns, req
                                   take_rows)
 from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample
 from tilevlm.data.skips import SkipCounter
+from tilevlm.files import confined, read_json_object
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -28,23 +28,34 @@ def is_saved_dataset(path: Path) -> bool:
 def arrow_files(path: Path, split: str = "train") -> list[Path]:
     """The Arrow files of a saved Dataset (or of `split` of a saved DatasetDict), in order."""
     if (path / "dataset_dict.json").is_file():
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        splits = read_json_object(path / "dataset_dict.json").get("splits", [])
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            raise ValueError(f"{path / 'dataset_dict.json'}: 'splits' must be a list of names")
         if split not in splits:
             raise ValueError(f"{path}: a saved DatasetDict without a {split!r} split "
                              f"(it has {', '.join(splits) or 'none'})")
-        path = path / split
+        path = confined(path, split, "split")
     state_file = path / "state.json"
     if not state_file.is_file():
         raise ValueError(f"{path}: no state.json; expected a directory written by "
                          "datasets' save_to_disk")
-    state = json.loads(state_file.read_text())
+    state = read_json_object(state_file)
     if state.get("_indices_data_files"):
         raise ValueError(f"{path}: saved with an indices mapping; re-save it after "
                          "`dataset.flatten_indices()`")
-    files = [path / f["filename"] for f in state.get("_data_files", [])]
-    if not files:
-        raise ValueError(f"{path}: state.json lists no data files")
-    return files
+    entries = state.get("_data_files")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{state_file}: '_data_files' must be a non-empty list")
+    return [_data_file(path, entry, state_file) for entry in entries]
+
+
+def _data_file(path: Path, entry: Any, state_file: Path) -> Path:
+    """One `_data_files` entry: a `{"filename": ...}` inside the dataset directory."""
+    name = entry.get("filename") if isinstance(entry, dict) else None
+    try:
+        return confined(path, name, "_data_files filename")
+    except ValueError as e:
+        raise ValueError(f"{state_file}: {e}") from None
 
 
 def _open_arrow(pa: Any, path: Path) -> tuple[Any, Iterator[Any]]:

@@ -11,16 +11,15 @@ parse, and adds `n_tokens` and `n_tiles` to each sample it passes on, for packin
 
 from __future__ import annotations
 
-import io
 import itertools
 import warnings
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
 from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
+from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
 from tilevlm.preprocessing.image import tile_grid, tiles_per_image
 from tilevlm.preprocessing.processor import count_image_tokens
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
@@ -46,19 +45,14 @@ def image_size(source: Any, max_pixels: int) -> tuple[int, int]:
 def _header_size(source: Any) -> tuple[int, int]:
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
-        fp = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else Path(source)
-        with warnings.catch_warnings():
+        fp = image_file(source, name)  # a regular file: a FIFO would block the header pass
+        with decoding(name, "cannot read the image header"), warnings.catch_warnings():
             # Our own pixel limit applies (above); Pillow's would only warn or raise early.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
                 return _displayed_size(img)
-    except Image.UnidentifiedImageError:
-        raise SkipSample(IMAGE_ERROR, f"{name}: not an image (unknown or unsupported format)"
-                         ) from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError,
-            Image.DecompressionBombError) as e:
-        raise SkipSample(IMAGE_ERROR, f"{name}: cannot read the image header "
-                                      f"({type(e).__name__}: {e})") from None
+    except ImageLoadError as e:
+        raise SkipSample(IMAGE_ERROR, str(e)) from None
 
 
 def _displayed_size(img: Image.Image) -> tuple[int, int]:
@@ -83,6 +77,9 @@ class SampleMeter:
     def __init__(self, processor: Any) -> None:
         self.config = processor.config
         self.tokenizer = processor.tokenizer
+        # More characters than this cannot fit lm_max_length tokens (the factor 4 leaves room
+        # for normalizers that drop characters): such text is refused without tokenizing it.
+        self.max_chars = 4 * self.config.lm_max_length * self.tokenizer.max_token_chars
 
     def measure(self, sample: Sample) -> tuple[int, int]:
         """(tokens, tiles) the Processor will produce for this sample."""
@@ -98,6 +95,11 @@ class SampleMeter:
         """Chat-format tokens of the messages with every `<image>` replaced by its text label
         (the layout's, often none) and no special tokens (no generation prompt). The label joins
         the text before it, as in the processor, where special tokens split the text."""
+        n_chars = sum(len(m["content"]) for m in messages)
+        if n_chars > self.max_chars:
+            raise SkipSample(TOO_LONG, f"{n_chars} characters of text, more than "
+                                       f"lm_max_length {self.config.lm_max_length} tokens can "
+                                       "hold (never truncated)")
         layout = self.config.image_token_layout
         n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         index = itertools.count()

@@ -12,12 +12,12 @@ inside it: `../../etc/passwd` or an absolute path elsewhere is refused for that 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample, make_sample, safe_image_path
 from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
+from tilevlm.files import check_regular_file, parse_json, read_json
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system"}
@@ -29,7 +29,8 @@ def llava_sample(record: Any, root: Path, where: str) -> Sample:
         raise SkipSample(MALFORMED, "expected an object with a 'conversations' list")
     messages = []
     for turn in record["conversations"]:
-        role = ROLE_NAMES.get(turn.get("from")) if isinstance(turn, dict) else None
+        role = turn.get("from") if isinstance(turn, dict) else None
+        role = ROLE_NAMES.get(role) if isinstance(role, str) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise SkipSample(MALFORMED, f"a turn needs 'from' (human|gpt|system) and a 'value' "
                                         f"string, got {turn!r:.120}")
@@ -51,8 +52,7 @@ class LlavaReader(RowReader):
             raise ValueError("no LLaVA json files given")
         self.files = [Path(f) for f in files]
         for path in self.files:
-            if not path.is_file():
-                raise ValueError(f"{path}: file not found")
+            check_regular_file(path)
         self.image_root = Path(image_root) if image_root is not None else self.files[0].parent
 
     def _rows(self, keep: Keep) -> Iterator[tuple[str, Any]]:
@@ -68,9 +68,9 @@ class LlavaReader(RowReader):
     def _to_sample(self, row: Any, where: str) -> Sample:
         if isinstance(row, str):  # a JSON line, parsed only by the rank that keeps it
             try:
-                row = json.loads(row)
-            except json.JSONDecodeError as e:
-                raise SkipSample(MALFORMED, f"not valid JSON ({e})") from None
+                row = parse_json(row, "line")
+            except ValueError as e:
+                raise SkipSample(MALFORMED, str(e)) from None
         if self.row_format is not None:
             if not isinstance(row, dict):
                 raise SkipSample(MALFORMED, f"expected a JSON object, got {row!r:.80}")
@@ -79,15 +79,7 @@ class LlavaReader(RowReader):
 
 
 def _json_records(path: Path) -> list[Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected a LLaVA-style list of "
-                         "{image, conversations} records") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of LLaVA records, "
-                         f"got a {type(data).__name__}")
-    return data
+    return read_json(path, list, "a JSON list of LLaVA {image, conversations} records")
 
 
 def _jsonl_lines(path: Path) -> Iterator[str]:

@@ -126,17 +126,30 @@ class ParquetReader(RowReader):
                 kept = {i for i in range(first, first + size) if keep(i)}  # `keep` once per row
                 if kept:  # a row group with no kept row is never read (other ranks' rows, or
                     # everything before the position a resumed run starts from)
-                    start = first
-                    for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=wanted,
-                                                   row_groups=[group]):
-                        for i, row in take_rows(batch, start, kept.__contains__):
-                            yield f"{path}:{i - offset}", (row, columns[1], root)
-                        start += batch.num_rows
+                    for i, row in _group_rows(pa, file, group, first, kept, wanted):
+                        yield f"{path}:{i - offset}", (row, columns[1], root)
                 first += size
             offset += n
 
     def _to_sample(self, row: Any, where: str) -> Sample:
         values, image_column, root = row
+        if isinstance(values, SkipSample):
+            raise values
         if self.row_format is not None:
             return self.row_format.to_sample(values, root, where)
         return cauldron_sample(values, image_column, root, where)
+
+
+def _group_rows(pa: Any, file: Any, group: int, first: int, kept: set[int],
+                wanted: list[str]) -> Iterator[tuple[int, Any]]:
+    """(global index, row) for the kept rows of one row group; when its data cannot be decoded
+    (a corrupt page behind a valid footer), a SkipSample in place of each row not yet given, so
+    every kept row is still accounted for (and counted as skipped)."""
+    start = first
+    try:
+        for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=wanted, row_groups=[group]):
+            yield from take_rows(batch, start, kept.__contains__)
+            start += batch.num_rows
+    except (OSError, pa.ArrowException) as e:
+        error = SkipSample(MALFORMED, f"row group {group} cannot be decoded ({e})")
+        yield from ((i, error) for i in sorted(kept) if i >= start)

@@ -19,7 +19,6 @@ without converting them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from collections import deque
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -29,6 +28,7 @@ import torch
 from tilevlm.preprocessing.chat_template import (PlaceholderMismatch, check_message,
                                                  place_image_placeholders)
 from tilevlm.data.skips import MALFORMED, PATH_ESCAPE, PLACEHOLDERS, SkipCounter, SkipSample
+from tilevlm.files import confined
 
 Sample = dict[str, Any]
 Keep = Callable[[int], bool]  # global row index -> whether this process reads the row
@@ -174,13 +174,12 @@ def make_sample(messages: list[dict[str, str]], images: list[Any], where: str) -
 
 
 def safe_image_path(root: str | Path, name: str) -> Path:
-    """`root / name`, refused (SkipSample) when it leaves `root`: `..` parts or an absolute path
-    elsewhere. The check is lexical, so symlinks the data owner placed inside the root still work;
-    what it stops is a data file pointing at arbitrary files (`../../etc/passwd`)."""
+    """`root / name`, refused (SkipSample) when, symlinks resolved, it leaves `root`: `..`
+    parts, an absolute path elsewhere, or a link inside the root that points out of it
+    (`tilevlm.files.confined`). Links that stay inside the root work."""
     if not isinstance(name, str) or not name:
         raise SkipSample(MALFORMED, f"image path must be a non-empty string, got {name!r:.80}")
-    base = os.path.normpath(os.path.abspath(root))
-    path = os.path.normpath(os.path.join(base, name))  # an absolute `name` replaces `base`
-    if os.path.commonpath([base, path]) != base:
-        raise SkipSample(PATH_ESCAPE, f"image path {name!r} is outside the image root {base}")
-    return Path(path)
+    try:
+        return confined(root, name, "image path", "the image root")
+    except ValueError as e:
+        raise SkipSample(PATH_ESCAPE, str(e)) from None

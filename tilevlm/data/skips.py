@@ -42,7 +42,8 @@ class SkipCounter:
         self.counts[reason] += 1
         self._pending[reason] += 1
         if self.counts[reason] <= self._log_first:
-            log.warning("skipping %s (%s): %s", where or "a sample", reason, message)
+            log.warning("skipping %s (%s): %s", where or "a sample", reason,
+                        " ".join(message.split()))  # one line, whatever the message holds
 
     def skip(self, error: SkipSample, where: str = "") -> None:
         self.add(error.reason, where, str(error))

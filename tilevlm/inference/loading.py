@@ -7,13 +7,13 @@ heavy work starts.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from tilevlm.config import VLMConfig
+from tilevlm.files import read_json_object
 from tilevlm.device import default_dtype, resolve_device
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
@@ -22,11 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def _is_nanovlm(model_dir: Path) -> bool:
-    try:
-        data = json.loads((model_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and ("vlm_extra_tokens" in data or "extra_token_amount" in data)
+    data = read_json_object(model_dir / "config.json")
+    return ("vlm_extra_tokens" in data or "extra_token_amount" in data)
 
 
 def load_model_config(model_dir: str | Path) -> VLMConfig:

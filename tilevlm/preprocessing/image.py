@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from tilevlm.config import VLMConfig
+from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
 
 ImageLike = Union[str, Path, bytes, Image.Image]
 _T = TypeVar("_T")
@@ -48,10 +49,6 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 # ----------------------------------------------------------------------------- loading
 
-class ImageLoadError(ValueError):
-    """An image that cannot be used; the message starts with the input's name."""
-
-
 def load_image(source: ImageLike, max_pixels: int = 89_478_485,
                draft_scale: Callable[[int, int], int] | None = None) -> Image.Image:
     """Open `source` (a path, encoded bytes or a PIL image) as an RGB image.
@@ -68,14 +65,12 @@ def load_image(source: ImageLike, max_pixels: int = 89_478_485,
     name = _source_name(source)
     if isinstance(source, Image.Image):
         _check_size(source.size, max_pixels, name)
-        try:
+        with decoding(name):
             source.load()  # a lazily opened image may still hold undecoded (corrupt) data
-        except (OSError, SyntaxError, EOFError, ValueError) as e:
-            raise ImageLoadError(f"{name}: truncated or corrupt image ({e})") from None
         out = _finish(source, name)
         return out.copy() if out is source else out  # never hand back the caller's object
-    fp = _as_file(source, name)
-    try:
+    fp = image_file(source, name)
+    with decoding(name):
         with _our_pixel_limit():
             img = Image.open(fp)  # reads the header only
         with img:
@@ -84,13 +79,6 @@ def load_image(source: ImageLike, max_pixels: int = 89_478_485,
                 _draft(img, draft_scale)
             img.load()  # a full decode: truncated or corrupt data fails here, not later
             return _finish(img, name)
-    except ImageLoadError:
-        raise
-    except Image.UnidentifiedImageError:
-        raise ImageLoadError(f"{name}: not an image (unknown or unsupported format)") from None
-    except (OSError, SyntaxError, EOFError, ValueError, IndexError, TypeError) as e:
-        raise ImageLoadError(f"{name}: truncated or corrupt image "
-                             f"({type(e).__name__}: {e})") from None
 
 
 def _source_name(source: ImageLike) -> str:
@@ -102,22 +90,6 @@ def _source_name(source: ImageLike) -> str:
         return str(source)
     raise ImageLoadError(f"cannot load an image from a {type(source).__name__}; "
                          "give a path, encoded bytes or a PIL image")
-
-
-def _as_file(source: str | Path | bytes, name: str) -> Path | io.BytesIO:
-    """A path that exists and is not empty, or the bytes wrapped in a file object."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.exists():
-            raise ImageLoadError(f"{name}: file not found")
-        if not path.is_file():
-            raise ImageLoadError(f"{name}: not a file")
-        if path.stat().st_size == 0:
-            raise ImageLoadError(f"{name}: empty file, not an image")
-        return path
-    if len(source) == 0:
-        raise ImageLoadError(f"{name}: empty data, not an image")
-    return io.BytesIO(bytes(source))
 
 
 def _draft(img: Image.Image, draft_scale: Callable[[int, int], int]) -> None:
@@ -134,12 +106,10 @@ def _finish(img: Image.Image, name: str) -> Image.Image:
     """First frame, EXIF orientation, RGB (no copy when there is nothing to change)."""
     if getattr(img, "is_animated", False):
         warnings.warn(f"{name}: animated image; using the first frame", stacklevel=3)
-    try:
+    with decoding(name, f"cannot turn or convert this {img.mode} image to RGB"):
         if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even for none
             img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
-    except (OSError, ValueError, SyntaxError, TypeError) as e:
-        raise ImageLoadError(f"{name}: cannot convert mode {img.mode} to RGB ({e})") from None
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ defines. Nothing here touches the network.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tilevlm.files import read_json_object
+from tilevlm.files import parse_json, read_json_object
 from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START, chat_segments
 from tilevlm.preprocessing.jinja_chat import renderer, template_segments
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
@@ -60,6 +61,13 @@ class VLMTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry, in characters: no token covers more characters of
+        text (byte-level entries even cover fewer), so a text of more than N times this many
+        characters has more than N tokens, known before tokenizing it."""
+        return max(len(token) for token in self.tokenizer.get_vocab(with_added_tokens=False))
 
     def grid_token_id(self, row: int, col: int) -> int:
         """The id of grid token (row, col), both 1-based."""
@@ -116,8 +124,11 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
     if not path.is_file():
         raise ValueError(f"{directory}: no tokenizer.json; a fast Hugging Face tokenizer "
                          "(tokenizer.json, plus tokenizer_config.json for eos/pad/bos) is needed")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not isinstance(parse_json(text, str(path)), dict):  # the checks every JSON file gets
+        raise ValueError(f"{path}: expected a JSON object")
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises a plain Exception on malformed files
         raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
     names = _special_token_names(directory)
@@ -125,7 +136,7 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
     base = _add_vlm_tokens(tok, grid_side, str(directory))
     eos = names.get("eos_token") or IM_END
     if "eos_token" not in names:
-        logger.info("%s: no eos token configured; using %s", directory, IM_END)
+        logger.debug("%s: no eos token configured; using %s", directory, IM_END)
     return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"),
                         _chat_template(directory))
 
@@ -162,7 +173,7 @@ def _ensure_chat_markers(tok: Tokenizer, source: str) -> None:
     missing = [t for t in (IM_START, IM_END) if tok.token_to_id(t) is None]
     if missing:
         tok.add_special_tokens([_special(t) for t in missing])
-        logger.info("%s: added ChatML markers %s as special tokens", source, ", ".join(missing))
+        logger.debug("%s: added ChatML markers %s as special tokens", source, ", ".join(missing))
 
 
 def _vocab_size(tok: Tokenizer) -> int:
@@ -186,7 +197,7 @@ def _add_vlm_tokens(tok: Tokenizer, grid_side: int, source: str) -> int:
                 f"{source}: special token {content} has id {token_id}, expected {base + index}: "
                 f"{IMAGE_TOKEN}, {GLOBAL_IMAGE_TOKEN} and the grid tokens must follow the base "
                 f"vocabulary ({base} tokens) in that order")
-    logger.info("%s: base vocabulary %d tokens, %d with image/grid tokens (%d new)",
+    logger.debug("%s: base vocabulary %d tokens, %d with image/grid tokens (%d new)",
                 source, base, _vocab_size(tok), _vocab_size(tok) - before)
     return base
 

@@ -25,6 +25,7 @@ import torch
 from tilevlm.config import VLMConfig, preset
 from tilevlm.data.sources import synthetic_spec, synthetic_tokenizer
 from tilevlm.data.synthetic import SyntheticVQA
+from tilevlm.files import read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.training.train_config import TrainConfig
@@ -134,7 +135,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 
 def _add_timing(path: Path, train_seconds: float, seconds: float, cfg: DemoConfig) -> None:
-    data = json.loads(path.read_text())
+    data = read_json_object(path)
     data.update(train_seconds=round(train_seconds, 1), total_seconds=round(seconds, 1),
                 threads=torch.get_num_threads(), demo_config=dataclasses.asdict(cfg))
     path.write_text(json.dumps(data, indent=2) + "\n")

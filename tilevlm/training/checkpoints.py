@@ -24,13 +24,15 @@ import random
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from tilevlm.files import check_regular_file, confined, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def check_pointer(out_dir: Path) -> None:
+    """A ValueError when the `latest` pointer exists but is not a regular file (it could not be
+    replaced at the first save, after the work of the steps before it)."""
+    pointer = out_dir / LATEST
+    if (pointer.exists() or pointer.is_symlink()) and not pointer.is_file():
+        raise ValueError(f"{pointer}: exists and is not a regular file; remove it (it is the "
+                         "pointer to the newest checkpoint)")
+
+
 def remove_stale_tmp(out_dir: str | Path) -> None:
     """Delete half-written checkpoint directories left by a killed run."""
     for path in Path(out_dir).glob(TMP_PREFIX + "*"):
@@ -213,23 +224,78 @@ def remove_stale_tmp(out_dir: str | Path) -> None:
 
 # ---------------------------------------------------------------- reading
 def is_complete(directory: Path) -> bool:
-    return (directory / TRAINER_STATE).is_file() and (directory / OPTIMIZER_TENSORS).is_file()
+    return checkpoint_problem(directory) is None
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why `directory` is not a complete, intact checkpoint (a missing, truncated or malformed
+    file), or None. Headers and JSON only: no tensor is read."""
+    from tilevlm.weights.safetensors_files import CONFIG_FILE, WEIGHTS_FILE, safetensors_problem
+
+    names = (CONFIG_FILE, WEIGHTS_FILE, OPTIMIZER_TENSORS, OPTIMIZER_META, RNG_TENSORS,
+             TRAINER_STATE)
+    missing = [name for name in names if not (directory / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for name in (WEIGHTS_FILE, OPTIMIZER_TENSORS, RNG_TENSORS):
+        if (problem := safetensors_problem(directory / name)) is not None:
+            return problem
+    try:
+        for name in (CONFIG_FILE, OPTIMIZER_META):
+            read_json_object(directory / name)
+        read_trainer_state(directory)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def find_latest(path: str | Path) -> Path | None:
-    """The checkpoint to resume from: `path` itself if it is a checkpoint, else the one `latest`
-    names in it, else its highest-numbered complete `checkpoint-*`; None if there is none."""
+    """The checkpoint to resume from: `path` itself if it is a checkpoint (a ValueError when it
+    is not intact), else the one `latest` names in it, else its highest-numbered intact
+    `checkpoint-*`, with a warning for each broken one passed over; None if there is none."""
     path = Path(path)
-    if is_complete(path):
+    if (path / TRAINER_STATE).exists():
+        if (problem := checkpoint_problem(path)) is not None:
+            raise ValueError(f"{path}: not an intact checkpoint ({problem})")
         return path
-    pointer = path / LATEST
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if is_complete(target):
-            return target
-    steps = [(int(m.group(1)), p) for p in path.glob("checkpoint-*")
-             if (m := _CHECKPOINT_RE.match(p.name)) and is_complete(p)]
-    return max(steps)[1] if steps else None
+    steps = sorted(((int(m.group(1)), p) for p in path.glob("checkpoint-*")
+                    if (m := _CHECKPOINT_RE.match(p.name)) and p.is_dir()), reverse=True)
+    candidates = [p for p in [_pointed_at(path)] if p is not None] + \
+        [p for _, p in steps if _inside(path, p)]
+    for candidate in candidates:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        log.warning("%s is not an intact checkpoint (%s); trying the previous one", candidate,
+                    problem)
+    return None
+
+
+def _inside(run_dir: Path, checkpoint: Path) -> bool:
+    """Whether `checkpoint`, symlinks resolved, is in `run_dir` (a warning when it is not)."""
+    try:
+        confined(run_dir, checkpoint.name, "checkpoint")
+    except ValueError as e:
+        log.warning("%s; not resuming from it", e)
+        return False
+    return True
+
+
+def _pointed_at(run_dir: Path) -> Path | None:
+    """The checkpoint the `latest` pointer names, confined to `run_dir`; None (with a warning)
+    when the pointer is absent or unusable."""
+    pointer = run_dir / LATEST
+    if not pointer.exists():
+        return None
+    try:
+        check_regular_file(pointer)
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if not _CHECKPOINT_RE.match(name):
+            raise ValueError(f"{pointer}: expected a checkpoint-N name, got {name!r:.80}")
+        return confined(run_dir, name, f"{pointer}: the checkpoint")
+    except ValueError as e:
+        log.warning("%s; looking for the newest intact checkpoint instead", e)
+        return None
 
 
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
@@ -242,11 +308,56 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     model.load_state_dict(tensors)
 
 
+def read_trainer_state(directory: Path) -> dict[str, Any]:
+    """`trainer_state.json`, checked: a `state` that makes a TrainState and an `rng` object."""
+    path = directory / TRAINER_STATE
+    data = read_json_object(path)
+    for key in ("state", "rng"):
+        if not isinstance(data.get(key), dict):
+            raise ValueError(f"{path}: '{key}' must be a JSON object")
+    try:
+        train_state(data["state"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return data
+
+
+def train_state(data: dict[str, Any]) -> TrainState:
+    """A TrainState from its JSON form; unknown fields and wrong types are a ValueError."""
+    known = {f.name: f for f in fields(TrainState)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown TrainState fields: {', '.join(unknown)}")
+    for name in ("step", "position"):
+        if name not in data:
+            raise ValueError(f"TrainState.{name} is missing")
+    for name, value in data.items():
+        kind = _STATE_TYPES[known[name].type]
+        if not isinstance(value, kind) or isinstance(value, bool) or \
+                (kind is int and value < 0):
+            raise ValueError(f"TrainState.{name} must be {_STATE_TYPE_NAMES[kind]}, "
+                             f"got {value!r:.60}")
+    return TrainState(**data)
+
+
+_STATE_TYPES = {"int": int, "dict[str, int]": dict, "list[Any]": list, "dict[str, Any]": dict}
+_STATE_TYPE_NAMES = {int: "an integer >= 0", dict: "a JSON object", list: "a list"}
+
+
 def load_training_files(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore optimizer and RNG states from a checkpoint; returns the trainer state."""
-    meta = json.loads((directory / OPTIMIZER_META).read_text())
-    tensors = load_file(str(directory / OPTIMIZER_TENSORS))
-    optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
-    state = json.loads((directory / TRAINER_STATE).read_text())
-    restore_rng(load_file(str(directory / RNG_TENSORS)), state["rng"])
+    """Restore optimizer and RNG states from a checkpoint; returns the trainer state. A file
+    whose contents do not fit (an edited or foreign checkpoint) is a ValueError naming it."""
+    state = read_trainer_state(directory)
+    meta = read_json_object(directory / OPTIMIZER_META)
+    try:
+        tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{directory / OPTIMIZER_META}: does not fit this optimizer "
+                         f"({type(e).__name__}: {e})") from None
+    try:
+        restore_rng(load_file(str(directory / RNG_TENSORS)), state["rng"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise ValueError(f"{directory / TRAINER_STATE}: its RNG state cannot be restored "
+                         f"({type(e).__name__}: {e})") from None
     return state

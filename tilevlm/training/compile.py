@@ -7,6 +7,15 @@ from typing import Any
 from torch import nn
 
 
+def check_backend(name: str) -> None:
+    """A ValueError unless `name` is a torch.compile backend of this install."""
+    import torch._dynamo
+
+    if name not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"--compile {name!r}: not a torch.compile backend here; e.g. "
+                         f"{', '.join(torch._dynamo.list_backends())}")
+
+
 def compile_blocks(model: nn.Module, training_only: bool = True, **compile_kwargs: Any
                    ) -> nn.Module:
     """Compile every vision and decoder block in place with `nn.Module.compile`.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -148,7 +149,8 @@ class StreamFeed:
     def batches(self, pin_memory: bool) -> Iterator[TrainBatch]:
         stream = TrainStream(self.spec.open, self.processor, self.options, self.rank,
                              self.world_size, start=self.pos)
-        return iter(stream_loader(stream, self.cfg.num_workers, pin_memory, ignore_sigint))
+        loader = stream_loader(stream, self.cfg.num_workers, pin_memory, ignore_sigint)
+        return require_usable(iter(loader), self.pos, self.rank)
 
     def consumed(self, batch: TrainBatch) -> None:
         self.pos = batch.stream
@@ -158,6 +160,24 @@ class StreamFeed:
 
     def epoch(self) -> int:
         return self.pos.epoch
+
+
+def require_usable(batches: Iterator[TrainBatch], start: StreamPosition,
+                   rank: int) -> Iterator[TrainBatch]:
+    """The stream's batches, until a whole epoch passes in which the collator accepted no
+    sample (every image undecodable, every text refused): then a ValueError with the skip
+    counts, instead of drawing empty batches forever."""
+    epoch, whole, usable = start.epoch, start == StreamPosition(start.epoch), False
+    skipped: Counter[str] = Counter()
+    for batch in batches:
+        if batch.stream.epoch != epoch:
+            if whole and not usable:
+                raise ValueError(f"rank {rank}: no sample of a whole pass over the data could "
+                                 f"be used (skipped: {dict(skipped)})")
+            epoch, whole, usable, skipped = batch.stream.epoch, True, False, Counter()
+        usable = usable or not batch.empty
+        skipped.update(batch.skipped)
+        yield batch
 
 
 def make_feed(data: Any, processor: Any, cfg: TrainConfig, rank: int, world_size: int) -> Feed:

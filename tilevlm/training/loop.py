@@ -42,6 +42,7 @@ from tilevlm.data.packing import INVALID
 from tilevlm.data.skips import (IMAGE_ERROR, MALFORMED, PATH_ESCAPE, PLACEHOLDERS, TOO_LONG,
                                 TOO_MANY_TILES)
 from tilevlm.device import resolve_device, resolve_dtype
+from tilevlm.files import make_output_dir
 from tilevlm.training import checkpoints, distributed, optim
 from tilevlm.training.checkpoints import TrainState
 from tilevlm.training.feed import Feed, make_feed, resume_feed
@@ -167,11 +168,11 @@ def _loop(run: _Run, stop: "_SigintFlag") -> bool:
 
 
 def _finish(run: _Run) -> None:
-    """Final validation and checkpoint."""
-    if run.val_samples:
-        _validate(run)
+    """Final checkpoint, then validation: the save comes before anything that can still fail."""
     _log_epoch(run, final=True)
     _save(run)
+    if run.val_samples:
+        _validate(run)
 
 
 def _periodic(run: _Run) -> None:
@@ -187,6 +188,7 @@ def _periodic(run: _Run) -> None:
 def _setup(model: nn.Module, processor: Any, train_data: Any,
            val_data: Iterable[dict[str, Any]] | None, cfg: TrainConfig,
            resume_from: str | Path | None) -> _Run:
+    _check_options(cfg, model)
     rank, world = distributed.rank(), distributed.world_size()
     feed = make_feed(train_data, processor, cfg, rank, world)
     _seed_everything(cfg.seed)
@@ -202,9 +204,9 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
         compile_blocks(model, backend=cfg.compile)
     optimizer = optim.build_optimizer(model, cfg.part_lrs, cfg.weight_decay,
                                       (cfg.adam_beta1, cfg.adam_beta2), device.type)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_dir(Path(cfg.out_dir), "run directory (--out)")
     if distributed.is_main():
+        checkpoints.check_pointer(out_dir)
         checkpoints.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \
         if val_data is not None and distributed.is_main() else []
@@ -225,6 +227,19 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     return run
 
 
+def _check_options(cfg: TrainConfig, model: nn.Module) -> None:
+    """What TrainConfig cannot check alone (it knows no model, imports no torch), checked before
+    step 1 so that no option fails after the work is done."""
+    limit = model.cfg.lm_max_position_embeddings
+    if cfg.eval_max_new_tokens >= limit:
+        raise ValueError(f"--eval-max-new-tokens {cfg.eval_max_new_tokens} leaves no room for a "
+                         f"prompt in the model's {limit} positions")
+    if cfg.compile:
+        from tilevlm.training.compile import check_backend
+
+        check_backend(cfg.compile)
+
+
 def _seed_everything(seed: int) -> None:
     import random
 
@@ -241,7 +256,7 @@ def _resume(run: _Run, path: Path) -> None:
         raise ValueError(f"{path}: no complete checkpoint to resume from")
     checkpoints.load_model_weights(run.model, ckpt)
     saved = checkpoints.load_training_files(ckpt, run.optimizer)
-    run.state = TrainState(**saved["state"])
+    run.state = checkpoints.train_state(saved["state"])
     resume_feed(run.feed, saved)
     _warn_config_changes(saved.get("train_config", {}),
                          saved.get("data_layout", {}).get("world_size", 1), run.cfg)

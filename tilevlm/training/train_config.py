@@ -5,6 +5,7 @@ from these fields."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,14 +68,19 @@ class TrainConfig:
     log_every: int = _knob(10, "without a progress bar, a loss line every N steps (0: none)")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
+        # Written so that NaN fails every check (every comparison with NaN is false).
+        for name in ("steps", "batch_size", "grad_accum", "max_tiles", "eval_max_new_tokens"):
+            if not getattr(self, name) >= 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr_projector", "lr_vision", "lr_decoder", "weight_decay", "warmup_steps",
                      "grad_clip", "eval_every", "eval_batches", "save_every", "num_workers", "pack",
                      "shuffle_block", "log_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, "
+                                 f"got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps > self.steps:  # the learning rate would rise all run, never decay
             raise ValueError(f"warmup_steps ({self.warmup_steps}) is larger than steps "
                              f"({self.steps}); give --warmup-steps at most --steps (a tenth of "

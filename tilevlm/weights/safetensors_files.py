@@ -10,12 +10,13 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from tilevlm.files import read_json_object
+from tilevlm.files import confined, read_json_object
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors header names
 
 
 def weight_files(directory: str | Path) -> list[Path]:
@@ -38,10 +39,17 @@ def weight_files(directory: str | Path) -> list[Path]:
 
 
 def _shards(directory: Path) -> list[Path]:
-    weight_map = read_json_object(directory / INDEX_FILE).get("weight_map")
+    index = directory / INDEX_FILE
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{directory / INDEX_FILE}: no 'weight_map'")
-    shards = [directory / name for name in sorted(set(weight_map.values()))]
+        raise ValueError(f"{index}: no 'weight_map'")
+    if not all(isinstance(name, str) for name in weight_map.values()):
+        raise ValueError(f"{index}: every 'weight_map' value must be a file name string")
+    names = set(weight_map.values())
+    try:
+        shards = [confined(directory, name, "shard") for name in sorted(names)]
+    except ValueError as e:
+        raise ValueError(f"{index}: {e}") from None
     missing = [p.name for p in shards if not p.is_file()]
     if missing:
         raise ValueError(f"{directory}: shards listed in {INDEX_FILE} are missing: {missing}")
@@ -59,10 +67,28 @@ def _each_tensor(directory: str | Path, read: Callable[[Any, str], Any],
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for key in f.keys():
                     if keep(key):
+                        _check_dtype(path, key, f.get_slice(key).get_dtype())
                         out[key] = read(f, key)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a complete safetensors file ({e})") from None
     return out
+
+
+def _check_dtype(path: Path, key: str, dtype: str) -> None:
+    """Weights are floating point: an integer or boolean tensor would be cast and silently used."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{path}: tensor {key} has dtype {dtype}; weights must be one of "
+                         f"{', '.join(WEIGHT_DTYPES)}")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (header and size only), or None."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        return f"{path.name}: not a complete safetensors file ({e})"
+    return None
 
 
 def read_safetensors(directory: str | Path, keep: Callable[[str], bool] = lambda key: True,
