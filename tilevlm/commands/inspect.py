@@ -21,20 +21,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="image file (any format Pillow reads)")
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                         help="configuration whose tile size and max_img_size are used")
+    parser.add_argument("--model", metavar="DIR", default=None,
+                        help="use this model directory's image rule and token layout instead "
+                             "(ours, nanoVLM with --tokenizer, or Idefics3 / SmolVLM)")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="tokenizer directory (for a nanoVLM --model)")
     parser.add_argument("--save-png", metavar="OUT.png", default=None,
                         help="also draw the tiles, grid labels and global thumbnail to this PNG")
 
 
 def run(args: argparse.Namespace) -> int:
     from tilevlm.config import preset
-    from tilevlm.preprocessing.image import ImageTransform, load_image, tiles_per_image
+    from tilevlm.preprocessing.image import load_image, tiles_per_image
+    from tilevlm.preprocessing.image_rule import image_transform
     from tilevlm.preprocessing.processor import count_image_tokens
 
-    config = preset(args.preset)
+    tokenizer = None
+    if args.model:
+        from tilevlm.inference.loading import load_processor
+
+        processor = load_processor(args.model, args.tokenizer)
+        config, tokenizer = processor.config, processor.tokenizer
+    else:
+        config = preset(args.preset)
     img = load_image(args.image, max_pixels=config.max_image_pixels)
-    resized, thumb, grid = ImageTransform(config).resize(img)
+    resized, thumb, grid = image_transform(config).resize(img)
     n_tiles = tiles_per_image(grid, config.use_global_tile)
-    n_tokens = count_image_tokens(img.width, img.height, config)
+    n_tokens = count_image_tokens(img.width, img.height, config, tokenizer)
     global_note = " (incl. 1 global thumbnail)" if thumb is not None else ""
     print(f"image:        {args.image}")
     print(f"preset:       {config.name} (tile {config.vit_img_size} px, "
@@ -43,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"resized:      {resized.width}x{resized.height}")
     print(f"grid:         {grid[0]}x{grid[1]} (rows x cols)")
     print(f"tiles:        {n_tiles}{global_note}")
-    print(f"image tokens: {n_tokens} ({n_tiles} x (1 marker + {config.mp_image_token_length}))")
+    print(f"image tokens: {n_tokens} ({n_tiles} x {config.mp_image_token_length} image tokens, "
+          f"plus the {config.image_token_layout} layout's markers)")
     if args.save_png:
         _save_png(args.save_png, resized, grid, config.vit_img_size, thumb,
                   f"{args.image}: {img.width}x{img.height} -> {resized.width}x{resized.height}, "

@@ -135,10 +135,14 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int) -> tuple[Any, Any]
         if ckpt is None:
             raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
         model = load_pretrained(ckpt).train()
-        return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side)
-    if args.model:
-        model = load_pretrained(args.model).train()
-        return model, load_tokenizer(args.tokenizer or args.model, grid_side=model.cfg.grid_side)
+        return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side,
+                                     layout=model.cfg.image_token_layout)
+    if args.model:  # our directory, or an Idefics3 / SmolVLM (or nanoVLM) one read in place
+        from tilevlm.inference.loading import load_model, load_processor
+
+        processor = load_processor(args.model, args.tokenizer)
+        model = load_model(args.model, processor, "cpu", args.tokenizer, torch.float32)
+        return model.train(), processor.tokenizer
     if not (args.preset or args.config):
         raise ValueError("give --preset NAME, --config FILE or --model DIR (or --resume DIR)")
     config = preset(args.preset) if args.preset else VLMConfig.from_json(args.config)
