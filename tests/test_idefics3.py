@@ -259,3 +259,49 @@ def test_unknown_layout_is_one_line_before_the_weights(saved, tmp_path):
     (copy / "config.json").write_text(json.dumps({**config, "image_token_layout": "llava"}))
     assert "image_token_layout must be one of tilevlm, nanovlm, idefics3, got 'llava'" in \
         _one_line_error(copy, tmp_path)
+
+
+def test_export_loads_in_transformers_with_the_same_answers(saved, tok_dir, tmp_path):
+    from transformers import AutoProcessor, Idefics3ForConditionalGeneration
+
+    directory, _ = saved("p14_s3_tied")
+    built = cli("build", "--idefics3", str(directory), "--out", str(tmp_path / "ours"))
+    assert built.returncode == 0, built.stderr
+    exported = cli("export", "--format", "idefics3", str(tmp_path / "ours"), str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    hf, info = Idefics3ForConditionalGeneration.from_pretrained(tmp_path / "hf",
+                                                                output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched tensors
+    ref = AutoProcessor.from_pretrained(tmp_path / "hf")(text=BATCH_TEXTS, images=_images(),
+                                                          return_tensors="pt", padding=True)
+    model, processor = load_for_inference(tmp_path / "ours", device="cpu")
+    ours = processor.encode_texts(BATCH_TEXTS, _images())
+    assert torch.equal(ours["input_ids"], ref["input_ids"])
+    with torch.no_grad():
+        theirs = hf.eval()(**ref).logits
+        mine = model(ours["input_ids"], ours["pixel_values"],
+                     attention_mask=ours["attention_mask"]).logits
+    real = ours["attention_mask"].bool()
+    assert (mine[real] - theirs[real]).abs().max() <= 1e-4
+    one = {k: v[:1] for k, v in ref.items()}
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        tokens = hf.generate(**one, max_new_tokens=20, do_sample=False)[0, one["input_ids"].shape[1]:]
+    again = generate(model, processor.encode_texts(BATCH_TEXTS[:1], _images()[:1]),
+                     max_new_tokens=20, eos_token_ids=[])
+    assert again.tokens[0] == tokens.tolist()
+
+
+def test_export_of_a_nanovlm_layout_model_is_refused(tmp_path, tiny_tokenizer):
+    from tilevlm import preset
+    from tilevlm.model.vlm import VisionLanguageModel
+    from tilevlm.weights.native import save_pretrained
+
+    cfg = preset("tiny", lm_base_vocab_size=tiny_tokenizer.base_vocab_size,
+                 image_token_layout="nanovlm")
+    save_pretrained(VisionLanguageModel(cfg), tmp_path / "nano", tokenizer=tiny_tokenizer)
+    run = cli("export", "--format", "idefics3", str(tmp_path / "nano"), str(tmp_path / "out"))
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "cannot export as idefics3: this model writes images in the 'nanovlm'" in lines[0]
+    assert not (tmp_path / "out").exists()

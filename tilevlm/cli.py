@@ -27,6 +27,7 @@ COMMANDS = {
     "chat": "tilevlm.commands.chat",
     "inspect": "tilevlm.commands.inspect",
     "build": "tilevlm.commands.build",
+    "export": "tilevlm.commands.export",
     "bench": "tilevlm.commands.bench",
 }
 

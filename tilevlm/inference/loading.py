@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tilevlm.config import VLMConfig
 from tilevlm.device import default_dtype, resolve_device
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
@@ -28,18 +29,12 @@ def _is_nanovlm(model_dir: Path) -> bool:
     return isinstance(data, dict) and ("vlm_extra_tokens" in data or "extra_token_amount" in data)
 
 
-def load_processor(model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Processor:
-    """The processor of a model directory: its config and tokenizer, checked against each other.
-
-    Light (JSON and the tokenizer only, no weights): a contradictory config, a missing weights
-    file (or a pickle in its place), a tokenizer that does not fit the model's vocabulary, all
-    fail here, before any heavy work.
-    """
+def load_model_config(model_dir: str | Path, tokenizer_dir: str | Path | None = None
+                      ) -> VLMConfig:
+    """The VLMConfig of a model directory, whatever its format (JSON only, validated)."""
     from tilevlm.weights.idefics3 import idefics3_config, is_idefics3
     from tilevlm.weights.native import load_config
     from tilevlm.weights.nanovlm import nanovlm_config
-    from tilevlm.weights.safetensors_files import weight_files
-    from tilevlm.preprocessing.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -47,14 +42,26 @@ def load_processor(model_dir: str | Path, tokenizer_dir: str | Path | None = Non
                          "`tilevlm train`/`tilevlm demo` (or save_pretrained), a nanoVLM "
                          "checkpoint or an Idefics3 / SmolVLM directory")
     if is_idefics3(model_dir):
-        config = idefics3_config(model_dir)
-    elif _is_nanovlm(model_dir):
+        return idefics3_config(model_dir)
+    if _is_nanovlm(model_dir):
         if tokenizer_dir is None:
             raise ValueError(f"{model_dir} is a nanoVLM checkpoint: give its tokenizer directory "
                              "with --tokenizer DIR")
-        config = nanovlm_config(model_dir)
-    else:
-        config = load_config(model_dir)
+        return nanovlm_config(model_dir)
+    return load_config(model_dir)
+
+
+def load_processor(model_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Processor:
+    """The processor of a model directory: its config and tokenizer, checked against each other.
+
+    Light (JSON and the tokenizer only, no weights): a contradictory config, a missing weights
+    file (or a pickle in its place), a tokenizer that does not fit the model's vocabulary, all
+    fail here, before any heavy work.
+    """
+    from tilevlm.weights.safetensors_files import weight_files
+    from tilevlm.preprocessing.tokenizer import load_tokenizer
+
+    config = load_model_config(model_dir, tokenizer_dir)
     weight_files(model_dir)  # safetensors present (a pickle is refused, never read)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir, grid_side=config.grid_side,
                                layout=config.image_token_layout)

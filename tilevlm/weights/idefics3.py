@@ -86,7 +86,10 @@ def image_fields(model_dir: Path, tile: int) -> dict[str, Any]:
     if problems:
         raise ValueError(f"{where}: unsupported image settings: {'; '.join(problems)}")
     longest = _edge(settings, "size", where)
-    return dict(max_img_size=max(longest, tile), image_splitting=bool(
+    if longest < tile:
+        raise ValueError(f"{where}: size.longest_edge {longest} is smaller than one tile "
+                         f"({tile}); not supported")
+    return dict(max_img_size=longest, image_splitting=bool(
         settings.get("do_image_splitting", True)), image_mean=settings.get("image_mean", (0.5,) * 3),
         image_std=settings.get("image_std", (0.5,) * 3), image_rule="idefics3")
 

@@ -1,0 +1,33 @@
+"""`tilevlm export --format idefics3 MODEL OUT`: a model directory as transformers' Idefics3
+format (weights/export_idefics3.py), for transformers and the serving tools that read it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "write a model directory in another library's format (idefics3: transformers, vLLM)"
+FORMATS = ("idefics3",)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="model directory (ours or Idefics3 / SmolVLM)")
+    parser.add_argument("out", metavar="OUT", help="directory to write")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="the format to write")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="tokenizer directory (default: the model's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.inference.loading import load_model, load_model_config, load_processor
+    from tilevlm.weights.export_idefics3 import check_exportable, export_idefics3
+
+    check_exportable(load_model_config(args.model, args.tokenizer))  # before anything heavy
+    processor = load_processor(args.model, args.tokenizer)
+    model = load_model(args.model, processor, "cpu", args.tokenizer)
+    export_idefics3(model, processor.tokenizer, args.out)
+    print(f"wrote {args.out}: Idefics3ForConditionalGeneration, {model.num_parameters():,} "
+          f"parameters, {processor.config.mp_image_token_length} tokens per tile")
+    return 0
