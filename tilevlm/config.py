@@ -144,6 +144,8 @@ class VLMConfig:
         check_layout(self.image_token_layout, self.use_global_tile)
         _check(self.image_rule in IMAGE_RULES, "image_rule",
                f"must be one of {', '.join(IMAGE_RULES)}, got {self.image_rule!r:.60}")
+        _check(self.image_splitting or self.image_rule == "idefics3", "image_splitting",
+               "false (the global image alone) needs image_rule 'idefics3'")
         self._validate_image_token_id()
 
     def _validate_image_token_id(self) -> None:

@@ -45,7 +45,8 @@ def store_weights(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Model, device, sampling and weight options of `generate` and `chat`."""
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="model directory (from `tilevlm demo`/`train`, or a nanoVLM checkpoint)")
+                        help="model directory (from `tilevlm demo`/`train`, a nanoVLM checkpoint, or "
+                        "an Idefics3 / SmolVLM directory as transformers saves it)")
     parser.add_argument("--tokenizer", metavar="DIR", default=None,
                         help="tokenizer directory (needed for nanoVLM checkpoints)")
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", choices=sorted(PRESETS), help="model configuration by name")
     model.add_argument("--config", metavar="FILE", help="model configuration (VLMConfig JSON)")
     model.add_argument("--model", metavar="DIR", help="start from this model directory (e.g. "
-                       "made by `tilevlm build`); its tokenizer comes with it")
+                       "made by `tilevlm build`, or an Idefics3 / SmolVLM directory read in "
+                       "place); its tokenizer comes with it")
     parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or a run "
                         "directory (its latest checkpoint); the model comes from it")
     parser.add_argument("--data", required=True, help="'synthetic', or a dataset path: parquet "
