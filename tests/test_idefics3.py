@@ -205,6 +205,8 @@ def test_generate_and_train_in_place_through_the_cli(saved, tmp_path):
     answer = cli("generate", "--model", str(directory), "--image", str(tmp_path / "photo.png"),
                  "--prompt", "What is this?", "--max-new-tokens", "4")
     assert answer.returncode == 0, answer.stderr
+    shown = cli("inspect", str(tmp_path / "photo.png"), "--model", str(directory))
+    assert "grid:         3x3" in shown.stdout and "tiles:        10" in shown.stdout, shown.stderr
     (tmp_path / "images").mkdir()
     make_photo(200, 120).save(tmp_path / "images" / "0.png")
     rows = [{"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
