@@ -307,3 +307,19 @@ def test_export_of_a_nanovlm_layout_model_is_refused(tmp_path, tiny_tokenizer):
     assert run.returncode == 2 and len(lines) == 1, run.stderr
     assert "cannot export as idefics3: this model writes images in the 'nanovlm'" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_head_absent_from_the_files_is_tied_whatever_the_flag(saved, tok_dir, tmp_path):
+    directory, hf = saved("p14_s3_tied")
+    copy = Path(shutil.copytree(directory, tmp_path / "m"))
+    config = json.loads((copy / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = False
+    (copy / "config.json").write_text(json.dumps(config))
+    model, _ = load_for_inference(copy, device="cpu")
+    ref, ours = _batch(directory, tok_dir)
+    with torch.no_grad():
+        theirs = hf(**ref).logits
+        mine = model(ours["input_ids"], ours["pixel_values"],
+                     attention_mask=ours["attention_mask"]).logits
+    real = ours["attention_mask"].bool()
+    assert model.cfg.lm_tie_weights and (mine[real] - theirs[real]).abs().max() <= 1e-4

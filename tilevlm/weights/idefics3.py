@@ -10,7 +10,7 @@ headers) are checked before any tensor is read.
 
 Keys: `model.vision_model.*` is SigLIP (`SIGLIP_KEYS`), `model.text_model.*` is a Llama model
 (`LLAMA_KEYS`, under `model.` in a plain Llama file), `model.connector.modality_projection.proj.
-weight` the projector (its pixel shuffle has our channel order), `lm_head.weight` the untied head.
+weight` the projector (its pixel shuffle has our channel order), `lm_head.weight` the untied head (its absence means a tied one).
 """
 
 from __future__ import annotations
@@ -154,13 +154,26 @@ def convert_idefics3(tensors: dict[str, torch.Tensor], cfg: VLMConfig,
             **convert_llama(text, cfg, what)}
 
 
-def check_idefics3_shapes(model_dir: Path, cfg: VLMConfig, what: str) -> None:
+def head_from_files(cfg: VLMConfig, shapes: dict[str, tuple[int, ...]]) -> VLMConfig:
+    """The config with the head tied exactly when the files hold no `lm_head.weight`: where the
+    config's flag says otherwise, transformers either finds the two equal or leaves the head
+    random, so the files are what count."""
+    tied = "lm_head.weight" not in shapes
+    if tied == cfg.lm_tie_weights:
+        return cfg
+    return cfg.replace(lm_tie_weights=tied, grid_side=cfg.grid_side,
+                       lm_vocab_size=cfg.lm_vocab_size)
+
+
+def check_idefics3_shapes(model_dir: Path, cfg: VLMConfig, what: str) -> VLMConfig:
     """The key map applied to the header shapes alone (meta tensors): every tensor named and
-    shaped as the model needs, before any is read."""
+    shaped as the model needs, before any is read. Returns the config with the files' head."""
     shapes = read_shapes(model_dir)
+    cfg = head_from_files(cfg, shapes)
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     with torch.device("meta"):
         check_tensors(VisionLanguageModel(cfg), convert_idefics3(meta, cfg, what), what)
+    return cfg
 
 
 def load_idefics3(model_dir: str | Path, dtype: torch.dtype | None = None) -> VisionLanguageModel:
@@ -168,5 +181,5 @@ def load_idefics3(model_dir: str | Path, dtype: torch.dtype | None = None) -> Vi
     model_dir = Path(model_dir)
     cfg = idefics3_config(model_dir)
     what = f"Idefics3 weights in {model_dir}"
-    check_idefics3_shapes(model_dir, cfg, what)
+    cfg = check_idefics3_shapes(model_dir, cfg, what)
     return assemble(cfg, convert_idefics3(read_safetensors(model_dir), cfg, what), what, dtype)
