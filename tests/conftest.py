@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import make_photo
+from helpers import byte_level_bpe, make_photo
 from tilevlm import preset
 from tilevlm.config import VLMConfig
 from tilevlm.model.vlm import VisionLanguageModel
@@ -67,15 +67,7 @@ def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Like a base model's: tokenizer.json (byte-level BPE, <|endoftext|> as its only special token)
     and tokenizer_config.json naming it as eos; no pad token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tok = byte_level_bpe(CORPUS * 20, 300, ["<|endoftext|>"])
     directory = tmp_path_factory.mktemp("hf_tokenizer")
     tok.save(str(directory / "tokenizer.json"))
     config = {"eos_token": {"content": "<|endoftext|>", "special": True}, "bos_token": None,

@@ -275,19 +275,28 @@ NANOVLM_CHAT_TEMPLATE = (  # nanoVLM's lm_chat_template (models/config.py)
     "}}{% endif %}")
 
 
-def write_base_tokenizer(directory: Path, vocab_size: int) -> Path:
-    """A base LLM's tokenizer directory as SmolLM2's is: byte-level BPE with exactly `vocab_size`
-    tokens, <|endoftext|>, <|im_start|>, <|im_end|> first, none of tilevlm's tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+def byte_level_bpe(texts: list[str], vocab_size: int, special_tokens: list[str]) -> Any:
+    """A `tokenizers` byte-level BPE trained on `texts` (special tokens first)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    first = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=first, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["What colour is the shape? A red circle in row 2, column 3."] * 50,
-                            trainer=trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def write_base_tokenizer(directory: Path, vocab_size: int) -> Path:
+    """A base LLM's tokenizer directory as SmolLM2's is: byte-level BPE with exactly `vocab_size`
+    tokens, <|endoftext|>, <|im_start|>, <|im_end|> first, none of tilevlm's tokens."""
+    from tokenizers import AddedToken
+
+    first = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = byte_level_bpe(["What colour is the shape? A red circle in row 2, column 3."] * 50,
+                         vocab_size, first)
     filler = vocab_size - tok.get_vocab_size(with_added_tokens=True)
     tok.add_special_tokens([AddedToken(f"<|unused_{i}|>", special=True) for i in range(filler)])
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
@@ -368,3 +377,71 @@ def decode_step_graph_breaks(model: nn.Module, batch_size: int = 1, max_len: int
     finally:
         model.decoder.clear_cache()
     return explanation.graph_break_count
+
+
+# ----------------------------------------------------------------------------- Idefics3 / SmolVLM
+
+IDEFICS3_TOKENS = ["<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
+                   "<global-img>", "<end_of_utterance>",
+                   *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]]
+
+
+def write_idefics3_tokenizer(directory: Path, tokens: list[str] | None = None) -> Path:
+    """A transformers tokenizer directory as SmolVLM's is: byte-level BPE (with "\\n\\n" merged)
+    that already holds the Idefics3 tokens (`tokens`, default all of IDEFICS3_TOKENS)."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["User: What is in row 2, column 3?\n\nAssistant: a red square.\n"] * 20
+    tok = byte_level_bpe(corpus, 300, ["<|endoftext|>"])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in (IDEFICS3_TOKENS if tokens is None else tokens)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<end_of_utterance>",
+                                   pad_token="<|endoftext|>")
+    fast.save_pretrained(directory)
+    return Path(directory)
+
+
+def make_idefics3(directory: Path, tokenizer_dir: Path, patch: int = 16, tile: int = 64,
+                  scale: int = 2, tie: bool = False, sharded: bool = False,
+                  model_type: str = "idefics3", splitting: bool = True, seed: int = 0) -> nn.Module:
+    """A saved tiny Idefics3ForConditionalGeneration (or SmolVLM...) with an Idefics3Processor
+    (its Pillow image processor; longest edge 3 tiles) and the tokenizer, in one directory."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos, pad = tokenizer.convert_tokens_to_ids(["<end_of_utterance>", "<|endoftext|>"])
+    text = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                max_position_embeddings=1024, rope_theta=50000.0, tie_word_embeddings=tie,
+                eos_token_id=eos, pad_token_id=pad, bos_token_id=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=tile, patch_size=patch)
+    config_class, model_class = (
+        (tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration) if model_type == "smolvlm"
+        else (tf.Idefics3Config, tf.Idefics3ForConditionalGeneration))
+    torch.manual_seed(seed)
+    model = model_class(config_class(
+        vision_config=vision, text_config=text, scale_factor=scale, tie_word_embeddings=tie,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=pad))
+    _perturb(model, seed)
+    if tie:
+        model.tie_weights()
+    model.eval().save_pretrained(directory)
+    if sharded:
+        _reshard(Path(directory))
+    idefics3_processor(tokenizer, tile, ((tile // patch) // scale) ** 2, splitting
+                       ).save_pretrained(directory)
+    return model
+
+
+def idefics3_processor(tokenizer: Any, tile: int, image_seq_len: int, splitting: bool = True
+                       ) -> Any:
+    """transformers' Idefics3Processor with its Pillow image processor (no torchvision)."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 3 * tile},
+                                       max_image_size={"longest_edge": tile},
+                                       do_image_splitting=splitting)
+    return Idefics3Processor(image_processor=images, tokenizer=tokenizer,
+                             image_seq_len=image_seq_len)

@@ -14,7 +14,7 @@ def test_inspect_prints_the_tiling_and_saves_a_png(tmp_path, photo, capsys):
     assert "resized:      96x64" in out
     assert "grid:         2x3" in out
     assert "tiles:        7 (incl. 1 global thumbnail)" in out
-    assert "image tokens: 35" in out  # 7 tiles x (1 marker + 4)
+    assert "image tokens: 35 " in out  # 7 tiles x (1 marker + 4)
     with Image.open(out_png) as fig:
         assert fig.format == "PNG" and fig.width > 96 * 2
 

@@ -32,6 +32,7 @@ COMMANDS = {
     "inspect": "tilevlm.commands.inspect",
     "build": "tilevlm.commands.build",
     "merge": "tilevlm.commands.merge",
+    "export": "tilevlm.commands.export",
     "bench": "tilevlm.commands.bench",
 }
 

@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from tilevlm.files import read_json
-from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, check_layout, grid_token,
-                                    special_tokens)
+from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, appended_tokens, check_layout,
+                                    get_layout, grid_token, special_tokens)
 
 # Labels with this value count for no loss (PyTorch's cross-entropy default ignore_index).
 IGNORE_INDEX = -100
+
+# How an image is resized and cut into tiles (`VLMConfig.image_rule`): "tilevlm" (nanoVLM's
+# DynamicResize, preprocessing/image.py) or "idefics3" (transformers' Idefics3 image processor,
+# preprocessing/idefics3_image.py).
+IMAGE_RULES = ("tilevlm", "idefics3")
 
 
 @dataclass
@@ -46,6 +51,8 @@ class VLMConfig:
     lm_max_position_embeddings: int = 8192
     lm_max_length: int = 1024  # longest sequence (text + image tokens) a sample may have
     lm_tie_weights: bool = True
+    lm_image_token_id: int | None = None  # None: the first id after the base vocabulary (our
+    # appended tokens); a checkpoint whose tokenizer holds its own image token gives its id
 
     # Modality projector.
     mp_pixel_shuffle_factor: int = 2
@@ -56,6 +63,8 @@ class VLMConfig:
     resize_to_max_side_len: bool = False  # True: always scale the long side to max_img_size
     use_global_tile: bool = True  # a thumbnail tile before the grid (never for a 1x1 grid)
     image_token_layout: str = "tilevlm"  # how an image is written in tokens: special_tokens.py
+    image_rule: str = "tilevlm"  # how an image is resized and tiled: IMAGE_RULES
+    image_splitting: bool = True  # idefics3 rule: False = the global image alone (1x1 grid)
     grid_side: int | None = None  # derived: grid tokens cover grid_side x grid_side tiles
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SigLIP; (0,0,0) for nanoVLM
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)  # SigLIP; (1,1,1) for nanoVLM
@@ -77,7 +86,9 @@ class VLMConfig:
         _check(self.grid_side <= MAXIMA["grid_side"], "grid_side",
                f"must be <= {MAXIMA['grid_side']}, got {self.grid_side} (max_img_size "
                f"{self.max_img_size} / vit_img_size {self.vit_img_size} tiles per side)")
-        vocab = self.lm_base_vocab_size + len(special_tokens(self.grid_side))
+        get_layout(self.image_token_layout)  # a known layout, before it is used
+        vocab = self.lm_base_vocab_size + len(appended_tokens(self.image_token_layout,
+                                                              self.grid_side))
         if self.lm_vocab_size is None:
             self.lm_vocab_size = vocab
         self._validate(max_tiles_per_side, vocab)
@@ -135,14 +146,29 @@ class VLMConfig:
                f"must cover the largest grid, max_img_size // vit_img_size = {max_tiles_per_side}, "
                f"got {self.grid_side}")
         _check(self.lm_vocab_size >= vocab, "lm_vocab_size",
-               f"must hold the base vocabulary plus 2 + grid_side^2 special tokens = {vocab}, "
-               f"got {self.lm_vocab_size}")
+               f"must hold the base vocabulary plus the layout's appended special tokens = "
+               f"{vocab}, got {self.lm_vocab_size}")
         _check(self.lm_max_length <= self.lm_max_position_embeddings, "lm_max_length",
                f"must be <= lm_max_position_embeddings ({self.lm_max_position_embeddings})")
         for name in ("image_mean", "image_std"):
             _check(len(getattr(self, name)) == 3, name, "must have 3 values (R, G, B)")
         _check(all(s > 0 for s in self.image_std), "image_std", "values must be > 0")
         check_layout(self.image_token_layout, self.use_global_tile)
+        _check(self.image_rule in IMAGE_RULES, "image_rule",
+               f"must be one of {', '.join(IMAGE_RULES)}, got {self.image_rule!r:.60}")
+        _check(self.image_splitting or self.image_rule == "idefics3", "image_splitting",
+               "false (the global image alone) needs image_rule 'idefics3'")
+        self._validate_image_token_id()
+
+    def _validate_image_token_id(self) -> None:
+        token_id = self.lm_image_token_id
+        if token_id is None:
+            _check(get_layout(self.image_token_layout).appended, "lm_image_token_id",
+                   f"must be given for the {self.image_token_layout!r} layout (its tokens are "
+                   "the tokenizer's own, at ids of its own)")
+            return
+        _check(0 <= token_id < self.lm_vocab_size, "lm_image_token_id",
+               f"must be a token id below lm_vocab_size {self.lm_vocab_size}, got {token_id}")
 
     # Derived sizes, read-only.
     @property
@@ -159,19 +185,29 @@ class VLMConfig:
 
     @property
     def n_special_tokens(self) -> int:
-        return len(special_tokens(self.grid_side))
+        """Special tokens appended after the base vocabulary (none when the tokenizer holds the
+        layout's tokens itself)."""
+        return len(appended_tokens(self.image_token_layout, self.grid_side))
 
-    # Special token ids: the base vocabulary, then `special_tokens(grid_side)` in its order.
+    # Appended special token ids: the base vocabulary, then `special_tokens(grid_side)` in its
+    # order (empty for a layout whose tokens are the tokenizer's own).
     def special_token_ids(self) -> dict[str, int]:
         base = self.lm_base_vocab_size
-        return {token: base + i for i, token in enumerate(special_tokens(self.grid_side))}
+        tokens = appended_tokens(self.image_token_layout, self.grid_side)
+        return {token: base + i for i, token in enumerate(tokens)}
 
     @property
     def image_token_id(self) -> int:
+        """The id the model finds image features by."""
+        if self.lm_image_token_id is not None:
+            return self.lm_image_token_id
         return self.lm_base_vocab_size + special_tokens(0).index(IMAGE_TOKEN)
 
     @property
-    def global_image_token_id(self) -> int:
+    def global_image_token_id(self) -> int | None:
+        """Our appended global token's id (None when the tokenizer holds the layout's tokens)."""
+        if not get_layout(self.image_token_layout).appended:
+            return None
         return self.lm_base_vocab_size + special_tokens(0).index(GLOBAL_IMAGE_TOKEN)
 
     def grid_token_id(self, row: int, col: int) -> int:
@@ -179,7 +215,11 @@ class VLMConfig:
         side = self.grid_side
         if not (1 <= row <= side and 1 <= col <= side):
             raise ValueError(f"grid cell r{row}c{col} is outside the {side}x{side} grid tokens")
-        return self.special_token_ids()[grid_token(row, col)]
+        ids = self.special_token_ids()
+        if not ids:
+            raise ValueError(f"the {self.image_token_layout!r} layout's grid token ids are the "
+                             "tokenizer's: ask the tokenizer")
+        return ids[grid_token(row, col)]
 
     # Serialisation.
     def to_dict(self) -> dict[str, Any]:

@@ -1,11 +1,11 @@
-"""tilevlm's special tokens and the token layout of one image: the one home of both facts.
+"""Special tokens and the token layout of one image: the one home of both facts.
 
-The tokens are nanoVLM's, so its checkpoints keep their token ids. They follow the base
-vocabulary in this order: IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, then grid_token(r, c) for r, c in
+tilevlm's own tokens are nanoVLM's, so its checkpoints keep their token ids. They follow the
+base vocabulary in this order: IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, then grid_token(r, c) for r, c in
 1..grid_side row-major (`r1c1 ... r1cG, r2c1 ... rGcG`).
 
 How one image with an n_h x n_w tile grid is written is a named layout (`VLMConfig.
-image_token_layout`), each defined here and nowhere else:
+image_token_layout`), each defined here (`LAYOUTS`, `image_pieces`) and nowhere else:
 
 - "tilevlm" (the seed's; the default): when the grid is larger than 1x1 and the global tile is
   used, GLOBAL_IMAGE_TOKEN + IMAGE_TOKEN x L for the thumbnail, then per tile, row-major,
@@ -14,14 +14,52 @@ image_token_layout`), each defined here and nowhere else:
 - "nanovlm" (nanoVLM's `get_image_string`, for the models it trained): the global part always
   comes first, and a 1x1 grid is the global part alone; when a sample holds several images,
   each is preceded by the text label `<image: {index}>`.
+- "idefics3" (transformers' Idefics3Processor, for Idefics3 / SmolVLM checkpoints): per tile,
+  row-major, `<fake_token_around_image>` grid_token(i, j) + `<image>` x L, the text "\\n" after
+  each grid row, then "\\n" `<fake_token_around_image><global-img>` + `<image>` x L +
+  `<fake_token_around_image>`: the global tile last. A 1x1 grid (rows = cols = 0 in
+  transformers) is the global form alone. Its tokens are the tokenizer's own (nothing appended).
 
-The count of special tokens is the same in both layouts: tiles x (1 + L).
+A layout is written as pieces: special tokens (one id each) and text (tokenized like any text:
+"\\n", nanoVLM's label). The tiles' pixels come in the order of their tokens: the global tile
+first or last as the layout says (`TokenLayout.global_first`), the grid row-major.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 IMAGE_TOKEN = "<|image|>"
 GLOBAL_IMAGE_TOKEN = "<|global_image|>"
+IDEFICS3_IMAGE_TOKEN = "<image>"
+IDEFICS3_GLOBAL_TOKEN = "<global-img>"
+IDEFICS3_WRAPPER_TOKEN = "<fake_token_around_image>"
+
+Piece = tuple[str, bool]  # (text, is_special): a special token, or text to tokenize
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """What a layout needs besides its writing rule (`image_pieces`)."""
+
+    name: str
+    image_token: str  # the placeholder each image feature replaces
+    global_token: str  # marks the global (whole image) tile
+    global_first: bool  # the global tile's pixels (and tokens) come before the grid's
+    appended: bool  # True: our tokens follow the base vocabulary (`special_tokens`); False:
+    # the tokenizer already holds them (`required_tokens`), at ids of its own
+    wrapper_token: str | None = None  # Idefics3's <fake_token_around_image>
+    needs_global: bool = False  # the layout always writes a global part
+
+
+LAYOUTS = {
+    "tilevlm": TokenLayout("tilevlm", IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, True, True),
+    "nanovlm": TokenLayout("nanovlm", IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, True, True,
+                           needs_global=True),
+    "idefics3": TokenLayout("idefics3", IDEFICS3_IMAGE_TOKEN, IDEFICS3_GLOBAL_TOKEN, False, False,
+                            IDEFICS3_WRAPPER_TOKEN, needs_global=True),
+}
+IMAGE_TOKEN_LAYOUTS = tuple(LAYOUTS)
 
 
 def grid_token(row: int, col: int) -> str:
@@ -30,43 +68,94 @@ def grid_token(row: int, col: int) -> str:
 
 
 def special_tokens(grid_side: int) -> list[str]:
-    """Our special tokens in id order: image, global image, then the grid cells row-major."""
+    """Our appended special tokens in id order: image, global image, then the grid row-major."""
     grid = [grid_token(r, c) for r in range(1, grid_side + 1) for c in range(1, grid_side + 1)]
     return [IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, *grid]
 
 
-IMAGE_TOKEN_LAYOUTS = ("tilevlm", "nanovlm")
+def get_layout(name: str) -> TokenLayout:
+    """The layout of this name; a ValueError naming the known ones otherwise."""
+    if name not in LAYOUTS:
+        raise ValueError(f"VLMConfig.image_token_layout must be one of "
+                         f"{', '.join(IMAGE_TOKEN_LAYOUTS)}, got {name!r:.60}")
+    return LAYOUTS[name]
+
+
+def appended_tokens(layout: str, grid_side: int) -> list[str]:
+    """The tokens a layout appends after the base vocabulary, in id order (none for idefics3)."""
+    return special_tokens(grid_side) if get_layout(layout).appended else []
+
+
+def required_tokens(layout: str, grid_side: int) -> list[str]:
+    """Every special token the layout writes for grids up to grid_side x grid_side."""
+    spec = get_layout(layout)
+    grid = [grid_token(r, c) for r in range(1, grid_side + 1) for c in range(1, grid_side + 1)]
+    wrapper = [spec.wrapper_token] if spec.wrapper_token else []
+    return [spec.image_token, spec.global_token, *wrapper, *grid]
 
 
 def check_layout(layout: str, use_global: bool) -> None:
     """A ValueError unless `layout` is a known layout that works with `use_global`."""
-    if layout not in IMAGE_TOKEN_LAYOUTS:
-        raise ValueError(f"VLMConfig.image_token_layout must be one of "
-                         f"{', '.join(IMAGE_TOKEN_LAYOUTS)}, got {layout!r:.60}")
-    if layout == "nanovlm" and not use_global:
-        raise ValueError("VLMConfig.image_token_layout 'nanovlm' always writes the global image "
-                         "token, so it needs use_global_tile = true")
+    if get_layout(layout).needs_global and not use_global:
+        raise ValueError(f"VLMConfig.image_token_layout {layout!r} always writes the global "
+                         "image token, so it needs use_global_tile = true")
 
 
 def has_global_tile(grid: tuple[int, int], use_global: bool) -> bool:
-    """A thumbnail tile comes before the grid when asked for and the grid is larger than 1x1."""
+    """A global tile joins the grid when asked for and the grid is larger than 1x1."""
     return use_global and grid[0] * grid[1] > 1
+
+
+def image_pieces(grid: tuple[int, int], tokens_per_tile: int, use_global: bool,
+                 layout: str = "tilevlm") -> list[Piece]:
+    """The pieces standing for one image with this tile grid, in order."""
+    spec = get_layout(layout)
+    if spec.name == "idefics3":
+        return _idefics3_pieces(grid, tokens_per_tile, spec)
+    tile = [(spec.image_token, True)] * tokens_per_tile
+    global_part = [(spec.global_token, True), *tile]
+    if spec.name == "nanovlm" and tuple(grid) == (1, 1):
+        return global_part  # the only tile is the whole image
+    out = global_part if has_global_tile(grid, use_global) else []
+    for i in range(1, grid[0] + 1):
+        for j in range(1, grid[1] + 1):
+            out += [(grid_token(i, j), True), *tile]
+    return out
+
+
+def _idefics3_pieces(grid: tuple[int, int], tokens_per_tile: int, spec: TokenLayout
+                     ) -> list[Piece]:
+    wrap, tile = (spec.wrapper_token, True), [(spec.image_token, True)] * tokens_per_tile
+    global_part = [wrap, (spec.global_token, True), *tile, wrap]
+    if tuple(grid) == (1, 1):
+        return global_part
+    out: list[Piece] = []
+    for i in range(1, grid[0] + 1):
+        for j in range(1, grid[1] + 1):
+            out += [wrap, (grid_token(i, j), True), *tile]
+        out.append(("\n", False))
+    return out + [("\n", False), *global_part]
 
 
 def image_tokens(grid: tuple[int, int], tokens_per_tile: int, use_global: bool,
                  layout: str = "tilevlm") -> list[str]:
-    """The special tokens standing for one image with this tile grid, in order (one string per
-    token). The tiles' pixels come in the same order: the global thumbnail (if any), then the
-    grid row-major."""
-    n_h, n_w = grid
-    tile = [IMAGE_TOKEN] * tokens_per_tile
-    out = [GLOBAL_IMAGE_TOKEN, *tile] if has_global_tile(grid, use_global) else []
-    if layout == "nanovlm" and (n_h, n_w) == (1, 1):
-        return [GLOBAL_IMAGE_TOKEN, *tile]  # the only tile is the whole image
-    for i in range(1, n_h + 1):
-        for j in range(1, n_w + 1):
-            out += [grid_token(i, j), *tile]
-    return out
+    """`image_pieces` as strings (one string per special token or text piece)."""
+    return [text for text, _ in image_pieces(grid, tokens_per_tile, use_global, layout)]
+
+
+def text_runs(pieces: list[Piece]) -> tuple[int, list[str]]:
+    """(number of special tokens, the text between them): consecutive text pieces are one run,
+    tokenized as the text it is (special tokens split text, so each run stands alone)."""
+    n_special, runs, current = 0, [], ""
+    for text, special in pieces:
+        if special:
+            n_special += 1
+            if current:
+                runs.append(current)
+            current = ""
+        else:
+            current += text
+    return n_special, runs + ([current] if current else [])
 
 
 def image_label(layout: str, index: int, n_images: int) -> str:

@@ -1,17 +1,21 @@
 """`tilevlm build`: make a tilevlm model directory from pretrained local weights.
 
-Either a Hugging Face SigLIP directory + a Llama/SmolLM2 directory (with its tokenizer), or a
-nanoVLM checkpoint + its tokenizer. The result loads with `tilevlm generate/chat/eval/train`.
+Either a Hugging Face SigLIP directory + a Llama/SmolLM2 directory (with its tokenizer), a
+nanoVLM checkpoint + its tokenizer, or an Idefics3 / SmolVLM directory (which also loads in place;
+this writes tilevlm's own format, keeping its layout, image rule and token ids). The result loads
+with `tilevlm generate/chat/eval/train`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from tilevlm.commands.options import add_new_out_arguments, check_new_out
 
-HELP = "build a model directory from local HF SigLIP + SmolLM2 weights, or from a nanoVLM checkpoint"
+HELP = ("build a model directory from local HF SigLIP + SmolLM2 weights, a nanoVLM checkpoint "
+        "or an Idefics3 / SmolVLM directory")
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm", metavar="DIR",
                         help="HF Llama / SmolLM2 directory (safetensors, config.json, tokenizer)")
     parser.add_argument("--nanovlm", metavar="DIR", help="nanoVLM checkpoint directory instead")
+    parser.add_argument("--idefics3", metavar="DIR",
+                        help="Idefics3 / SmolVLM directory (transformers) instead, with its tokenizer")
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="tokenizer directory (default: the --llm directory; required with --nanovlm)")
     parser.add_argument("--preset", default="split_448", choices=sorted(PRESETS),
@@ -39,7 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.preprocessing.tokenizer import load_tokenizer
 
     check_new_out(args)
-    if args.nanovlm:
+    if args.idefics3:
+        if args.siglip or args.llm or args.nanovlm:
+            raise ValueError("give --idefics3 DIR alone (not with --siglip, --llm or --nanovlm)")
+        model, tokenizer = _idefics3(args.idefics3, args.tokenizer)
+    elif args.nanovlm:
         if args.siglip or args.llm:
             raise ValueError("give either --nanovlm, or --siglip and --llm, not both")
         if not args.tokenizer:
@@ -56,8 +66,16 @@ def run(args: argparse.Namespace) -> int:
     Processor(model.cfg, tokenizer)  # model and tokenizer must agree before anything is written
     save_pretrained(model, args.out, tokenizer=tokenizer)
     cfg = model.cfg
+    log.info("token layout %s, image rule %s", cfg.image_token_layout, cfg.image_rule)
     print(f"wrote {args.out}: {model.num_parameters():,} parameters, tile {cfg.vit_img_size} px, "
           f"max_img_size {cfg.max_img_size}, {cfg.mp_image_token_length} tokens per tile, "
           f"vocabulary {cfg.lm_base_vocab_size} + {cfg.n_special_tokens} special tokens")
     return 0
 
+
+def _idefics3(model_dir: str, tokenizer_dir: str | None) -> tuple[Any, Any]:
+    """The model and tokenizer of an Idefics3 directory, checked before any weight is read."""
+    from tilevlm.inference.loading import load_model, load_processor
+
+    processor = load_processor(model_dir, tokenizer_dir)
+    return load_model(model_dir, processor, "cpu", tokenizer_dir), processor.tokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tilevlm.commands.options import MODEL_HELP, add_model_argument, model_path
 
@@ -26,21 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), help="configuration whose tile "
                         f"size and max_img_size are used (default: {DEFAULT_PRESET})")
-    add_model_argument(source, required=False, help="use this model's image settings instead: "
-                       + MODEL_HELP)
+    add_model_argument(source, required=False, help="use this model's image rule and token "
+                       "layout instead: " + MODEL_HELP)
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="tokenizer directory (for a nanoVLM --model)")
     parser.add_argument("--save-png", metavar="OUT.png", default=None,
                         help="also draw the tiles, grid labels and global thumbnail to this PNG")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.preprocessing.image import ImageTransform, load_image, tiles_per_image
+    from tilevlm.preprocessing.image import load_image, tiles_per_image
+    from tilevlm.preprocessing.image_rule import image_transform
     from tilevlm.preprocessing.processor import count_image_tokens
 
-    config = _config(args)
+    config, tokenizer = _config(args)
     img = load_image(args.image, max_pixels=config.max_image_pixels)
-    resized, thumb, grid = ImageTransform(config).resize(img)
+    resized, thumb, grid = image_transform(config).resize(img)
     n_tiles = tiles_per_image(grid, config.use_global_tile)
-    n_tokens = count_image_tokens(img.width, img.height, config)
+    n_tokens = count_image_tokens(img.width, img.height, config, tokenizer)
     global_note = " (incl. 1 global thumbnail)" if thumb is not None else ""
     print(f"image:        {args.image}")
     source = f"model:        {args.model}" if args.model else f"preset:       {config.name}"
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"resized:      {resized.width}x{resized.height}")
     print(f"grid:         {grid[0]}x{grid[1]} (rows x cols)")
     print(f"tiles:        {n_tiles}{global_note}")
-    print(f"image tokens: {n_tokens} ({n_tiles} x (1 marker + {config.mp_image_token_length}))")
+    print(f"image tokens: {n_tokens} ({n_tiles} x {config.mp_image_token_length} image tokens, "
+          f"plus the {config.image_token_layout} layout's markers)")
     if args.save_png:
         _save_png(args.save_png, img, resized, grid, config.vit_img_size, thumb,
                   f"{args.image}: {img.width}x{img.height} -> {resized.width}x{resized.height}, "
@@ -57,14 +61,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace) -> VLMConfig:
-    """The image settings of --model, else of --preset (default DEFAULT_PRESET)."""
+def _config(args: argparse.Namespace) -> tuple[VLMConfig, Any]:
+    """The image settings of --model (with its tokenizer, which counts the text a layout
+    writes; a nanoVLM checkpoint has none unless --tokenizer is given), else of --preset."""
     from tilevlm.config import preset
-    from tilevlm.inference.loading import load_model_config
+    from tilevlm.inference.loading import load_model_config, load_processor
 
-    if args.model:
-        return load_model_config(model_path(args))
-    return preset(args.preset or DEFAULT_PRESET)
+    if not args.model:
+        return preset(args.preset or DEFAULT_PRESET), None
+    model_dir = model_path(args)
+    config = load_model_config(model_dir)
+    if config.image_token_layout == "nanovlm" and args.tokenizer is None:
+        return config, None
+    processor = load_processor(model_dir, args.tokenizer)
+    return processor.config, processor.tokenizer
 
 
 def _save_png(path: str, original: Image.Image, resized: Image.Image, grid: tuple[int, int],

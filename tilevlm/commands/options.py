@@ -45,8 +45,9 @@ def store_weights(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 
 
 MODEL_HELP = ("a model directory (from `tilevlm build`, `merge` or a run's model/), a "
-              "checkpoint, a nanoVLM checkpoint, or a run folder of `tilevlm train` (its final "
-              "model, else its latest checkpoint)")
+              "checkpoint, a nanoVLM checkpoint, an Idefics3 / SmolVLM directory as transformers "
+              "saves it, or a run folder of `tilevlm train` (its final model, else its latest "
+              "checkpoint)")
 
 
 def add_model_argument(parser: argparse.ArgumentParser | argparse._ActionsContainer,

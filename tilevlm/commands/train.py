@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", choices=sorted(PRESETS), help="model configuration by name")
     model.add_argument("--config", metavar="FILE", help="model configuration (VLMConfig JSON)")
     add_model_argument(model, required=False, help="start from this model (a model directory "
-                       "such as `tilevlm build` writes, a checkpoint, or a run folder: its final "
-                       "model, else its latest checkpoint); its tokenizer comes with it")
+                       "such as `tilevlm build` writes, an Idefics3 / SmolVLM directory read in "
+                       "place, a checkpoint, or a run folder: its final model, else its latest "
+                       "checkpoint); its tokenizer comes with it")
     parser.add_argument("--resume", metavar="DIR", help="continue from a checkpoint or a run "
                         "directory (its latest checkpoint); the model comes from it")
     parser.add_argument("--data", required=True, help="'synthetic', or a dataset path: parquet "
@@ -150,11 +151,15 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int, ckpt: Any) -> tupl
 
     if ckpt is not None and not (args.preset or args.config or args.model):
         model = _resume_skeleton(ckpt, args.lora) or load_pretrained(ckpt).train()
-        return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side)
-    if args.model:
+        return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side,
+                                     layout=model.cfg.image_token_layout)
+    if args.model:  # our directory, or an Idefics3 / SmolVLM (or nanoVLM) one read in place
+        from tilevlm.inference.loading import load_model, load_processor
+
         model_dir = model_path(args)
-        model = load_pretrained(model_dir).train()
-        return model, load_tokenizer(args.tokenizer or model_dir, grid_side=model.cfg.grid_side)
+        processor = load_processor(model_dir, args.tokenizer)
+        model = load_model(model_dir, processor, "cpu", args.tokenizer, torch.float32)
+        return model.train(), processor.tokenizer
     if not (args.preset or args.config):
         raise ValueError("give --preset NAME, --config FILE or --model DIR (or --resume DIR)")
     config = preset(args.preset) if args.preset else VLMConfig.from_json(args.config)

@@ -20,7 +20,7 @@ from PIL import Image
 from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
 from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
-from tilevlm.preprocessing.image import tile_grid, tiles_per_image
+from tilevlm.preprocessing.image_rule import image_tiles
 from tilevlm.preprocessing.processor import count_image_tokens
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 from tilevlm.special_tokens import image_label
@@ -85,10 +85,8 @@ class SampleMeter:
         """(tokens, tiles) the Processor will produce for this sample."""
         cfg = self.config
         sizes = [image_size(s, cfg.max_image_pixels) for s in sample["images"]]
-        n_tiles = sum(tiles_per_image(tile_grid(w, h, cfg.vit_img_size, cfg.max_img_size,
-                                                cfg.resize_to_max_side_len), cfg.use_global_tile)
-                      for w, h in sizes)
-        image_tokens = sum(count_image_tokens(w, h, cfg) for w, h in sizes)
+        n_tiles = sum(image_tiles(w, h, cfg) for w, h in sizes)
+        image_tokens = sum(count_image_tokens(w, h, cfg, self.tokenizer) for w, h in sizes)
         return self.text_tokens(sample["messages"]) + image_tokens, n_tiles
 
     def text_tokens(self, messages: list[dict[str, str]]) -> int:

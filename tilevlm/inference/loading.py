@@ -1,8 +1,8 @@
 """Loading a model and its processor for inference, whatever the checkpoint's format.
 
-One place for what `generate`, `chat` and `eval` need: pick the device, read our own directory or
-a nanoVLM one, load the tokenizer that goes with it, and check that the two agree before any
-heavy work starts.
+One place for what `generate`, `chat`, `eval` and `train --model` need: pick the device, read
+our own directory, a nanoVLM one or an Idefics3 / SmolVLM one (in place), load the tokenizer that
+goes with it, and check that the two agree before any heavy work starts.
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ def _is_nanovlm(model_dir: Path) -> bool:
 
 
 def load_model_config(model_dir: str | Path) -> VLMConfig:
-    """The VLMConfig of our model directory or of a nanoVLM checkpoint (JSON only)."""
+    """The VLMConfig of a model directory, whatever its format (JSON only, validated)."""
+    from tilevlm.weights.idefics3 import idefics3_config, is_idefics3
     from tilevlm.weights.native import load_config
     from tilevlm.weights.nanovlm import nanovlm_config
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir}: no config.json here; give a directory written by "
-                         "`tilevlm train`/`tilevlm demo` (or save_pretrained), or a nanoVLM checkpoint")
+                         "`tilevlm train`/`tilevlm demo` (or save_pretrained), a nanoVLM "
+                         "checkpoint or an Idefics3 / SmolVLM directory")
+    if is_idefics3(model_dir):
+        return idefics3_config(model_dir)
     return nanovlm_config(model_dir) if _is_nanovlm(model_dir) else load_config(model_dir)
 
 
@@ -54,7 +58,8 @@ def load_processor(model_dir: str | Path, tokenizer_dir: str | Path | None = Non
                          "with --tokenizer DIR")
     config = load_model_config(model_dir)
     weight_files(model_dir)  # safetensors present (a pickle is refused, never read)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir, grid_side=config.grid_side)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir, grid_side=config.grid_side,
+                               layout=config.image_token_layout)
     try:
         return Processor(config, tokenizer)
     except ValueError as e:
@@ -66,13 +71,16 @@ def load_model(model_dir: str | Path, processor: Processor, device: str | None =
                dtype: torch.dtype | None = None) -> VisionLanguageModel:
     """The weights of a model directory whose `processor` (`load_processor`) is already checked;
     in eval mode on the device."""
+    from tilevlm.weights.idefics3 import is_idefics3, load_idefics3
     from tilevlm.weights.nanovlm import load_nanovlm
     from tilevlm.weights.native import load_pretrained
 
     model_dir = Path(model_dir)
     target = resolve_device(device)
     dtype = dtype or default_dtype(target)
-    if _is_nanovlm(model_dir):
+    if is_idefics3(model_dir):
+        model = load_idefics3(model_dir, dtype=dtype)
+    elif _is_nanovlm(model_dir):
         model = load_nanovlm(model_dir, tokenizer_dir, dtype=dtype)
     else:
         model = load_pretrained(model_dir, dtype=dtype)
@@ -87,7 +95,8 @@ def load_for_inference(model_dir: str | Path, device: str | None = "auto",
                        dtype: torch.dtype | None = None) -> tuple[VisionLanguageModel, Processor]:
     """(model in eval mode on the device, its processor) from a model directory.
 
-    Our directories hold their tokenizer; a nanoVLM checkpoint needs `tokenizer_dir`. Everything
+    Our directories and Idefics3 ones hold their tokenizer; a nanoVLM checkpoint needs
+    `tokenizer_dir`. Everything
     light (config, tokenizer, their agreement, the device) is checked before the weights load.
     """
     processor = load_processor(model_dir, tokenizer_dir)

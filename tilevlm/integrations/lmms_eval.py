@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
 
 from tilevlm.config import IGNORE_INDEX
@@ -26,8 +25,11 @@ from tilevlm.inference.sampling import SamplingParams
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 
 
-def manifest() -> ModelManifest:
+def manifest() -> Any:
     """The entry point's payload: the model id and the class lmms-eval instantiates."""
+    # Imported here: lmms_eval.models loads the entry points, this module among them.
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id="tilevlm",
                          simple_class_path="tilevlm.integrations.lmms_eval.TilevlmLMM")
 

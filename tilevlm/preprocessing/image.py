@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 
 from tilevlm.config import VLMConfig
 from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
+from tilevlm.special_tokens import get_layout
 
 ImageLike = Union[str, Path, bytes, Image.Image]
 _T = TypeVar("_T")
@@ -248,7 +249,8 @@ def thread_map(fn: Callable[[_T], _R], items: Sequence[_T], threads: int) -> lis
 
 
 class ImageTransform:
-    """PIL image -> normalized tiles [N, 3, T, T] (global thumbnail first) and the grid (n_h, n_w).
+    """PIL image -> normalized tiles [N, 3, T, T] and the grid (n_h, n_w); the global thumbnail
+    comes first or last as the config's token layout says (`TokenLayout.global_first`).
 
     The global tile (the whole image resized to one tile) is added when `config.use_global_tile`
     and the grid is larger than 1x1; a 1x1 grid's only tile already is the whole image.
@@ -266,6 +268,7 @@ class ImageTransform:
         self.max_img_size = config.max_img_size
         self.resize_to_max_side_len = config.resize_to_max_side_len
         self.use_global = config.use_global_tile
+        self.global_first = get_layout(config.image_token_layout).global_first
         mean = torch.tensor(config.image_mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(config.image_std, dtype=torch.float32).view(3, 1, 1)
         # (x / 255 - mean) / std == x * scale - shift, applied in place on the tiles.
@@ -310,17 +313,19 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         resized, grid = self._resized(img)
         t, (n_h, n_w) = self.tile_size, grid
-        first = 1 if self._has_thumbnail(grid) else 0
+        thumbs = 1 if self._has_thumbnail(grid) else 0
+        first = thumbs if self.global_first else 0  # where the grid's tiles start
         hwc = _hwc_uint8(resized)  # (H, W, 3)
         # NumPy, not torch, for the tiles: these small loops run on one thread, and torch's
         # thread pool costs more than it saves here (and a lot when the cores are shared).
-        tiles = np.empty((first + n_h * n_w, 3, t, t), dtype=np.float32)  # (N, 3, T, T)
-        if first:
+        tiles = np.empty((thumbs + n_h * n_w, 3, t, t), dtype=np.float32)  # (N, 3, T, T)
+        if thumbs:
             thumb = global_thumbnail(hwc, t)  # (3, T, T) in [0, 1]
-            np.subtract(thumb * (255.0 * self._scale), self._shift, out=tiles[0])
+            np.subtract(thumb * (255.0 * self._scale), self._shift,
+                        out=tiles[0 if self.global_first else -1])
         pixels = hwc.reshape(n_h, t, n_w, t, 3)  # (n_h, T, n_w, T, 3)
         # One pass: uint8 -> float, channels first, row-major tiles (each tile a view).
-        self._normalize_into(tiles[first:].reshape(n_h, n_w, 3, t, t),
+        self._normalize_into(tiles[first:first + n_h * n_w].reshape(n_h, n_w, 3, t, t),
                              pixels.transpose(0, 2, 4, 1, 3))  # (n_h, n_w, 3, T, T)
         return torch.from_numpy(tiles), grid
 

@@ -1,8 +1,9 @@
-"""Processor: chat messages + images -> a model batch (input_ids, attention_mask, labels, tiles).
+"""Processor: chat messages (or already-templated prompt texts) + images -> a model batch
+(input_ids, attention_mask, labels, tiles).
 
-Each `<image>` in a message's content is replaced by that image's image string (grid tokens and
-image tokens, see `image_string`), in order. The contract checked here and again by the model:
-the number of IMAGE_TOKEN ids equals total tiles x `mp_image_token_length`.
+Each `<image>` in a message's content is replaced by that image's image string (the config's
+token layout, see `image_string`), in order. The contract checked here and again by the model:
+the number of image-token ids equals total tiles x `mp_image_token_length`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import torch
 from PIL import Image
 
 from tilevlm.config import IGNORE_INDEX, VLMConfig
-from tilevlm.preprocessing.image import (ImageLike, ImageTransform, default_image_threads, thread_map,
-                           tile_grid, tiles_per_image)
-from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, check_message,
+from tilevlm.preprocessing.image import ImageLike, default_image_threads, thread_map
+from tilevlm.preprocessing.image_rule import image_grid, image_transform
+from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, chat_segments, check_message,
                                                  place_image_placeholders)
 from tilevlm.preprocessing.tokenizer import VLMTokenizer
-from tilevlm.special_tokens import IMAGE_TOKEN, image_label, image_tokens
+from tilevlm.special_tokens import (get_layout, image_label, image_pieces, image_tokens,
+                                    text_runs)
 
 
 def image_string(tokenizer: VLMTokenizer, grid: tuple[int, int], mp_image_token_length: int,
@@ -32,11 +34,17 @@ def image_string(tokenizer: VLMTokenizer, grid: tuple[int, int], mp_image_token_
     return "".join(image_tokens(grid, mp_image_token_length, use_global, layout))
 
 
-def count_image_tokens(width: int, height: int, config: VLMConfig) -> int:
-    """Tokens (markers + image tokens) a width x height image takes, without reading pixels."""
-    grid = tile_grid(width, height, config.vit_img_size, config.max_img_size,
-                     config.resize_to_max_side_len)
-    return tiles_per_image(grid, config.use_global_tile) * (1 + config.mp_image_token_length)
+def count_image_tokens(width: int, height: int, config: VLMConfig,
+                       tokenizer: VLMTokenizer | None = None) -> int:
+    """Tokens (markers + image tokens, and the tokens of any text the layout writes, which
+    needs the tokenizer) a width x height image takes, without reading pixels."""
+    pieces = image_pieces(image_grid(width, height, config), config.mp_image_token_length,
+                          config.use_global_tile, config.image_token_layout)
+    n_special, runs = text_runs(pieces)
+    if runs and tokenizer is None:
+        raise ValueError(f"the {config.image_token_layout} layout writes text between its "
+                         "tokens: counting them needs the tokenizer")
+    return n_special + sum(len(ids) for ids in tokenizer.encode_batch(runs)) if runs else n_special
 
 
 # Below this many pixels, an already-decoded image is processed faster on the calling thread:
@@ -60,16 +68,23 @@ class Processor:
             raise ValueError(f"the tokenizer's {tokenizer.grid_side}x{tokenizer.grid_side} grid "
                              f"tokens cannot name the {config.max_tiles_per_side}-tile sides that "
                              f"max_img_size {config.max_img_size} allows")
+        spec, held = get_layout(config.image_token_layout), tokenizer.layout
+        if (held.image_token, held.global_token, held.appended) != (
+                spec.image_token, spec.global_token, spec.appended):
+            raise ValueError(f"the tokenizer holds the {held.name} layout's tokens, the config "
+                             f"names the {spec.name} layout")
         # The model finds image tokens by id and embeds every id: both must agree with the config.
-        if (tokenizer.image_token_id != config.lm_base_vocab_size
+        if (tokenizer.image_token_id != config.image_token_id
                 or len(tokenizer) > config.lm_vocab_size):
             raise ValueError(f"tokenizer and config disagree: the tokenizer has "
                              f"{tokenizer.base_vocab_size} base tokens and {len(tokenizer)} in "
                              f"all, the config lm_base_vocab_size {config.lm_base_vocab_size} and "
-                             f"lm_vocab_size {config.lm_vocab_size}")
+                             f"lm_vocab_size {config.lm_vocab_size} (image token id "
+                             f"{tokenizer.image_token_id} in the tokenizer, "
+                             f"{config.image_token_id} in the config)")
         self.config = config
         self.tokenizer = tokenizer
-        self.transform = ImageTransform(config, jpeg_draft=jpeg_draft)  # see ImageTransform
+        self.transform = image_transform(config, jpeg_draft=jpeg_draft)  # the config's image rule
         # A batch's images are decoded on this many threads (None: `default_image_threads()`).
         self.image_threads = image_threads
 
@@ -99,6 +114,44 @@ class Processor:
         batch["grids"] = grids
         batch["n_tiles"] = [sum(t.shape[0] for t in sample) for sample in tiles]
         return batch
+
+    def encode_texts(self, texts: list[str], images: list[list[ImageLike]] | None = None,
+                     padding_side: str = "right") -> dict[str, Any]:
+        """Prompt texts that are already templated, each `<image>` in them standing for the
+        next image of its sample -> the batch `__call__` gives (labels all -100). The
+        tokenizer's post-processor applies (a BOS, say), as in transformers' processors."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        images = images if images is not None else [[] for _ in texts]
+        if len(images) != len(texts):
+            raise ValueError(f"{len(texts)} texts but images for {len(images)} samples")
+        loaded = self._load_images(images)
+        full = [self._with_images(index, text, [g for _, g in loaded[index]])
+                for index, text in enumerate(texts)]
+        ids = self.tokenizer.encode_batch(full, add_special_tokens=True)
+        for index, sample_ids in enumerate(ids):
+            self._check_sample(index, sample_ids, sum(t.shape[0] for t, _ in loaded[index]))
+        batch = self._pad(ids, [[IGNORE_INDEX] * len(x) for x in ids], padding_side)
+        flat = [t for sample in loaded for t, _ in sample]
+        batch["pixel_values"] = torch.cat(flat) if flat else None  # (N_tiles, 3, T, T)
+        batch["grids"] = [[g for _, g in sample] for sample in loaded]
+        batch["n_tiles"] = [sum(t.shape[0] for t, _ in sample) for sample in loaded]
+        return batch
+
+    def _with_images(self, index: int, text: str, grids: list[tuple[int, int]]) -> str:
+        pieces = text.split(IMAGE_PLACEHOLDER)
+        if len(pieces) - 1 != len(grids):
+            raise ValueError(f"sample {index}: {len(pieces) - 1} {IMAGE_PLACEHOLDER} in the text "
+                             f"but {len(grids)} images")
+        strings = self._image_strings(grids)
+        return pieces[0] + "".join(s + p for s, p in zip(strings, pieces[1:]))
+
+    def _image_strings(self, grids: list[tuple[int, int]]) -> list[str]:
+        """Each image's label (the layout's, often none) and image string, in order."""
+        cfg = self.config
+        return [image_label(cfg.image_token_layout, k, len(grids)) + image_string(
+            self.tokenizer, g, cfg.mp_image_token_length, cfg.use_global_tile,
+            cfg.image_token_layout) for k, g in enumerate(grids)]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
@@ -137,10 +190,7 @@ class Processor:
             messages = place_image_placeholders(messages, len(grids))
         except ValueError as e:
             raise ValueError(f"sample {index}: {e}") from None
-        cfg = self.config
-        strings = iter(image_label(cfg.image_token_layout, k, len(grids)) + image_string(
-            self.tokenizer, g, cfg.mp_image_token_length, cfg.use_global_tile,
-            cfg.image_token_layout) for k, g in enumerate(grids))
+        strings = iter(self._image_strings(grids))
         placed = []
         for m in messages:
             pieces = m["content"].split(IMAGE_PLACEHOLDER)
@@ -170,9 +220,10 @@ class Processor:
         found = sum(1 for i in ids if i == self.tokenizer.image_token_id)
         expected = n_tiles * self.config.mp_image_token_length
         if found != expected:
-            raise ValueError(f"sample {index}: {found} {IMAGE_TOKEN} tokens in the text but "
+            token = self.tokenizer.layout.image_token
+            raise ValueError(f"sample {index}: {found} {token} tokens in the text but "
                              f"{n_tiles} tiles x {self.config.mp_image_token_length} = {expected} "
-                             f"expected (is {IMAGE_TOKEN} written in the text itself?)")
+                             f"expected (is {token} written in the text itself?)")
 
     def _pad(self, ids: list[list[int]], labels: list[list[int]], side: str
              ) -> dict[str, torch.Tensor]:

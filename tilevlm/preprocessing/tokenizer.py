@@ -2,8 +2,10 @@
 BPE trained here, plus our special tokens and the chat format: the tokenizer's own chat_template
 when its tokenizer_config.json has one (`tilevlm.preprocessing.jinja_chat`), else ChatML.
 
-Special tokens come right after the base vocabulary, in the order `tilevlm.special_tokens`
-defines. Nothing here touches the network.
+For the tilevlm and nanovlm layouts our special tokens come right after the base vocabulary, in
+the order `tilevlm.special_tokens` defines. A layout whose tokens are the tokenizer's own
+(idefics3: SmolVLM's tokenizer holds `<image>`, `<global-img>`, ...) gets nothing appended: the
+tokens must be there, at whatever ids the tokenizer gives them. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from tilevlm.files import parse_json, read_json_object
 from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START, chat_segments
 from tilevlm.preprocessing.jinja_chat import renderer, template_segments
-from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token, special_tokens
+from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, get_layout, grid_token,
+                                    required_tokens, special_tokens)
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +39,28 @@ class VLMTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, grid_side: int, base_vocab_size: int,
                  eos_token: str, pad_token: str | None = None,
-                 bos_token: str | None = None, chat_template: str | None = None) -> None:
+                 bos_token: str | None = None, chat_template: str | None = None,
+                 layout: str = "tilevlm") -> None:
         self.tokenizer = tokenizer
         # The model's own Jinja chat template; None (or ChatML itself): the built-in ChatML.
         self.chat_template = None if chat_template == CHATML_JINJA else chat_template
         self.grid_side = grid_side
         self.base_vocab_size = base_vocab_size
+        self.layout = get_layout(layout)
         self.eos_token, self.bos_token = eos_token, bos_token
         self.pad_token = pad_token if pad_token is not None else eos_token
         self.eos_token_id = self._require_id(self.eos_token, "eos")
         self.pad_token_id = self._require_id(self.pad_token, "pad")
         self.bos_token_id = self._require_id(bos_token, "bos") if bos_token is not None else None
-        self.image_token_id = self._require_id(IMAGE_TOKEN, "image")
-        self.global_image_token_id = self._require_id(GLOBAL_IMAGE_TOKEN, "global image")
-        self.im_start_id = self._require_id(IM_START, "chat start")
-        self.im_end_id = self._require_id(IM_END, "chat end")
+        self.image_token_id = self._require_id(self.layout.image_token, "image")
+        self.global_image_token_id = self._require_id(self.layout.global_token, "global image")
+        # ChatML markers: always there with appended tokens (added when missing); a tokenizer
+        # taken as it is may lack them (None), and then only `Processor.encode_texts` applies.
+        self.im_start_id = tokenizer.token_to_id(IM_START)
+        self.im_end_id = tokenizer.token_to_id(IM_END)
+        if self.layout.appended:
+            self._require_id(IM_START, "chat start")
+            self._require_id(IM_END, "chat end")
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
     def _require_id(self, token: str, what: str) -> int:
@@ -89,8 +99,11 @@ class VLMTokenizer:
         """Token ids of `text`; special tokens in it are kept whole; no BOS/EOS is added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of each text; `add_special_tokens`: what the tokenizer's own post-processor
+        adds (a BOS, say), as a transformers tokenizer does by default."""
+        encoded = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encoded]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -109,8 +122,10 @@ class VLMTokenizer:
 
 # ----------------------------------------------------------------------------- loading
 
-def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
-    """Read a Hugging Face tokenizer directory and add tilevlm's special tokens.
+def load_tokenizer(directory: str | Path, grid_side: int = 8,
+                   layout: str = "tilevlm") -> VLMTokenizer:
+    """Read a Hugging Face tokenizer directory and add tilevlm's special tokens (for a layout
+    whose tokens are the tokenizer's own, check they are all there and add nothing).
 
     Needs `tokenizer.json`; eos/pad/bos token strings come from `tokenizer_config.json` or
     `special_tokens_map.json` when present. Without an eos token, `<|im_end|>` is used (it ends
@@ -132,13 +147,28 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8) -> VLMTokenizer:
     except Exception as e:  # the Rust side raises a plain Exception on malformed files
         raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
     names = _special_token_names(directory)
-    _ensure_chat_markers(tok, str(directory))
-    base = _add_vlm_tokens(tok, grid_side, str(directory))
+    if get_layout(layout).appended:
+        _ensure_chat_markers(tok, str(directory))
+        base = _add_vlm_tokens(tok, grid_side, str(directory))
+    else:
+        base = _check_own_tokens(tok, layout, grid_side, str(directory))
     eos = names.get("eos_token") or IM_END
     if "eos_token" not in names:
         logger.debug("%s: no eos token configured; using %s", directory, IM_END)
     return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"),
-                        _chat_template(directory))
+                        _chat_template(directory), layout=layout)
+
+
+def _check_own_tokens(tok: Tokenizer, layout: str, grid_side: int, source: str) -> int:
+    """Every token of `layout` (grids up to grid_side) must be in the tokenizer; return its size."""
+    missing = [t for t in required_tokens(layout, grid_side) if tok.token_to_id(t) is None]
+    if missing:
+        shown = ", ".join(missing[:6]) + (f", ... ({len(missing) - 6} more)" if len(missing) > 6
+                                          else "")
+        raise ValueError(f"{source}: the tokenizer lacks the {layout} layout's tokens {shown} "
+                         "(they are not added: the model's ids are the tokenizer's own; give the "
+                         "tokenizer the checkpoint came with)")
+    return _vocab_size(tok)
 
 
 def _special_token_names(directory: Path) -> dict[str, str]:

@@ -1,2 +1,3 @@
 """Weights in and out: tilevlm's own directories (native), Hugging Face SigLIP + Llama/SmolLM2
-(huggingface), nanoVLM (nanovlm). Only safetensors and JSON are ever read (never a pickle)."""
+(huggingface), nanoVLM (nanovlm), Idefics3 / SmolVLM in place (idefics3) and back out
+(export_idefics3). Only safetensors and JSON are ever read (never a pickle)."""

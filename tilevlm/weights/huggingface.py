@@ -87,15 +87,23 @@ def _fields(src: dict[str, Any], table: dict[str, tuple[str, Any]]) -> dict[str,
     return {ours: src.get(theirs, default) for ours, (theirs, default) in table.items()}
 
 
+def siglip_fields(vision: dict[str, Any], where: str | Path,
+                  defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """VLMConfig vision fields from a SigLIP vision config dict (`defaults`: ours -> value for
+    fields it omits, when they differ from SigLIP's)."""
+    act = vision.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{where}: unsupported SigLIP activation {act!r} (need GELU-tanh)")
+    table = {ours: (theirs, (defaults or {}).get(ours, default))
+             for ours, (theirs, default) in SIGLIP_CONFIG.items()}
+    return _fields(vision, table)
+
+
 def siglip_config(siglip_dir: str | Path) -> dict[str, Any]:
     """VLMConfig vision fields (and image mean/std when a preprocessor config is present)."""
     siglip_dir = Path(siglip_dir)
     data = read_json_object(siglip_dir / CONFIG_FILE)
-    vision = data.get("vision_config", data)
-    act = vision.get("hidden_act", "gelu_pytorch_tanh")
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"{siglip_dir}: unsupported SigLIP activation {act!r} (need GELU-tanh)")
-    fields = _fields(vision, SIGLIP_CONFIG)
+    fields = siglip_fields(data.get("vision_config", data), siglip_dir)
     pre = siglip_dir / "preprocessor_config.json"
     if pre.is_file():
         pre_data = read_json_object(pre)
@@ -108,7 +116,11 @@ def siglip_config(siglip_dir: str | Path) -> dict[str, Any]:
 def llama_config(llama_dir: str | Path) -> dict[str, Any]:
     """VLMConfig decoder fields from a Llama/SmolLM2 config.json; unsupported variants refused."""
     llama_dir = Path(llama_dir)
-    data = read_json_object(llama_dir / CONFIG_FILE)
+    return llama_fields(read_json_object(llama_dir / CONFIG_FILE), llama_dir)
+
+
+def llama_fields(data: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """VLMConfig decoder fields from a Llama config dict; unsupported variants refused."""
     fields = _fields(data, LLAMA_CONFIG)
     if fields["lm_n_kv_heads"] is None:
         fields["lm_n_kv_heads"] = fields["lm_n_heads"]
@@ -125,7 +137,7 @@ def llama_config(llama_dir: str | Path) -> dict[str, Any]:
     if data.get("hidden_act", "silu") != "silu":
         problems.append(f"activation {data.get('hidden_act')!r}")
     if problems:
-        raise ValueError(f"{llama_dir}: unsupported Llama variant: {'; '.join(problems)}")
+        raise ValueError(f"{where}: unsupported Llama variant: {'; '.join(problems)}")
     return fields
 
 

@@ -1,0 +1,36 @@
+"""`tilevlm export --format idefics3 MODEL OUT`: a model directory as transformers' Idefics3
+format (weights/export_idefics3.py), for transformers and the serving tools that read it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "write a model directory in another library's format (idefics3: transformers, vLLM)"
+FORMATS = ("idefics3",)
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a model directory (ours or Idefics3 / "
+                        "SmolVLM), a checkpoint, or a run folder")
+    parser.add_argument("out", metavar="OUT", help="directory to write")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="the format to write")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="tokenizer directory (default: the model's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tilevlm.commands.options import model_path
+    from tilevlm.inference.loading import load_model, load_model_config, load_processor
+    from tilevlm.weights.export_idefics3 import check_exportable, export_idefics3
+
+    model_dir = model_path(args)  # a model directory, a checkpoint or a run folder
+    check_exportable(load_model_config(model_dir))  # before anything heavy
+    processor = load_processor(model_dir, args.tokenizer)
+    model = load_model(model_dir, processor, "cpu", args.tokenizer)
+    export_idefics3(model, processor.tokenizer, args.out)
+    print(f"wrote {args.out}: Idefics3ForConditionalGeneration, {model.num_parameters():,} "
+          f"parameters, {processor.config.mp_image_token_length} tokens per tile")
+    return 0
