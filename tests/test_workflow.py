@@ -115,10 +115,25 @@ def step_losses_written(out: Path) -> bool:
 
 def test_warmup_longer_than_the_run_is_one_line_and_exit_2(tmp_path):
     done = cli("train", "--preset", "tiny", "--data", "synthetic", "--steps", "30", "--out",
-               str(tmp_path / "run"), "--threads", "1")  # the default --warmup-steps is 50
+               str(tmp_path / "run"), "--threads", "1", "--warmup-steps", "50")
     assert done.returncode == 2 and len(error_lines(done)) == 1
     assert "warmup_steps (50) is larger than steps (30)" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_default_warmup_fits_a_short_run(tmp_path):
+    """Without --warmup-steps a run shorter than ten times the default warms up for a tenth of
+    it, so its learning rate still decays."""
+    from tilevlm.cli import build_parser
+    from tilevlm.commands.train import train_config
+
+    def warmup(*steps: str) -> int:
+        args = build_parser().parse_args(["train", "--preset", "tiny", "--data", "synthetic",
+                                          "--out", str(tmp_path), *steps])
+        return train_config(args).warmup_steps
+
+    assert warmup("--steps", "30") == 3 and warmup("--steps", "5000") == 50
+    assert warmup("--steps", "30", "--warmup-steps", "7") == 7
 
 
 @pytest.mark.parametrize("flags", [["--no-progress"], ["--progress"]])  # stderr is a pipe here

@@ -58,6 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name not in _SKIP_FIELDS:
             _add_field(parser, f)
+    # Not given: TrainConfig's default, but never more than a tenth of a shorter run, so
+    # `--steps 30` alone trains with a decaying learning rate (a given value above --steps is
+    # refused by TrainConfig).
+    default_warmup = TrainConfig().warmup_steps
+    parser.set_defaults(warmup_steps=None)
+    for action in parser._actions:
+        if action.dest == "warmup_steps":
+            action.help = (f"linear warmup steps (default: {default_warmup}, or a tenth of "
+                           "--steps when that is less)")
 
 
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
@@ -75,6 +84,8 @@ def train_config(args: argparse.Namespace) -> Any:
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
               if f.name not in _SKIP_FIELDS}
+    if values["warmup_steps"] is None:
+        values["warmup_steps"] = min(TrainConfig().warmup_steps, values["steps"] // 10)
     return TrainConfig(**values, out_dir=args.out)
 
 
