@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -78,7 +79,8 @@ def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: 
     max_new_tokens = max_new_tokens or task.max_new_tokens
     start, predictions = time.perf_counter(), []
     stream = itertools.islice(samples, limit) if limit else iter(samples)
-    bar = tqdm(total=limit, desc=f"eval {task.name}", unit="sample", disable=not progress,
+    drawn = progress and sys.stderr.isatty()  # a log file gets no \r frames
+    bar = tqdm(total=limit, desc=f"eval {task.name}", unit="sample", disable=not drawn,
                dynamic_ncols=True)
     was_training = model.training
     model.eval()
