@@ -196,5 +196,5 @@ def test_eval_cli_refuses_unusable_data_in_one_line(tmp_path, model_dir, rows, m
     run = _cli("eval", "--model", str(model_dir), "--data", str(path), "--task",
                "multiple_choice", "--out", str(tmp_path / "r.json"), "--device", "cpu")
     assert run.returncode == 2
-    lines = [line for line in run.stderr.splitlines() if "error:" in line]
+    lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], run.stderr
