@@ -163,9 +163,13 @@ def test_random_bytes_are_an_image_or_a_value_error(data):
     _only_result_or_value_error(data)
 
 
+def _noise_image(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 def _encoded(fmt: str) -> bytes:
-    rng = np.random.default_rng(1)
-    img = Image.fromarray(rng.integers(0, 256, (19, 27, 3), dtype=np.uint8))
+    img = _noise_image(19, 27, seed=1)
     buf = io.BytesIO()
     if fmt == "GIF":
         img = img.convert("P")
@@ -213,8 +217,7 @@ def test_mutated_image_files_are_an_image_or_a_value_error(data):
 # ----------------------------------------------------------------------------- headers and EXIF
 def _with_exif(fmt: str) -> bytes:
     """A real file with a full EXIF block (orientation, strings, a date), as phones write."""
-    rng = np.random.default_rng(2)
-    img = Image.fromarray(rng.integers(0, 256, (21, 33, 3), dtype=np.uint8))
+    img = _noise_image(21, 33, seed=2)
     exif = Image.Exif()
     for tag, value in ((0x0112, 6), (0x010F, "Maker"), (0x0110, "Model"), (0x0131, "soft"),
                        (0x0132, "2020:01:01 00:00:00")):
