@@ -70,3 +70,50 @@ def test_a_template_that_rewrites_history_is_refused(templated_dir):
     tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}"
     with pytest.raises(ValueError, match="cannot be told apart"):
         _processor(tokenizer)([CHAT])
+
+
+# SmolVLM's template as transformers ships it (processing_smolvlm.DEFAULT_CHAT_TEMPLATE); SmolVLM
+# directories keep it in chat_template.json, newer transformers in chat_template.jinja.
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if "
+    "message['content'] is string %}{{': ' + message['content']}}{% else %}{% if "
+    "message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line "
+    "in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] "
+    "== 'image' %}{{ '<image>' }}{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+LIST_ONLY_TEMPLATE = (  # an older multimodal form: content read only as a list of parts
+    "{% for message in messages %}{{ message['role'] }}:{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}\n{% endfor %}")
+
+
+def test_a_template_in_chat_template_json_or_jinja_is_used(hf_tokenizer_dir, tmp_path):
+    directory = tmp_path / "tok"
+    shutil.copytree(hf_tokenizer_dir, directory)
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": SMOLVLM_TEMPLATE}))
+    tokenizer = load_tokenizer(directory)
+    text = "".join(t for t, _ in tokenizer.chat_segments(CHAT[:1], add_generation_prompt=True))
+    assert text == "<|im_start|>User: What colour?<end_of_utterance>\nAssistant:"
+    (directory / "chat_template.jinja").write_text(SMOLLM2_TEMPLATE)  # the .jinja file wins
+    assert load_tokenizer(directory).chat_template == SMOLLM2_TEMPLATE
+
+
+def test_a_template_that_reads_only_list_content_gets_it(hf_tokenizer_dir, tmp_path):
+    """Older multimodal templates (SmolVLM's on the Hub among them) read a message's content only
+    as a list of parts: the text goes in as one text part instead of being dropped."""
+    directory = tmp_path / "tok"
+    shutil.copytree(hf_tokenizer_dir, directory)
+    (directory / "chat_template.jinja").write_text(LIST_ONLY_TEMPLATE)
+    tokenizer = load_tokenizer(directory)
+    text = "".join(t for t, _ in tokenizer.chat_segments(CHAT))
+    assert text == "user:What colour?assistant:Red."  # transformers' trim_blocks eats the "\n"
+    labelled = "".join(t for t, counts in tokenizer.chat_segments(CHAT) if counts)
+    # this template writes no generation prompt, so the reply's own header counts with it
+    assert labelled == "assistant:Red."
+
+
+def test_a_template_that_writes_no_text_is_refused(hf_tokenizer_dir, tmp_path):
+    directory = tmp_path / "tok"
+    shutil.copytree(hf_tokenizer_dir, directory)
+    (directory / "chat_template.jinja").write_text("{% for m in messages %}{{ m.role }}{% endfor %}")
+    with pytest.raises(ValueError, match="writes no message text"):
+        load_tokenizer(directory)

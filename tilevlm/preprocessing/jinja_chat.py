@@ -34,14 +34,19 @@ def _compiled(template: str) -> Any:
         raise ValueError(f"the tokenizer's chat_template is not valid Jinja ({e})") from None
 
 
-def renderer(template: str, **special_tokens: str | None) -> Render:
-    """render(messages, add_generation_prompt) -> text, with `bos_token`/`eos_token` defined."""
+def renderer(template: str, list_content: bool = False, **special_tokens: str | None) -> Render:
+    """render(messages, add_generation_prompt) -> text, with `bos_token`/`eos_token` defined.
+    `list_content`: each message's text goes in as `[{"type": "text", "text": ...}]`, for
+    templates that read content only as a list of parts (SmolVLM's, say)."""
     from jinja2.exceptions import TemplateError
 
     compiled = _compiled(template)
     tokens = {k: v or "" for k, v in special_tokens.items()}
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if list_content:
+            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]}
+                        for m in messages]
         try:
             return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **tokens)
@@ -49,6 +54,25 @@ def renderer(template: str, **special_tokens: str | None) -> Render:
             raise ValueError(f"the tokenizer's chat_template failed: {e}") from None
 
     return render
+
+
+_PROBE = "tilevlm-probe-text"
+
+
+@functools.lru_cache(maxsize=8)
+def content_form(template: str, **special_tokens: str | None) -> bool:
+    """Whether the template needs list-form content: False when it writes a message whose
+    content is a string, True when it writes it only as a list of parts; a ValueError when it
+    writes the text neither way (every prompt would be dropped)."""
+    for list_content in (False, True):
+        render = renderer(template, list_content, **special_tokens)
+        try:
+            if _PROBE in render([{"role": "user", "content": _PROBE}], True):
+                return list_content
+        except ValueError:
+            continue
+    raise ValueError("the chat_template writes no message text, neither as a string nor as a "
+                     "list of text parts; remove it to use ChatML")
 
 
 def template_segments(render: Render, messages: list[dict[str, str]],

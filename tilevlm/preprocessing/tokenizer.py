@@ -18,9 +18,9 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tilevlm.files import parse_json, read_json_object
+from tilevlm.files import check_regular_file, parse_json, read_json_object
 from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START, chat_segments
-from tilevlm.preprocessing.jinja_chat import renderer, template_segments
+from tilevlm.preprocessing.jinja_chat import content_form, renderer, template_segments
 from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, get_layout, grid_token,
                                     required_tokens, special_tokens)
 
@@ -92,7 +92,8 @@ class VLMTokenizer:
         it counts for the loss: its own `chat_template` when it has one, else ChatML."""
         if self.chat_template is None:
             return chat_segments(messages, add_generation_prompt)
-        render = renderer(self.chat_template, bos_token=self.bos_token, eos_token=self.eos_token)
+        tokens = dict(bos_token=self.bos_token, eos_token=self.eos_token)
+        render = renderer(self.chat_template, content_form(self.chat_template, **tokens), **tokens)
         return template_segments(render, messages, add_generation_prompt)
 
     def encode(self, text: str) -> list[int]:
@@ -155,8 +156,14 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8,
     eos = names.get("eos_token") or IM_END
     if "eos_token" not in names:
         logger.debug("%s: no eos token configured; using %s", directory, IM_END)
+    template = _chat_template(directory)
+    if template is not None:
+        try:  # a template that writes no message text is refused here, not at every prompt
+            content_form(template, bos_token=names.get("bos_token"), eos_token=eos)
+        except ValueError as e:
+            raise ValueError(f"{directory}: {e}") from None
     return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"),
-                        _chat_template(directory), layout=layout)
+                        template, layout=layout)
 
 
 def _check_own_tokens(tok: Tokenizer, layout: str, grid_side: int, source: str) -> int:
@@ -186,12 +193,27 @@ def _special_token_names(directory: Path) -> dict[str, str]:
 
 
 def _chat_template(directory: Path) -> str | None:
-    """tokenizer_config.json's `chat_template` (the default one of a named list), or None."""
-    template = read_json_object(directory / "tokenizer_config.json", missing_ok=True).get(
-        "chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
+    """The directory's chat template, where transformers looks for one, in its order:
+    chat_template.jinja, chat_template.json (SmolVLM / Idefics3 directories keep theirs there),
+    then tokenizer_config.json's `chat_template` (the default one of a named list); or None."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.exists():
+        check_regular_file(jinja)
+        try:
+            return _usable(jinja.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja}: not UTF-8 text ({e.reason})") from None
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = read_json_object(directory / name, missing_ok=True).get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if _usable(template):
+            return template
+    return None
+
+
+def _usable(template: object) -> str | None:
     return template if isinstance(template, str) and template.strip() else None
 
 
