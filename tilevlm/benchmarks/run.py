@@ -26,7 +26,7 @@ from tilevlm.data.lengths import LengthFilter
 from tilevlm.data.readers import open_dataset
 from tilevlm.data.rowreader import Sample
 from tilevlm.data.skips import IMAGE_ERROR, SkipCounter
-from tilevlm.tools.evaluation import greedy_answers, split_prompt
+from tilevlm.tools.evaluation import chunks, greedy_answers, split_prompt
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: 
     was_training = model.training
     model.eval()
     try:
-        for chunk in _chunks(stream, batch_size):
+        for chunk in chunks(stream, batch_size):
             for sample, answer in _answer_chunk(model, processor, chunk, max_new_tokens, skips):
                 predictions.append(_record(task, sample, answer))
             bar.update(len(chunk))
@@ -97,11 +97,6 @@ def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: 
         raise ValueError(f"no sample of the data could be scored with task {task.name} "
                          f"(skipped: {skips.as_dict() or 'none; the data set is empty'})")
     return report, predictions
-
-
-def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
-    while chunk := list(itertools.islice(samples, size)):
-        yield chunk
 
 
 def _answer_chunk(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int,

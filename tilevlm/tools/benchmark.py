@@ -25,6 +25,7 @@ import torch
 
 from tilevlm.config import VLMConfig, preset
 from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.special_tokens import image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,12 @@ def _range(values: list[float]) -> list[float]:
 # ----------------------------------------------------------------------------- inputs
 
 def image_token_ids(model: VisionLanguageModel, grid: tuple[int, int]) -> list[int]:
-    """The image string of one image as ids: global thumbnail first, then the grid tiles."""
-    n_img = model.cfg.mp_image_token_length
-    ids = [model.global_image_token_id] + [model.image_token_id] * n_img if grid != (1, 1) else []
-    for r in range(1, grid[0] + 1):
-        for c in range(1, grid[1] + 1):
-            ids += [model.grid_token_id(r, c)] + [model.image_token_id] * n_img
-    return ids
+    """The image string of one image as ids, in the model's token layout (an appended one: the
+    presets')."""
+    cfg = model.cfg
+    ids = cfg.special_token_ids()
+    return [ids[token] for token in image_tokens(grid, cfg.mp_image_token_length,
+                                                  cfg.use_global_tile, cfg.image_token_layout)]
 
 
 def synthetic_batch(model: VisionLanguageModel, batch_size: int, prompt_tokens: int,

@@ -83,7 +83,7 @@ def evaluate(model: nn.Module, processor: Any, samples: Iterable[Sample], batch_
     scored, loss_sum, tokens = [], 0.0, 0
     try:
         with autocast():
-            for chunk in _chunks(samples, batch_size):
+            for chunk in chunks(samples, batch_size):
                 scored += _answer(model, processor, chunk, max_new_tokens, answer_fn)
                 chunk_loss, n = _loss(model, processor, chunk)
                 loss_sum, tokens = loss_sum + chunk_loss * n, tokens + n
@@ -92,7 +92,8 @@ def evaluate(model: nn.Module, processor: Any, samples: Iterable[Sample], batch_
     return _report(scored, loss_sum / max(tokens, 1), n_examples)
 
 
-def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+def chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    """Consecutive lists of `size` samples (the last one shorter)."""
     it = iter(samples)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
