@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) -> int:
     from tilevlm.data.sources import named_dataset
-    from tilevlm.tools.evaluation import evaluate, write_report
+    from tilevlm.tools.evaluation import evaluate
 
     samples = named_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
@@ -90,11 +90,7 @@ def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) 
     per_type = ", ".join(f"{q} {100 * v['accuracy']:.1f}%" for q, v in report.per_qtype.items())
     log.info("%s (%s weights) on %d %s samples: exact match %.1f%% (%s), loss %.4f", model_dir,
              args.weights, report.n, args.split, 100 * report.accuracy, per_type, report.loss)
-    if args.out:
-        log.info("report written to %s", write_report(report, args.out))
-    else:
-        print(json.dumps(report.to_dict(), indent=2))
-    return 0
+    return _hand_out(report, args.out)
 
 
 def _task_data(args: argparse.Namespace, processor):
@@ -128,11 +124,15 @@ def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task,
         log.info("predictions written to %s", write_predictions(predictions, Path(preds)))
     else:
         log.info("predictions not written (give --out or --predictions)")
-    text = json.dumps(report.to_dict(), indent=2) + "\n"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        log.info("report written to %s", args.out)
+    return _hand_out(report, args.out)
+
+
+def _hand_out(report, out: str | None) -> int:
+    """The JSON report to `out`, or to standard output."""
+    from tilevlm.tools.evaluation import write_report
+
+    if out:
+        log.info("report written to %s", write_report(report, out))
     else:
-        print(text, end="")
+        print(json.dumps(report.to_dict(), indent=2))
     return 0

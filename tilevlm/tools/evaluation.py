@@ -128,7 +128,8 @@ def _report(scored: list[_Scored], loss: float, n_examples: int) -> EvalReport:
     return EvalReport(len(scored), accuracy, loss, per_qtype, examples)
 
 
-def write_report(report: EvalReport, path: str | Path) -> Path:
+def write_report(report: Any, path: str | Path) -> Path:
+    """`report.to_dict()` as JSON in `path` (an EvalReport or a benchmark TaskReport)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
