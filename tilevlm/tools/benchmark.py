@@ -26,6 +26,7 @@ import torch
 from tilevlm.config import VLMConfig, preset
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import image_tokens
+from tilevlm.tools.roofline import PEAK_SIDE, count_flops, gemm_peak
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +242,17 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = timed_runs(step, bc.repeats, bc.warmup, device)
+    flops = count_flops(step)  # untimed: it stands for the first warm-up step
+    times = timed_runs(step, bc.repeats, max(bc.warmup - 1, 0), device)
     seconds = statistics.median(times)
     model.eval()
+    peak = gemm_peak(dtype, device)  # GFLOP/s; the step's matmuls run in this dtype
+    bound = flops.total / (peak * 1e9)  # seconds
     return {"seconds_per_step": seconds, "range": _range(times), "loss": bc.train_loss,
+            "gflop": flops.total / 1e9, "gflop_matmul": flops.matmul / 1e9,
+            "gflop_attention": flops.attention / 1e9, "gemm_peak_gflops": peak,
+            "gemm_peak_dtype": str(dtype).replace("torch.", ""), "gemm_bound_s": bound,
+            "peak_fraction": bound / seconds,
             "compiled": bc.compile_train, "samples_per_s": bc.train_batch / seconds,
             "seq_len": batch["input_ids"].shape[1], "batch": bc.train_batch,
             "peak_memory_mb": _peak_memory_mb(device),
@@ -433,6 +441,12 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append(("training step", f"{t['seconds_per_step']:.3f} s/step, {t['samples_per_s']:.2f} samples/s",
                      f"batch {t['batch']}, seq {t['seq_len']}, {how}, peak {t['peak_memory_mb']:.0f} MiB "
                      f"({t['peak_memory_kind']}){_load(t, digits=3)}"))
+        if "gflop" in t:
+            rows.append(("training roofline", f"{t['peak_fraction']:.1%} of the GEMM peak",
+                         f"{t['gflop']:.4g} GFLOP counted per step ({t['gflop_matmul']:.4g} matmul, "
+                         f"{t['gflop_attention']:.3g} attention), {t['gemm_peak_dtype']} peak "
+                         f"{t['gemm_peak_gflops']:.0f} GFLOP/s measured here ({PEAK_SIDE}^2 matmul): "
+                         f"no step under {t['gemm_bound_s']:.3f} s"))
     weights = results["model"].get("inference_weights", env["dtype"])
     if "prefill" in results:
         p = results["prefill"]
