@@ -176,3 +176,17 @@ def test_hf_missing_layer_is_listed(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="config.json"):
         build_from_hf(tmp_path / "empty", tmp_path / "llama", base_config())
+
+
+def test_saved_model_files_get_the_users_umask_not_0600(tmp_path):
+    """atomic_write's temporary file is 0600; the finished file must be as readable as any file
+    the user creates (a model directory shared with a group, a served export)."""
+    import tilevlm.files as files
+    from tilevlm.config import preset
+    from tilevlm.model.vlm import VisionLanguageModel
+    from tilevlm.weights.native import save_pretrained
+
+    save_pretrained(VisionLanguageModel(preset("tiny")), tmp_path / "m")
+    expected = 0o666 & ~files._UMASK
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes and all(mode == expected for mode in modes.values()), modes

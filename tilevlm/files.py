@@ -111,12 +111,17 @@ def make_output_dir(path: Path, what: str = "output directory") -> Path:
     return path
 
 
+_UMASK = os.umask(0)  # read once (reading it means setting it), then restored
+os.umask(_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename: a kill never leaves half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
