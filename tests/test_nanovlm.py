@@ -91,3 +91,23 @@ def test_build_and_generate_with_the_plain_base_tokenizer(nano, tmp_path):
                    "--prompt", "What is it?", "--max-new-tokens", "3", "--device", "cpu")
         assert run.returncode == 0, run.stderr
         assert "time to first token" in run.stderr
+
+
+def test_loading_for_inference_reads_the_tokenizer_once(nano, monkeypatch):
+    """load_for_inference checks a nanoVLM model's special-token ids on the Processor's tokenizer
+    instead of loading the tokenizer directory a second time."""
+    import tilevlm.preprocessing.tokenizer as tokenizer_module
+    import tilevlm.weights.nanovlm as nanovlm_module
+    from tilevlm.inference.loading import load_for_inference
+
+    loads = []
+    real = tokenizer_module.load_tokenizer
+
+    def counting(*args, **kwargs):
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer_module, "load_tokenizer", counting)
+    monkeypatch.setattr(nanovlm_module, "load_tokenizer", counting)
+    model, processor = load_for_inference(nano / "ckpt", device="cpu", tokenizer_dir=nano / "tok")
+    assert len(loads) == 1 and processor.tokenizer.image_token_id == model.cfg.image_token_id

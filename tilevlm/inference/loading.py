@@ -81,7 +81,7 @@ def load_model(model_dir: str | Path, processor: Processor, device: str | None =
     if is_idefics3(model_dir):
         model = load_idefics3(model_dir, dtype=dtype)
     elif _is_nanovlm(model_dir):
-        model = load_nanovlm(model_dir, tokenizer_dir, dtype=dtype)
+        model = load_nanovlm(model_dir, tokenizer_dir, dtype=dtype, tokenizer=processor.tokenizer)
     else:
         model = load_pretrained(model_dir, dtype=dtype)
     model = model.to(target).eval()

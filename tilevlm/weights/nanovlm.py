@@ -137,19 +137,23 @@ def check_tokenizer_ids(tokenizer: VLMTokenizer, cfg: VLMConfig, where: str | Pa
 
 
 def load_nanovlm(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                 dtype: torch.dtype | None = None) -> VisionLanguageModel:
+                 dtype: torch.dtype | None = None,
+                 tokenizer: VLMTokenizer | None = None) -> VisionLanguageModel:
     """A nanoVLM checkpoint directory (`config.json` + `model.safetensors`) as our model.
 
     The config is mapped field by field with image_mean=(0,0,0), image_std=(1,1,1) (nanoVLM
     feeds [0, 1] pixels) and nanoVLM's image token layout. With `tokenizer_dir` (the base
     tokenizer nanoVLM starts from, e.g. SmolLM2's, which gains our tokens when it lacks them, as
-    nanoVLM adds them at run time), the special tokens must get the ids the model uses.
+    nanoVLM adds them at run time), the special tokens must get the ids the model uses; a
+    `tokenizer` already loaded from it (a Processor's) is checked the same way without reading
+    the directory again.
     """
     checkpoint_dir = Path(checkpoint_dir)
     cfg = nanovlm_config(checkpoint_dir)
     what = f"nanoVLM weights in {checkpoint_dir}"
-    if tokenizer_dir is not None:  # before any weight is read
+    if tokenizer is None and tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir, grid_side=cfg.grid_side)
-        check_tokenizer_ids(tokenizer, cfg, tokenizer_dir)
+    if tokenizer is not None:  # before any weight is read
+        check_tokenizer_ids(tokenizer, cfg, tokenizer_dir or "the tokenizer")
     tensors = convert_nanovlm(read_safetensors(checkpoint_dir), cfg, what)
     return assemble(cfg, tensors, what, dtype)
