@@ -313,3 +313,29 @@ def test_raw_samples_fit_the_trainers_collator(parquet_file, processor):
     batch = VLMCollator(processor)(samples)
     assert batch.n_skipped == 1  # the truncated PNG, found when decoding
     assert batch.inputs["input_ids"].shape[0] == len(samples) - 1
+
+
+def test_a_broken_record_batch_skips_the_rest_of_its_file_not_the_run(tmp_path, processor):
+    """A save_to_disk shard whose record-batch message is damaged (a bad length after the
+    schema) is counted as skipped and named; the other shard's rows still arrive, on every rank
+    split alike."""
+    datasets = pytest.importorskip("datasets")
+    rows = cauldron_rows()[:1] * 4
+    ds = datasets.Dataset.from_dict(
+        {"images": [[{"bytes": i["bytes"], "path": None} for i in r["images"]] for r in rows],
+         "texts": [r["texts"] for r in rows]},
+        features=datasets.Features({
+            "images": datasets.Sequence(datasets.Image()),
+            "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string")}]}))
+    ds.save_to_disk(tmp_path / "two", num_shards=2)
+    first = sorted((tmp_path / "two").glob("data-*.arrow"))[0]
+    data = bytearray(first.read_bytes())
+    marker = data.index(b"\xff\xff\xff\xff", 4)  # the first record batch's message
+    data[marker + 4:marker + 8] = (0x7FFFFFF0).to_bytes(4, "little")
+    first.write_bytes(bytes(data))
+
+    reader = open_dataset(tmp_path / "two")
+    assert len(list(reader)) == 2  # the second shard's two rows
+    assert reader.skips.as_dict() == {"malformed": 1}
+    assert sum(len(list(open_dataset(tmp_path / "two", rank=r, world_size=2)))
+               for r in (0, 1)) == 2

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from tilevlm.data.parquet import (BATCH_ROWS, cauldron_sample, find_columns, require_pyarrow,
                                   take_rows)
 from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample
-from tilevlm.data.skips import SkipCounter
+from tilevlm.data.skips import MALFORMED, SkipCounter
 from tilevlm.files import confined, read_json_object
 
 
@@ -94,13 +94,28 @@ class HFDiskReader(RowReader):
         first = 0
         for path in self.files:
             file_start = first
-            for batch in _open_arrow(pa, path)[1]:
+            for batch in self._batches(pa, path):
                 batch = batch.select(wanted)
                 for chunk_start in range(0, batch.num_rows, BATCH_ROWS):  # zero-copy slices
                     chunk = batch.slice(chunk_start, BATCH_ROWS)
                     for i, row in take_rows(chunk, first + chunk_start, keep):
                         yield f"{path}:{i - file_start}", row
                 first += batch.num_rows
+
+    def _batches(self, pa: Any, path: Path) -> Iterator[Any]:
+        """The record batches of one Arrow file, up to the first that cannot be read: a stream
+        has no index to skip a broken message by, so the rest of that file is counted as one
+        skip and the run goes on with the next file (every rank and every resume stops at the
+        same batch, so shards and positions stay consistent)."""
+        read = 0
+        try:
+            for batch in _open_arrow(pa, path)[1]:
+                read += batch.num_rows
+                yield batch
+        except (OSError, pa.ArrowException) as e:
+            self.skips.add(MALFORMED, f"{path}:{read}",
+                           f"the Arrow data from here on cannot be read ({e}); the rest of this "
+                           "file is skipped")
 
     def _to_sample(self, row: Any, where: str) -> Sample:
         if self.row_format is not None:
