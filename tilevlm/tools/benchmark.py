@@ -25,7 +25,7 @@ import torch
 
 from tilevlm.config import VLMConfig, preset
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.special_tokens import get_layout, image_tokens
+from tilevlm.special_tokens import image_tokens
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ class BenchConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # VLMConfig fields over the preset's
 
     def model_config(self) -> VLMConfig:
+        from tilevlm.special_tokens import get_layout
+
         base = preset(self.preset, **self.overrides)
         # a layout whose tokens are the tokenizer's own keeps the preset's vocabulary size
         keep = {} if get_layout(base.image_token_layout).appended else {
