@@ -335,3 +335,122 @@ def test_a_head_absent_from_the_files_is_tied_whatever_the_flag(saved, tok_dir, 
                      attention_mask=ours["attention_mask"]).logits
     real = ours["attention_mask"].bool()
     assert model.cfg.lm_tie_weights and (mine[real] - theirs[real]).abs().max() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- chat template
+
+# SmolVLM's chat template as its Hub directories ship it (chat_template.json of
+# HuggingFaceTB/SmolVLM-256M-Instruct and its siblings): a message's content is read only as a
+# list of parts, and an image-first message gets "User:" with no space after it.
+SMOLVLM_HUB_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if "
+    "message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line "
+    "in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] "
+    "== 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if "
+    "add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+
+def _smolvlm_default_template() -> str:
+    """transformers' own SmolVLM default (a string branch, a video branch, else the same)."""
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    return DEFAULT_CHAT_TEMPLATE
+
+
+def _image(seed: int) -> dict:
+    return {"type": "image", "image": make_photo(300 + 70 * seed, 200 + 40 * seed, 20 + seed)}
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+# Conversations as transformers' processors take them (parts); tilevlm gets the same text with
+# "<image>" where each image part stands (`_as_tilevlm`), and the images in order.
+TEMPLATE_CASES = {
+    "image_then_text": [{"role": "user", "content": [_image(0), _text("What is in the picture?")]}],
+    "text_then_image": [{"role": "user", "content": [_text("Look at this: "), _image(1)]}],
+    "two_images": [{"role": "user", "content": [_image(2), _text(" and "), _image(3),
+                                                _text(" - which is brighter?")]}],
+    "two_images_first": [{"role": "user", "content": [_image(0), _image(4), _text("Compare.")]}],
+    "multi_turn": [{"role": "user", "content": [_image(1), _text("What is it?")]},
+                   {"role": "assistant", "content": [_text("A photo of blobs.")]},
+                   {"role": "user", "content": [_text("And its colours?")]},
+                   {"role": "assistant", "content": [_text("Red and blue.")]}],
+    "system": [{"role": "system", "content": [_text("Answer in one word.")]},
+               {"role": "user", "content": [_image(2), _text("Colour?")]}],
+}
+
+
+def _as_tilevlm(conversation: list[dict]) -> tuple[list[dict], list]:
+    messages, images = [], []
+    for message in conversation:
+        text = ""
+        for part in message["content"]:
+            if part["type"] == "image":
+                text += "<image>"
+                images.append(part["image"])
+            else:
+                text += part["text"]
+        messages.append({"role": message["role"], "content": text})
+    return messages, images
+
+
+@pytest.fixture(scope="module")
+def templated(saved, tok_dir, tmp_path_factory):
+    """Factory: templated(which) -> (a SmolVLM directory with that chat template in
+    chat_template.jinja, transformers' processor for it)."""
+    made: dict[str, tuple[Path, object]] = {}
+
+    def get(which: str):
+        if which not in made:
+            template = SMOLVLM_HUB_TEMPLATE if which == "hub" else _smolvlm_default_template()
+            directory = tmp_path_factory.mktemp(f"templated_{which}")
+            source = saved("p16_s4_smolvlm_tied")[0]
+            for path in source.iterdir():
+                if path.is_file():
+                    shutil.copy(path, directory / path.name)
+            (directory / "chat_template.jinja").write_text(template)
+            (directory / "chat_template.json").unlink(missing_ok=True)
+            ref = reference(directory, tok_dir)
+            ref.chat_template = template
+            made[which] = directory, ref
+        return made[which]
+
+    return get
+
+
+@pytest.mark.parametrize("which", ["hub", "transformers_default"])
+@pytest.mark.parametrize("case", list(TEMPLATE_CASES))
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_chat_template_prompt_and_ids_match_transformers(templated, which, case,
+                                                         generation_prompt):
+    directory, ref = templated(which)
+    conversation = TEMPLATE_CASES[case]
+    messages, images = _as_tilevlm(conversation)
+    processor = load_processor(directory)
+    theirs_text = ref.apply_chat_template(conversation, tokenize=False,
+                                          add_generation_prompt=generation_prompt)
+    ours_text = "".join(t for t, _ in processor.tokenizer.chat_segments(messages,
+                                                                         generation_prompt))
+    assert ours_text == theirs_text
+    if case == "image_then_text":  # the gap this closes: no space after "User:"
+        assert theirs_text.startswith("<|im_start|>User:<image>What")
+    theirs = ref.apply_chat_template(conversation, tokenize=True, return_dict=True,
+                                     return_tensors="pt",
+                                     add_generation_prompt=generation_prompt)
+    ours = processor([messages], [images], add_generation_prompt=generation_prompt)
+    assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert sum(ours["n_tiles"]) == real_frames(theirs["pixel_values"]).shape[0]
+
+
+def test_template_labels_keep_the_replies_with_image_parts(templated):
+    directory, _ = templated("hub")
+    messages, images = _as_tilevlm(TEMPLATE_CASES["multi_turn"])
+    processor = load_processor(directory)
+    batch = processor([messages], [images])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    kept = [i for i, label in zip(ids, labels) if label != -100]
+    text = processor.tokenizer.decode(kept, skip_special_tokens=False)
+    # the generation prompt is "Assistant:" with no space, so each reply starts with one
+    assert text == " A photo of blobs.<end_of_utterance>\n Red and blue.<end_of_utterance>\n"

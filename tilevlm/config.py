@@ -314,6 +314,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Split presets: up to 2x2 / 4x4 tiles plus a global thumbnail tile.
     "split_448": dict(**_SIGLIP_B16_224, **_SMOLLM2_135M, max_img_size=448, lm_max_length=1024),
     "split_896": dict(**_SIGLIP_B16_224, **_SMOLLM2_135M, max_img_size=896, lm_max_length=2048),
+    # SmolVLM-256M-Instruct's architecture, for `tilevlm bench --preset smolvlm_256m` (random
+    # weights; a downloaded folder is a --model as it is). From its config.json (as quoted in
+    # public SmolVLM configs and loaders) and transformers' Idefics3 / SmolVLM code: SigLIP
+    # base-patch16-512 (hidden 768, 12 layers, 12 heads, intermediate 3072, LayerNorm eps
+    # 1e-6), pixel shuffle scale_factor 4 ((512/16/4)^2 = 64 tokens per tile), a SmolLM2-135M
+    # decoder (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, rope_theta 100000,
+    # rms_norm_eps 1e-5, 8192 positions) over SmolVLM's 49,280-token vocabulary (SmolLM2's
+    # 49,152 + the Idefics3 tokens, <image> = image_token_id 49190), with an untied LM head
+    # (tie_word_embeddings false: 256.5M parameters; a tied head would make it 228M); images as
+    # its preprocessor_config.json: longest edge 2048 (4x4 tiles + global), 512-px tiles.
+    "smolvlm_256m": dict(
+        vit_img_size=512, vit_patch_size=16, vit_hidden_dim=768, vit_inter_dim=3072,
+        vit_n_heads=12, vit_n_blocks=12, vit_ln_eps=1e-6, lm_hidden_dim=576, lm_inter_dim=1536,
+        lm_n_heads=9, lm_n_kv_heads=3, lm_n_blocks=30, lm_base_vocab_size=49152,
+        lm_vocab_size=49280, lm_image_token_id=49190, lm_re_base=100000.0, lm_rms_eps=1e-5,
+        lm_tie_weights=False, lm_max_position_embeddings=8192, lm_max_length=8192,
+        mp_pixel_shuffle_factor=4, mp_image_token_length=64, max_img_size=2048,
+        image_token_layout="idefics3", image_rule="idefics3", use_global_tile=True),
     # Small widths, same mechanism: tests and `tilevlm demo` (up to 3x3 grids of 32-px tiles,
     # 8-px patches, 4 image tokens per tile; see docs/demo_recipe.md for why these sizes).
     "tiny": dict(vit_img_size=32, vit_patch_size=8, vit_hidden_dim=64, vit_inter_dim=256,

@@ -1,4 +1,5 @@
-"""`tilevlm bench`: preprocessing, training-step, prefill, decode and vision-encoder speed."""
+"""`tilevlm bench`: preprocessing, training-step, prefill, decode and vision-encoder speed; with
+`--peer transformers`, prefill and decode against transformers on the same weights."""
 
 from __future__ import annotations
 
@@ -21,9 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     d = BenchConfig()
     parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS),
-                        help="the architecture measured (random weights)")
+                        help="the architecture measured (random weights); smolvlm_256m is "
+                             "SmolVLM-256M-Instruct's (Idefics3 layout, 512-px tiles)")
     parser.add_argument("--max-img-size", type=int, default=None,
-                        help="default: 2 x the preset's tile size (2x2 grid + global tile)")
+                        help="default: 2 x the preset's tile size (2x2 grid + global tile: for "
+                             "smolvlm_256m 1024, 5 tiles, where the real model's 2048 makes "
+                             "every image 4x4 + global = 17 tiles)")
     add_device_argument(parser, d.device)
     parser.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                         help="auto: bf16 on CUDA, fp32 on CPU; training uses autocast in bf16")
@@ -35,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", action="store_true", default=d.baseline,
                         help="also time prefill and decode with fp32 weights and the eager step "
                              "in the same run, and print each speed-up beside it")
+    parser.add_argument("--peer", choices=["transformers"], default=d.peer,
+                        help="also time transformers' Idefics3ForConditionalGeneration.generate "
+                             "on the same random weights, image and prompt (an Idefics3 preset: "
+                             "smolvlm_256m): time to first token and decode for tilevlm with "
+                             "fp32, bf16 and int8 weights (or the one --weights names) and "
+                             "transformers in fp32 and bf16, alternately, with the ratio; "
+                             "needs transformers (pip install transformers)")
     parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
                         help="labels: LM head only at label positions (forward with return_logits=False); "
                              "full: model(**batch).loss over every position")
@@ -60,12 +71,16 @@ def run(args: argparse.Namespace) -> int:
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
                      dtype=args.dtype, weights=weights_format(args), compile=args.compile,
                      compile_train=args.compile_train, train_loss=args.train_loss,
-                     baseline=args.baseline,
+                     baseline=args.baseline, peer=args.peer,
                      threads=args.threads, preprocess_threads=args.preprocess_threads,
                      repeats=args.repeats, warmup=args.warmup,
                      train_batch=args.train_batch, decode_tokens=args.decode_tokens,
                      decode_batches=tuple(args.decode_batches), parts=tuple(args.parts))
     bc.validate()
+    if bc.peer:  # before any model is built: one line and exit 2 when it is not installed
+        from tilevlm.tools.peer_bench import require_peer
+
+        require_peer(bc.peer)
     results = run_bench(bc)
     print(format_table(results))
     if args.json:

@@ -5,6 +5,12 @@ A conversation is a list of {"role", "content"} dicts. ChatML writes each messag
 `<|im_start|>assistant\n`. Training labels keep an assistant message's content and its
 `<|im_end|>` (so the model learns to stop), nothing else. `CHATML_JINJA` is the same template in
 Jinja, saved in tokenizer_config.json for `transformers` users (a test renders both and compares).
+
+A model's own template is rendered with the `<image>` placeholders still in the text (for a
+template that reads content as a list of parts, each becomes an image part, as transformers'
+processors are given them: `content_parts`), and each placeholder of the rendered text is then
+replaced by its image's tokens (`fill_placeholders`), so an image-first message is written the way
+the template writes an image part.
 """
 
 from __future__ import annotations
@@ -66,3 +72,32 @@ def place_image_placeholders(messages: list[dict[str, str]], n_images: int
             first = {**m, "content": IMAGE_PLACEHOLDER * n_images + m["content"]}
             return [*messages[:i], first, *messages[i + 1:]]
     raise ValueError("has images but no user message to put them in")
+
+
+def content_parts(text: str) -> list[dict[str, str]]:
+    """A message's text as the list of parts transformers' processors take: `{"type": "image"}`
+    for each `<image>`, `{"type": "text", "text": ...}` for the text between them (empty pieces
+    left out; a message with no text and no image is one empty text part)."""
+    parts: list[dict[str, str]] = []
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts or [{"type": "text", "text": ""}]
+
+
+def fill_placeholders(texts: list[str], images: list[str]) -> list[str]:
+    """`texts` with their `<image>` placeholders, in order across all of them, replaced by
+    `images` (one string per image); a PlaceholderMismatch when the counts differ (a chat
+    template that drops a placeholder or writes one of its own)."""
+    found = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
+    if found != len(images):
+        raise PlaceholderMismatch(f"the chat template wrote {found} {IMAGE_PLACEHOLDER} "
+                                  f"placeholders for {len(images)} images")
+    strings = iter(images)
+    out = []
+    for text in texts:
+        first, *rest = text.split(IMAGE_PLACEHOLDER)
+        out.append(first + "".join(next(strings) + piece for piece in rest))
+    return out

@@ -1,6 +1,7 @@
 """A tokenizer's own chat template (the Jinja `chat_template` of its tokenizer_config.json, e.g.
 SmolLM2-Instruct's with its default system prompt), rendered as `transformers` renders it and
-cut into the same (text, counts for the loss) segments as the built-in ChatML.
+cut into the same (text, counts for the loss) segments as the built-in ChatML. Messages come
+with their `<image>` placeholders (the processor puts the images' tokens in after rendering).
 
 The cut comes from renders of growing prefixes of the conversation: an assistant message's
 segment is what its message adds after the generation prompt (its content and whatever the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from tilevlm.preprocessing.chat_template import check_message
+from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER, check_message, content_parts
 
 Render = Callable[[list[dict[str, str]], bool], str]
 
@@ -34,19 +35,29 @@ def _compiled(template: str) -> Any:
         raise ValueError(f"the tokenizer's chat_template is not valid Jinja ({e})") from None
 
 
-def renderer(template: str, list_content: bool = False, **special_tokens: str | None) -> Render:
-    """render(messages, add_generation_prompt) -> text, with `bos_token`/`eos_token` defined.
-    `list_content`: each message's text goes in as `[{"type": "text", "text": ...}]`, for
-    templates that read content only as a list of parts (SmolVLM's, say)."""
+# How a message's content goes into a template (`content_form`): "parts", split at `<image>` into
+# image and text parts, as transformers' processors are given a multimodal message (SmolVLM's
+# template writes `User:<image>...` for an image-first message and `User: ...` otherwise);
+# "string", the text as it is; "text", the text as one text part (a template that reads lists of
+# parts but does not write an image part as `<image>`, so the placeholder stays in the text).
+CONTENT_FORMS = ("parts", "string", "text")
+
+
+def renderer(template: str, form: str = "string", **special_tokens: str | None) -> Render:
+    """render(messages, add_generation_prompt) -> text, with `bos_token`/`eos_token` defined and
+    each message's content in `form` (CONTENT_FORMS; `content_form` tells which a template
+    needs)."""
     from jinja2.exceptions import TemplateError
 
+    if form not in CONTENT_FORMS:
+        raise ValueError(f"content form must be one of {', '.join(CONTENT_FORMS)}, got {form!r}")
     compiled = _compiled(template)
     tokens = {k: v or "" for k, v in special_tokens.items()}
+    shape = {"string": lambda text: text, "parts": content_parts,
+             "text": lambda text: [{"type": "text", "text": text}]}[form]
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        if list_content:
-            messages = [{**m, "content": [{"type": "text", "text": m["content"]}]}
-                        for m in messages]
+        messages = [{**m, "content": shape(m["content"])} for m in messages]
         try:
             return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **tokens)
@@ -57,20 +68,34 @@ def renderer(template: str, list_content: bool = False, **special_tokens: str | 
 
 
 _PROBE = "tilevlm-probe-text"
+_PROBE_AFTER = "tilevlm-probe-after"
+
+
+def _writes(render: Render, content: str, expected: str) -> bool:
+    """Whether a user message of `content` renders with `expected` in it (and, when it holds
+    images, exactly as many `<image>`); any failure of the template: no."""
+    try:
+        text = render([{"role": "user", "content": content}], True)
+    except Exception:  # noqa: BLE001 - a probe: a template that fails on this form rejects it
+        return False
+    images = content.count(IMAGE_PLACEHOLDER)
+    return expected in text and (not images or text.count(IMAGE_PLACEHOLDER) == images)
 
 
 @functools.lru_cache(maxsize=8)
-def content_form(template: str, **special_tokens: str | None) -> bool:
-    """Whether the template needs list-form content: False when it writes a message whose
-    content is a string, True when it writes it only as a list of parts; a ValueError when it
-    writes the text neither way (every prompt would be dropped)."""
-    for list_content in (False, True):
-        render = renderer(template, list_content, **special_tokens)
-        try:
-            if _PROBE in render([{"role": "user", "content": _PROBE}], True):
-                return list_content
-        except ValueError:
-            continue
+def content_form(template: str, **special_tokens: str | None) -> str:
+    """Which CONTENT_FORMS the template gets: "parts" when it writes image parts as `<image>`
+    where they stand (checked before and between text), else "string" when it writes a string
+    content, else "text" when it writes a list's text part; a ValueError when it writes the text
+    in none of these ways (every prompt would be dropped)."""
+    image, probe = IMAGE_PLACEHOLDER, _PROBE
+    checks = {"parts": [(image + probe, image + probe),
+                        (probe + image + _PROBE_AFTER, probe + image + _PROBE_AFTER)],
+              "string": [(probe, probe)], "text": [(probe, probe)]}
+    for form in CONTENT_FORMS:
+        render = renderer(template, form, **special_tokens)
+        if all(_writes(render, content, expected) for content, expected in checks[form]):
+            return form
     raise ValueError("the chat_template writes no message text, neither as a string nor as a "
                      "list of text parts; remove it to use ChatML")
 

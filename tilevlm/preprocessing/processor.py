@@ -16,7 +16,8 @@ from PIL import Image
 from tilevlm.config import IGNORE_INDEX, VLMConfig
 from tilevlm.preprocessing.image import ImageLike, default_image_threads, thread_map
 from tilevlm.preprocessing.image_rule import image_grid, image_transform
-from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, chat_segments, check_message,
+from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, PlaceholderMismatch,
+                                                 chat_segments, check_message, fill_placeholders,
                                                  place_image_placeholders)
 from tilevlm.preprocessing.tokenizer import VLMTokenizer
 from tilevlm.special_tokens import (get_layout, image_label, image_pieces, image_tokens,
@@ -101,8 +102,12 @@ class Processor:
         for index, messages in enumerate(conversations):
             sample_tiles = [t for t, _ in loaded[index]]
             sample_grids = [g for _, g in loaded[index]]
-            messages = self._place_images(index, messages, sample_grids)
-            sample_ids, sample_labels = self._tokenize(messages, add_generation_prompt)
+            messages, strings = self._place_images(index, messages, sample_grids)
+            try:
+                sample_ids, sample_labels = self._tokenize(messages, add_generation_prompt,
+                                                           strings)
+            except PlaceholderMismatch as e:
+                raise ValueError(f"sample {index}: {e}") from None
             self._check_sample(index, sample_ids, sum(t.shape[0] for t in sample_tiles))
             ids.append(sample_ids)
             labels.append(sample_labels)
@@ -182,28 +187,26 @@ class Processor:
         return [[next(results) for _ in sample or ()] for sample in images]
 
     def _place_images(self, index: int, messages: list[dict[str, str]],
-                      grids: list[tuple[int, int]]) -> list[dict[str, str]]:
-        """Copies of the messages with each `<image>` replaced by its image string."""
+                      grids: list[tuple[int, int]]) -> tuple[list[dict[str, str]], list[str]]:
+        """The messages with one `<image>` per image (as written, or at the start of the first
+        user message), and each image's tokens as text, in order."""
         for i, m in enumerate(messages):
             check_message(m, i)
         try:
             messages = place_image_placeholders(messages, len(grids))
         except ValueError as e:
             raise ValueError(f"sample {index}: {e}") from None
-        strings = iter(self._image_strings(grids))
-        placed = []
-        for m in messages:
-            pieces = m["content"].split(IMAGE_PLACEHOLDER)
-            content = pieces[0] + "".join(next(strings) + p for p in pieces[1:])
-            placed.append({**m, "content": content})
-        return placed
+        return messages, self._image_strings(grids)
 
-    def _tokenize(self, messages: list[dict[str, str]], add_generation_prompt: bool
-                  ) -> tuple[list[int], list[int]]:
+    def _tokenize(self, messages: list[dict[str, str]], add_generation_prompt: bool,
+                  images: list[str] = ()) -> tuple[list[int], list[int]]:
         """Token ids in the tokenizer's chat format, and labels that keep only the assistant
-        replies (their content and closing marker)."""
+        replies (their content and closing marker). The template writes the messages with their
+        `<image>` placeholders (as transformers' processors get them); each placeholder of the
+        written text then becomes its image's tokens (`images`, in order)."""
         segments = self.tokenizer.chat_segments(messages, add_generation_prompt)
-        encoded = self.tokenizer.encode_batch([text for text, _ in segments])
+        texts = fill_placeholders([text for text, _ in segments], list(images))
+        encoded = self.tokenizer.encode_batch(texts)
         ids: list[int] = []
         labels: list[int] = []
         for seg_ids, (_, labelled) in zip(encoded, segments):

@@ -16,7 +16,7 @@ import resource
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,10 +57,17 @@ class BenchConfig:
     preprocess_threads: int | None = None  # the parallel figure's threads; None: the cores (<= 4)
     parts: tuple[str, ...] = PARTS
     seed: int = 0
+    peer: str | None = None  # "transformers": prefill and decode against it (tools/peer_bench.py)
+    overrides: dict[str, Any] = field(default_factory=dict)  # VLMConfig fields over the preset's
 
     def model_config(self) -> VLMConfig:
-        base = preset(self.preset)
-        return base.replace(max_img_size=self.max_img_size or 2 * base.vit_img_size)
+        from tilevlm.special_tokens import get_layout
+
+        base = preset(self.preset, **self.overrides)
+        # a layout whose tokens are the tokenizer's own keeps the preset's vocabulary size
+        keep = {} if get_layout(base.image_token_layout).appended else {
+            "lm_vocab_size": base.lm_vocab_size}
+        return base.replace(max_img_size=self.max_img_size or 2 * base.vit_img_size, **keep)
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         from tilevlm.device import resolve_dtype
@@ -84,6 +91,9 @@ class BenchConfig:
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        from tilevlm.tools.peer_bench import check_peer
+
+        check_peer(self)
 
 
 def _sync(device: torch.device) -> None:
@@ -123,6 +133,10 @@ def image_token_ids(model: VisionLanguageModel, grid: tuple[int, int]) -> list[i
     presets')."""
     cfg = model.cfg
     ids = cfg.special_token_ids()
+    if not ids:  # the tokenizer's own tokens (idefics3): SmolVLM's tokenizer layout
+        from tilevlm.tools.peer_bench import idefics3_token_ids
+
+        ids = idefics3_token_ids(cfg)
     return [ids[token] for token in image_tokens(grid, cfg.mp_image_token_length,
                                                   cfg.use_global_tile, cfg.image_token_layout)]
 
@@ -374,6 +388,11 @@ def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, An
     if "vision" in bc.parts:
         _timed_part(results, "vision", lambda: bench_vision(model, bc, device, dtype), progress)
     plain = _plain_model(model, bc)
+    if bc.peer:  # prefill and decode: tilevlm's weight formats against the peer, in one table
+        from tilevlm.tools.peer_bench import run_peer
+
+        results["peer"] = run_peer(plain, bc, device, progress)
+        return results
     if bc.baseline:  # the reference for the fast paths: fp32 weights, eager decode step
         plain.float()
         if "prefill" in bc.parts:
@@ -468,4 +487,8 @@ def format_table(results: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows) if rows else 0
     resw = max(len(r[1]) for r in rows) if rows else 0
     lines = [head] + [f"  {a:<{width}}  {b:<{resw}}  {c}" for a, b, c in rows]
+    if "peer" in results:
+        from tilevlm.tools.peer_bench import peer_table
+
+        lines += peer_table(results)
     return "\n".join(lines)
