@@ -118,3 +118,35 @@ def test_cache_length_buckets():
     assert cache_length(MIN_CACHE_LEN + 1, 8192) == 2 * MIN_CACHE_LEN
     assert cache_length(300, 8192) == 512 and cache_length(512, 8192) == 512
     assert cache_length(300, 400) == 400  # never past the model's positions
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_is_recorded_once_and_replayed_by_later_calls(model):
+    """Under "reduce-overhead", the kept buffers mean the later calls of a bucket replay the
+    graph the first call recorded (a CUDA graph bakes in its static inputs' addresses)."""
+    import copy
+
+    from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+    gpu = copy.deepcopy(model).cuda()
+    short = {k: v.cuda() for k, v in _batch(model, 2, 6, seed=1).items()}
+    longer = {k: v.cuda() for k, v in _batch(model, 2, 9, seed=3).items()}
+    reference = [_tokens(gpu, b, keep_cache=False) for b in (short, longer)]
+    recordings = []
+
+    def on_start(args):
+        if args.callback_trigger == CallbackTrigger.CUDAGRAPH_RECORDING:
+            recordings.append(args.compile_id)
+
+    torch._dynamo.reset()
+    step = compiled_decode_step("reduce-overhead")
+    callback_handler.register_start_callback(on_start)
+    try:
+        assert _tokens(gpu, short, step_fn=step) == reference[0]
+        first = len(recordings)
+        assert first >= 1  # the first call warmed up and recorded
+        assert _tokens(gpu, short, step_fn=step) == reference[0]
+        assert _tokens(gpu, longer, step_fn=step) == reference[1]  # the same bucket
+        assert len(recordings) == first  # replayed, never recorded again
+    finally:
+        callback_handler.remove_start_callback(on_start)
