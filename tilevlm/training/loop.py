@@ -370,8 +370,8 @@ def _next_batch(run: _Run, figures: _StepFigures) -> TrainBatch:
 
 def _forward_backward(run: _Run, batch: TrainBatch, total_tokens: float) -> float:
     """Backward of this micro-batch's share of the step loss (its token-loss sum / all tokens
-    of the step; times the world size, which DDP's gradient averaging divides out); returns
-    its token-loss sum."""
+    of the step; times the world size, which DDP's and FSDP's gradient averaging divides out);
+    returns its token-loss sum."""
     inputs = batch.inputs_on(run.device)
     n = batch.label_count()
     no_images = distributed.world_size() > 1 and inputs.get("pixel_values") is None
@@ -487,10 +487,12 @@ def _plain_model(run: _Run) -> nn.Module | None:
 
 
 def _validate_here(run: _Run, model: nn.Module) -> None:
+    from tilevlm.inference.generation import kept_caches
     from tilevlm.tools.evaluation import evaluate
 
     report = evaluate(model, run.processor, run.val_samples, batch_size=run.cfg.batch_size,
                       max_new_tokens=run.cfg.eval_max_new_tokens, autocast=run.autocast)
+    kept_caches(model).clear()  # generation's KV caches: no memory of theirs while training
     run.last_val = {"val_loss": report.loss, "val_accuracy": report.accuracy}
     run.metrics.write({"step": run.state.step, **run.last_val})
     log.info("step %d: validation loss %.4f, exact match %.1f%% (%d samples)", run.state.step,
