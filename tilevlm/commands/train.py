@@ -5,6 +5,8 @@
     tilevlm train --resume runs/tiny --data synthetic --out runs/tiny --steps 600
     tilevlm train --model runs/vlm-448 --data the_cauldron/ai2d --pack 2048 --out runs/ai2d
     torchrun --nproc_per_node 4 -m tilevlm.cli train --model runs/vlm-448 --data data.json ...
+    torchrun --nproc_per_node 8 -m tilevlm.cli train --model BIG --data ... --fsdp \
+        --activation-checkpointing                    # sharded (FSDP2), activations recomputed
 
 Every TrainConfig field is a flag (`--lr-decoder`, `--save-every`, `--pack`, ...) with
 TrainConfig's default; `--out` is `out_dir`. See docs/training.md.

@@ -1,16 +1,24 @@
 """Generation with a static KV cache: one prefill over text + image embeddings, then one token
 per step, never recomputing the prefix.
 
-The loop keeps every shape static (the cache is allocated once for prompt + max_new_tokens, the
+The loop keeps every shape static (the cache holds at least prompt + max_new_tokens slots, the
 attention mask is [B, max_len] from the start), so `decode_step` can be captured by
 `torch.compile(mode="reduce-overhead")` on CUDA. The only host-device synchronisation per step is
 the stop decision ("are all rows finished?"), and with stop strings the text check.
 Finished rows keep running inside the batch (static shapes) but stop growing in the output.
+
+The KV cache is kept between calls (gpt-fast style, `KeptCaches`): one per (batch, length
+bucket, dtype, device) and model, zeroed instead of reallocated. A compiled decode step therefore
+sees the same buffers and the same shapes on every call of a bucket: it compiles (and under
+"reduce-overhead" records its CUDA graph) once per bucket, not once per call or prompt length.
+`keep_cache=False` is the old way: a cache of exactly prompt + max_new_tokens, freed at the end.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -18,6 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from tilevlm.inference.sampling import SamplingParams, StopStrings, sample_next_token
+from tilevlm.model.language import KVCache
 
 
 @dataclass
@@ -98,6 +107,94 @@ def compiled_decode_step(mode: str | None = "reduce-overhead", fullgraph: bool =
     return torch.compile(decode_step, **kwargs)
 
 
+# ----------------------------------------------------------------------------- kept KV caches
+
+MIN_CACHE_LEN = 64  # the smallest length bucket (slots)
+KEPT_PER_MODEL = 4  # caches kept per model (least recently used dropped): e.g. batch 1 and 8
+
+
+def cache_length(needed: int, limit: int) -> int:
+    """The length bucket of a generation needing `needed` slots: the next power of two (at
+    least MIN_CACHE_LEN), never over the model's `limit` positions. Powers of two keep the number
+    of compiled shapes (and CUDA graphs) logarithmic in the prompt lengths seen, for at most 2x
+    the attention work of the exact length (masked slots)."""
+    return min(limit, max(MIN_CACHE_LEN, 1 << (needed - 1).bit_length()))
+
+
+class KeptCaches:
+    """A model's KV caches kept between `generate` calls, by (batch, length, dtype, device).
+
+    Each entry is one `KVCache` per decoder block. `lease` zeroes a kept entry (so a call starts
+    from the same state as with a fresh cache) or allocates a new one, and marks it in use: a
+    second generation running on the same model at the same time (two interleaved streams) gets
+    a fresh cache of its own instead of sharing one. Held outside the module tree, so the kept
+    buffers never show up in `model.buffers()`, `state_dict`, DDP or `model.to()`; they are
+    attached to the decoder only while a generation runs."""
+
+    def __init__(self, keep: int = KEPT_PER_MODEL) -> None:
+        self.keep = keep
+        self._entries: OrderedDict[tuple, list[KVCache]] = OrderedDict()
+        self._in_use: set[tuple] = set()
+
+    def lease(self, decoder: Any, batch_size: int, max_len: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[tuple | None, list[KVCache]]:
+        """(key to `release`, or None for a one-off cache; the blocks' caches)."""
+        key = (batch_size, max_len, dtype, torch.device(device))
+        if key in self._in_use:
+            return None, _new_caches(decoder, batch_size, max_len, dtype, device)
+        caches = self._entries.pop(key, None)
+        if caches is None:
+            caches = _new_caches(decoder, batch_size, max_len, dtype, device)
+        else:
+            for cache in caches:  # reset, do not reallocate: same buffers, same addresses
+                cache.k.zero_()
+                cache.v.zero_()
+        self._entries[key] = caches  # most recently used last
+        self._in_use.add(key)
+        while len(self._entries) > self.keep:
+            oldest = next((k for k in self._entries if k not in self._in_use), None)
+            if oldest is None:
+                break
+            del self._entries[oldest]
+        return key, caches
+
+    def release(self, key: tuple | None) -> None:
+        self._in_use.discard(key)
+
+    def clear(self) -> None:
+        """Free every kept cache not in use."""
+        for key in [k for k in self._entries if k not in self._in_use]:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_KEPT: "weakref.WeakKeyDictionary[Any, KeptCaches]" = weakref.WeakKeyDictionary()
+
+
+def kept_caches(model: Any) -> KeptCaches:
+    """The KV caches kept for `model` (created empty on first use; they go with the model).
+    `kept_caches(model).clear()` frees them, e.g. before training the model again."""
+    caches = _KEPT.get(model)
+    if caches is None:
+        caches = _KEPT[model] = KeptCaches()
+    return caches
+
+
+def _new_caches(decoder: Any, batch_size: int, max_len: int, dtype: torch.dtype,
+                device: torch.device) -> list[KVCache]:
+    return [KVCache(batch_size, block.attn.n_kv_heads, max_len, block.attn.head_dim, dtype,
+                    device) for block in decoder.blocks]
+
+
+def _attach(decoder: Any, caches: list[KVCache], max_len: int) -> None:
+    """What `LanguageModel.setup_cache` does, with given buffers (`clear_cache` detaches)."""
+    for block, cache in zip(decoder.blocks, caches):
+        block.attn.kv_cache = cache
+    decoder.cache_max_len = max_len
+
+
 def _prefill(model: Any, input_ids: torch.Tensor, prompt_mask: torch.Tensor, pixel_values: Any,
              full_mask: torch.Tensor) -> torch.Tensor:
     """Run the prompt through the decoder, filling cache slots [0, T) -> last logits [B, V]."""
@@ -124,16 +221,21 @@ def generate_ids(
     eos_token_ids: Sequence[int] = (),
     seed: int | None = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
+    keep_cache: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], finished-before-this-step [B]) once per generated position.
 
-    The caller decides when to stop (it may break out early); the cache is freed at the end.
+    The caller decides when to stop (it may break out early). keep_cache: the KV cache of this
+    (batch, length bucket) is `kept_caches(model)`'s, kept for the next call; else one of exactly
+    prompt + max_new_tokens slots, freed at the end.
     """
     input_ids, prompt_mask = _check_batch(model, batch, max_new_tokens)
     device = next(model.parameters()).device
     input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
     b, t = input_ids.shape
     max_len = t + max_new_tokens
+    if keep_cache:  # slots past t + max_new_tokens are never written and are masked causally
+        max_len = cache_length(max_len, model.cfg.lm_max_position_embeddings)
     full_mask = torch.ones(b, max_len, dtype=torch.long, device=device)
     full_mask[:, :t] = prompt_mask
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -141,8 +243,15 @@ def generate_ids(
     seen = (_seen_tokens(input_ids, prompt_mask, model.cfg.lm_vocab_size)
             if sampling.repetition_penalty != 1.0 else None)
     step_fn = step_fn or decode_step
-    model.decoder.setup_cache(b, max_len)
+    ref = model.decoder.token_embedding.weight  # setup_cache's dtype and device
+    kept = kept_caches(model) if keep_cache else None
+    if kept is not None:
+        lease, caches = kept.lease(model.decoder, b, max_len, ref.dtype, ref.device)
+    else:
+        lease, caches = None, _new_caches(model.decoder, b, max_len, ref.dtype, ref.device)
+    first_attn = model.decoder.blocks[0].attn
     try:
+        _attach(model.decoder, caches, max_len)
         logits = _prefill(model, input_ids, prompt_mask, batch.get("pixel_values"), full_mask)
         positions = prompt_mask.long().sum(-1)  # (B,) next position of each row
         done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -158,10 +267,14 @@ def generate_ids(
             if i + 1 == max_new_tokens:
                 break
             cache_position = cache_position + 1  # (1,) slot t + i
+            if first_attn.kv_cache is not caches[0]:  # another generation ran since the yield
+                _attach(model.decoder, caches, max_len)
             logits = step_fn(model, tokens, positions, cache_position, full_mask)
             positions = positions + 1
     finally:
-        model.decoder.clear_cache()
+        model.decoder.clear_cache()  # detaches; a kept cache stays in kept_caches(model)
+        if kept is not None:
+            kept.release(lease)
 
 
 def _batch_stats(model: Any, batch: dict[str, Any]) -> GenerationStats:
@@ -255,13 +368,15 @@ class _StepTimer:
 
 def _run_rows(model: Any, batch: dict[str, Any], rows: list[_RowState], stats: GenerationStats,
               max_new_tokens: int, sampling: SamplingParams, eos_ids: list[int], seed: int | None,
-              step_fn: Callable[..., torch.Tensor] | None = None) -> Iterator[None]:
+              step_fn: Callable[..., torch.Tensor] | None = None,
+              keep_cache: bool = True) -> Iterator[None]:
     """Feed each step's tokens to `rows` until all have finished; yields after every step that
     leaves one unfinished. Fills the stats' steps, timing and new tokens; unfinished rows end
     with "length". One host sync per step: the tokens' `tolist()`."""
     timer = _StepTimer(stats)
-    steps = generate_ids(model, batch, max_new_tokens, sampling, eos_ids, seed, step_fn)
-    with closing(steps):  # frees the KV cache at once, also when we stop early
+    steps = generate_ids(model, batch, max_new_tokens, sampling, eos_ids, seed, step_fn,
+                         keep_cache)
+    with closing(steps):  # releases the KV cache at once, also when we stop early
         for step, (tokens, _) in enumerate(steps):
             timer.step(step)
             for row, token in zip(rows, tokens.tolist()):
@@ -285,10 +400,12 @@ def generate(
     stop_strings: Sequence[str] | None = None,
     seed: int | None = None,
     step_fn: Callable[..., torch.Tensor] | None = None,
+    keep_cache: bool = True,
 ) -> GenerationOutput:
     """Generate for every row of a left-padded batch; finished rows stop growing.
 
     EOS defaults to the tokenizer's `eos_token_id`. Stop strings need the tokenizer (text level).
+    keep_cache: see `generate_ids` (the default keeps the KV cache for the next call).
     """
     eos_ids = _eos_ids(eos_token_ids, tokenizer)
     stops = StopStrings(stop_strings)
@@ -296,7 +413,8 @@ def generate(
         raise ValueError("stop strings need a tokenizer to decode the text")
     rows = [_RowState(eos_ids, stops, tokenizer) for _ in range(batch["input_ids"].shape[0])]
     stats = _batch_stats(model, batch)
-    for _ in _run_rows(model, batch, rows, stats, max_new_tokens, sampling, eos_ids, seed, step_fn):
+    for _ in _run_rows(model, batch, rows, stats, max_new_tokens, sampling, eos_ids, seed, step_fn,
+                       keep_cache):
         pass
     texts = None if tokenizer is None else [r.final_text() for r in rows]
     return GenerationOutput([r.tokens for r in rows], texts, [r.finish for r in rows], stats)
@@ -317,6 +435,7 @@ def stream_generate(
     stop_strings: Sequence[str] | None = None,
     seed: int | None = None,
     stats: GenerationStats | None = None,
+    keep_cache: bool = True,
 ) -> Iterator[str]:
     """Yield text pieces for a batch of one as tokens arrive; their concatenation equals
     `generate(...).texts[0]`. Pieces that might be the start of a stop string, or half of a
@@ -327,8 +446,9 @@ def stream_generate(
     row = _RowState(eos_ids, StopStrings(stop_strings), tokenizer)
     own = stats if stats is not None else GenerationStats()
     own.__dict__.update(_batch_stats(model, batch).__dict__)
-    run = _run_rows(model, batch, [row], own, max_new_tokens, sampling, eos_ids, seed)
-    with closing(run):  # a consumer that stops early frees the KV cache at once
+    run = _run_rows(model, batch, [row], own, max_new_tokens, sampling, eos_ids, seed,
+                    keep_cache=keep_cache)
+    with closing(run):  # a consumer that stops early releases the KV cache at once
         for _ in run:
             piece = row.safe_piece()
             if piece:

@@ -120,10 +120,14 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def save_training_files(directory: Path, optimizer: torch.optim.Optimizer,
-                        trainer_state: dict[str, Any]) -> None:
-    """Optimizer, RNG and trainer state into `directory` (the model is written by the caller)."""
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+def save_training_files(directory: Path, optimizer: torch.optim.Optimizer | None,
+                        trainer_state: dict[str, Any],
+                        optimizer_state: dict[str, Any] | None = None) -> None:
+    """Optimizer, RNG and trainer state into `directory` (the model is written by the caller).
+    `optimizer_state`: the state dict to write instead of `optimizer.state_dict()` (the full
+    state gathered from a sharded optimizer: `fsdp.gather_optimizer_state`)."""
+    state_dict = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+    opt_tensors, opt_meta = flatten_optimizer_state(state_dict)
     save_file(opt_tensors, str(directory / OPTIMIZER_TENSORS))
     write_json(directory / OPTIMIZER_META, opt_meta)
     rng_tensors, rng_scalars = capture_rng()
@@ -344,13 +348,17 @@ _STATE_TYPES = {"int": int, "dict[str, int]": dict, "list[Any]": list, "dict[str
 _STATE_TYPE_NAMES = {int: "an integer >= 0", dict: "a JSON object", list: "a list"}
 
 
-def load_training_files(directory: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_training_files(directory: Path, optimizer: torch.optim.Optimizer,
+                        place: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None
+                        ) -> dict[str, Any]:
     """Restore optimizer and RNG states from a checkpoint; returns the trainer state. A file
-    whose contents do not fit (an edited or foreign checkpoint) is a ValueError naming it."""
+    whose contents do not fit (an edited or foreign checkpoint) is a ValueError naming it.
+    `place(param index, state name, full tensor)`: what to keep of each optimizer tensor as it
+    is read (one at a time: a sharded optimizer keeps its shard, `fsdp.shard_optimizer_tensor`)."""
     state = read_trainer_state(directory)
     meta = read_json_object(directory / OPTIMIZER_META)
     try:
-        tensors = load_file(str(directory / OPTIMIZER_TENSORS))
+        tensors = _read_optimizer_tensors(directory / OPTIMIZER_TENSORS, place)
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise ValueError(f"{directory / OPTIMIZER_META}: does not fit this optimizer "
@@ -361,3 +369,17 @@ def load_training_files(directory: Path, optimizer: torch.optim.Optimizer) -> di
         raise ValueError(f"{directory / TRAINER_STATE}: its RNG state cannot be restored "
                          f"({type(e).__name__}: {e})") from None
     return state
+
+
+def _read_optimizer_tensors(path: Path, place: Callable[[int, str, torch.Tensor], torch.Tensor]
+                            | None) -> dict[str, torch.Tensor]:
+    if place is None:
+        return load_file(str(path))
+    from safetensors import safe_open
+
+    tensors = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # `state.{index}.{name}`
+            _, index, name = key.split(".", 2)
+            tensors[key] = place(int(index), name, f.get_tensor(key))
+    return tensors

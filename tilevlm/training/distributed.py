@@ -6,7 +6,8 @@ for metrics, and DistributedDataParallel applied from outside the model.
         loss_mean = distributed.all_reduce_sum([loss_sum, tokens])  # ...
 
 gloo on CPU, NCCL on CUDA. Every helper works (as the identity) in a single process, so the
-trainer has one code path.
+trainer has one code path. With `--fsdp` the trainer shards the model instead of `parallelize`
+(`tilevlm.training.fsdp`); the process group and the collectives here are the same.
 """
 
 from __future__ import annotations

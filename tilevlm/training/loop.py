@@ -1,6 +1,7 @@
 """The training loop: AdamW with per-part learning rates, warmup + cosine, gradient accumulation
 weighted by tokens, bf16 autocast, periodic validation, atomic resumable checkpoints, clean
-Ctrl-C, and the same loop under `torchrun` (DistributedDataParallel, see `tilevlm.training.distributed`).
+Ctrl-C, and the same loop under `torchrun` (DistributedDataParallel, see `tilevlm.training.distributed`,
+or with `fsdp=True` FSDP2, parameters sharded per block: `tilevlm.training.fsdp`).
 
     result = train(model, processor, train_data, val_data, TrainConfig(steps=300, out_dir="runs/x"))
 
@@ -73,14 +74,14 @@ class _Run:
     """Everything the loop's small steps share."""
 
     cfg: TrainConfig
-    model: nn.Module  # the model itself: saved, validated
+    model: nn.Module  # the model itself: saved, validated (under FSDP: sharded in place)
     train_model: nn.Module  # what the step calls: the model, or DDP around it
     processor: Any
     optimizer: torch.optim.Optimizer
     device: torch.device
     bf16: bool
     state: TrainState
-    val_samples: list[dict[str, Any]]
+    val_samples: list[dict[str, Any]]  # rank 0's; empty on the others
     metrics: "MetricsLog | _NoMetrics"
     feed: Feed
     params: list[nn.Parameter] = field(default_factory=list)
@@ -88,6 +89,12 @@ class _Run:
     last_loss: float | None = None
     last_val: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
+    validates: bool = False  # the same on every rank: whether rank 0 has validation samples
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP: the model's parameters are sharded over the ranks."""
+        return self.cfg.fsdp and distributed.world_size() > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.bf16:
@@ -171,14 +178,14 @@ def _finish(run: _Run) -> None:
     """Final checkpoint, then validation: the save comes before anything that can still fail."""
     _log_epoch(run, final=True)
     _save(run)
-    if run.val_samples:
+    if run.validates:
         _validate(run)
 
 
 def _periodic(run: _Run) -> None:
     """Validation and checkpoints every N steps (those of the last step are `_finish`'s)."""
     step, cfg = run.state.step, run.cfg
-    if run.val_samples and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+    if run.validates and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
         _validate(run)
     if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
         _save(run)
@@ -190,18 +197,36 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
            resume_from: str | Path | None) -> _Run:
     _check_options(cfg, model)
     rank, world = distributed.rank(), distributed.world_size()
+    sharded = cfg.fsdp and world > 1
+    if cfg.fsdp and not sharded:
+        log.info("--fsdp in one process: nothing to shard, training unsharded")
     feed = make_feed(train_data, processor, cfg, rank, world)
     _seed_everything(cfg.seed)
     device = distributed.rank_device(resolve_device(cfg.device))
-    model.to(device)
+    if not sharded:  # fully_shard moves each unit to the device as it shards it
+        model.to(device)
     if cfg.lora:  # before compile and the optimizer: the adapters are parameters too
         from tilevlm.training.lora import apply_lora
 
         apply_lora(model, cfg.lora_spec())
+    if cfg.activation_checkpointing:  # before compile, as torchtitan: compile sees checkpoint
+        from tilevlm.training.activation_checkpointing import checkpoint_blocks
+
+        checkpoint_blocks(model)
     if cfg.compile:  # per block (nn.Module.compile): same parameters, same state-dict keys
         from tilevlm.training.compile import compile_blocks
 
         compile_blocks(model, backend=cfg.compile)
+    ckpt = _resume_checkpoint(Path(resume_from)) if resume_from is not None else None
+    if ckpt is not None:  # the weights before sharding: every rank reads the full tensors
+        checkpoints.load_model_weights(model, ckpt)
+    bf16 = resolve_dtype(cfg.dtype, device) == torch.bfloat16
+    if sharded:
+        from tilevlm.training.fsdp import shard_model
+
+        _freeze_parts(model, cfg)  # which parameters train is fixed before sharding
+        shard_model(model, device, bf16)
+    # After sharding: the optimizer holds the sharded parameters (and their sharded state)
     optimizer = optim.build_optimizer(model, cfg.part_lrs, cfg.weight_decay,
                                       (cfg.adam_beta1, cfg.adam_beta2), device.type)
     out_dir = make_output_dir(Path(cfg.out_dir), "run directory (--out)")
@@ -210,21 +235,31 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
         checkpoints.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \
         if val_data is not None and distributed.is_main() else []
-    bf16 = resolve_dtype(cfg.dtype, device) == torch.bfloat16
     metrics = MetricsLog(out_dir) if distributed.is_main() else _NoMetrics()
     run = _Run(cfg, model, model, processor, optimizer, device, bf16, TrainState(), val_samples,
                metrics, feed, params=[p for p in model.parameters() if p.requires_grad])
-    if resume_from is not None:
-        _resume(run, Path(resume_from))
-    run.train_model = distributed.parallelize(model, device)  # after the weights are final
+    # Every rank must take part in validating (a barrier; under FSDP the gathering), so every
+    # rank must know whether rank 0 validates: only rank 0 reads the samples.
+    run.validates = distributed.all_reduce_sum([len(val_samples)], device)[0] > 0
+    if ckpt is not None:
+        _resume(run, ckpt)
+    if not sharded:
+        run.train_model = distributed.parallelize(model, device)  # after the weights are final
     run.batches = feed.batches(pin_memory=device.type == "cuda")
     log.info("training %s parameters (%s frozen) on %s%s for %d steps from step %d%s",
-             f"{sum(p.numel() for p in run.params):,}",
+             f"{sum(p.numel() for p in run.params):,}",  # a sharded one: its full size
              f"{sum(p.numel() for p in model.parameters() if not p.requires_grad):,}",
-             device, " with bf16 autocast" if bf16 else "", cfg.steps, run.state.step,
-             f" ({world} processes, global batch {cfg.batch_size * world * cfg.grad_accum})"
-             if world > 1 else "")
+             device, (" with bf16 autocast" + (" and bf16 FSDP parameters" if sharded else ""))
+             if bf16 else "", cfg.steps, run.state.step,
+             f" ({world} processes, global batch {cfg.batch_size * world * cfg.grad_accum}"
+             f"{', FSDP' if sharded else ''})" if world > 1 else "")
     return run
+
+
+def _freeze_parts(model: nn.Module, cfg: TrainConfig) -> None:
+    """`requires_grad` as the optimizer will set it (lr 0 freezes a part), set before sharding:
+    FSDP fixes at its first forward which parameters get gradients."""
+    optim.param_groups(model, cfg.part_lrs, cfg.weight_decay)
 
 
 def _check_options(cfg: TrainConfig, model: nn.Module) -> None:
@@ -250,12 +285,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume(run: _Run, path: Path) -> None:
+def _resume_checkpoint(path: Path) -> Path:
     ckpt = checkpoints.find_latest(path)
     if ckpt is None:
         raise ValueError(f"{path}: no complete checkpoint to resume from")
-    checkpoints.load_model_weights(run.model, ckpt)
-    saved = checkpoints.load_training_files(ckpt, run.optimizer)
+    return ckpt
+
+
+def _resume(run: _Run, ckpt: Path) -> None:
+    """Everything but the model weights (loaded before sharding) from `ckpt`."""
+    place = None
+    if run.sharded:
+        from tilevlm.training.fsdp import shard_optimizer_tensor
+
+        place = shard_optimizer_tensor(run.optimizer)
+    saved = checkpoints.load_training_files(ckpt, run.optimizer, place)
     run.state = checkpoints.train_state(saved["state"])
     resume_feed(run.feed, saved)
     _warn_config_changes(saved.get("train_config", {}),
@@ -295,6 +339,10 @@ def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
         with contextlib.nullcontext() if sync else distributed.no_sync(run.train_model):
             local.loss_sum += _forward_backward(run, batch, total_tokens)
     grad_norm = nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
+    if run.sharded:
+        from tilevlm.training.fsdp import grad_norm_value
+
+        grad_norm = grad_norm_value(grad_norm)  # the norm over every rank's shards
     local.stop = int(stop.requested)
     step = _StepFigures.from_vector(distributed.all_reduce_sum(local.vector(), run.device))
     loss_value, norm_value = step.loss_sum / total_tokens, grad_norm.item()
@@ -322,17 +370,27 @@ def _next_batch(run: _Run, figures: _StepFigures) -> TrainBatch:
 
 def _forward_backward(run: _Run, batch: TrainBatch, total_tokens: float) -> float:
     """Backward of this micro-batch's share of the step loss (its token-loss sum / all tokens
-    of the step; times the world size, which DDP's gradient averaging divides out); returns
-    its token-loss sum."""
+    of the step; times the world size, which DDP's and FSDP's gradient averaging divides out);
+    returns its token-loss sum."""
     inputs = batch.inputs_on(run.device)
     n = batch.label_count()
+    no_images = distributed.world_size() > 1 and inputs.get("pixel_values") is None
     with run.autocast():
-        # return_logits=False: the LM head only where labels count (a fraction of the rows)
-        loss = run.train_model(**inputs, return_logits=False).loss  # mean over its n tokens
-        if distributed.world_size() > 1 and inputs.get("pixel_values") is None:
+        with _vision_run(run) if no_images and run.sharded else contextlib.nullcontext() as blank:
+            # return_logits=False: the LM head only where labels count (a fraction of the rows)
+            loss = run.train_model(**inputs, return_logits=False).loss  # mean over its n tokens
+        if blank:  # FSDP: the vision units ran on a blank tile, as on the ranks with images
+            loss = loss + blank[0].float().sum() * 0.0
+        elif no_images:
             loss = loss + distributed.image_parts_touch(run.model)  # same value, zero grads
     (loss * (n * distributed.world_size() / total_tokens)).backward()
     return loss.detach().float().item() * n
+
+
+def _vision_run(run: _Run) -> contextlib.AbstractContextManager:
+    from tilevlm.training.fsdp import vision_run
+
+    return vision_run(run.model)
 
 
 def _nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
@@ -408,17 +466,33 @@ def _log_loss_line(run: _Run, bar: Any, loss: float, lr: float, samples_per_s: f
 
 # ---------------------------------------------------------------- validation, checkpoints
 def _validate(run: _Run) -> None:
-    """On rank 0 (the others wait): its validation set is the whole one."""
+    """On rank 0 (the others wait): its validation set is the whole one. Under FSDP on a
+    plain copy of the model that the ranks gather for it (generation calls the decoder step by
+    step, on one rank)."""
+    model = _plain_model(run)
     if distributed.is_main():
-        _validate_here(run)
+        _validate_here(run, model.to(run.device) if run.sharded else model)
+    del model
     distributed.barrier()
 
 
-def _validate_here(run: _Run) -> None:
+def _plain_model(run: _Run) -> nn.Module | None:
+    """The model with every weight in place: itself, or under FSDP a gathered copy on rank 0's
+    CPU (None on the other ranks). A collective under FSDP."""
+    if not run.sharded:
+        return run.model
+    from tilevlm.training.fsdp import gather_model
+
+    return gather_model(run.model)
+
+
+def _validate_here(run: _Run, model: nn.Module) -> None:
+    from tilevlm.inference.generation import kept_caches
     from tilevlm.tools.evaluation import evaluate
 
-    report = evaluate(run.model, run.processor, run.val_samples, batch_size=run.cfg.batch_size,
+    report = evaluate(model, run.processor, run.val_samples, batch_size=run.cfg.batch_size,
                       max_new_tokens=run.cfg.eval_max_new_tokens, autocast=run.autocast)
+    kept_caches(model).clear()  # generation's KV caches: no memory of theirs while training
     run.last_val = {"val_loss": report.loss, "val_accuracy": report.accuracy}
     run.metrics.write({"step": run.state.step, **run.last_val})
     log.info("step %d: validation loss %.4f, exact match %.1f%% (%d samples)", run.state.step,
@@ -428,13 +502,22 @@ def _validate_here(run: _Run) -> None:
 def _save(run: _Run) -> Path | None:
     """Every rank's data position is gathered; rank 0 writes; all wait for it."""
     run.state.data_positions = distributed.all_gather_object(run.feed.position())
+    model, optimizer_state = _plain_model(run), None
+    if run.sharded:
+        from tilevlm.training.fsdp import gather_optimizer_state
+
+        optimizer_state = gather_optimizer_state(run.optimizer)
     if distributed.is_main():
-        _write_checkpoint(run)
+        _write_checkpoint(run, model, optimizer_state)
+    del model, optimizer_state
     distributed.barrier()
     return run.last_checkpoint
 
 
-def _write_checkpoint(run: _Run) -> Path:
+def _write_checkpoint(run: _Run, model: nn.Module,
+                      optimizer_state: dict[str, Any] | None) -> Path:
+    """The checkpoint of `model` (the run's own, or under FSDP the gathered copy) and the
+    optimizer state (`optimizer_state`: the gathered one under FSDP)."""
     from tilevlm.weights.native import save_pretrained
 
     tokenizer = getattr(run.processor, "tokenizer", None)
@@ -446,8 +529,8 @@ def _write_checkpoint(run: _Run) -> Path:
                                   "min_lr_ratio": run.cfg.min_lr_ratio}}
 
     def write(directory: Path) -> None:
-        save_pretrained(run.model, directory, tokenizer=tokenizer)
-        checkpoints.save_training_files(directory, run.optimizer, trainer_state)
+        save_pretrained(model, directory, tokenizer=tokenizer)
+        checkpoints.save_training_files(directory, run.optimizer, trainer_state, optimizer_state)
 
     run.last_checkpoint = checkpoints.atomic_checkpoint(run.cfg.out_dir, run.state.step, write)
     log.info("saved %s", run.last_checkpoint)
@@ -459,14 +542,16 @@ def _write_model(run: _Run) -> Path:
     from tilevlm.training.model_source import FINAL_MODEL, write_final_model
 
     path = Path(run.cfg.out_dir) / FINAL_MODEL
+    model = _plain_model(run)
     if distributed.is_main():
-        write_final_model(run.model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
+        write_final_model(model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
         if run.cfg.lora:
             from tilevlm.training.model_source import write_adapter
 
             log.info("saved the adapter alone to %s", write_adapter(run.model, run.cfg.out_dir))
         log.info("saved the model of step %d to %s (no optimizer state: the one to share)",
                  run.state.step, path)
+    del model
     distributed.barrier()
     return path
 

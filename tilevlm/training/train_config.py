@@ -54,6 +54,12 @@ class TrainConfig:
                                "buffer per epoch; 0: file order)")
     compile: str = _knob("", "torch.compile the vision and decoder blocks for the training "
                          "step: a backend name, usually 'inductor' ('': eager)")
+    activation_checkpointing: bool = _knob(False, "recompute each vision and decoder block's "
+                                           "activations in the backward pass (less memory, "
+                                           "about one more forward of compute)")
+    fsdp: bool = _knob(False, "under torchrun, shard parameters, gradients and optimizer state "
+                       "over the processes (FSDP2 fully_shard per block) instead of replicating "
+                       "them (DDP); one process trains unsharded")
     lora: int = _knob(0, "LoRA rank (0: off): the vision and decoder weights stay frozen and "
                       "low-rank adapters train on the --lora-vision / --lora-decoder layers; the "
                       "projector trains in full unless --lr-projector 0")
@@ -87,6 +93,11 @@ class TrainConfig:
                              "it is usual)")
         if self.lora:
             self.lora_spec()  # a ValueError for a bad rank, dropout or layer name
+        if self.fsdp and self.lora:
+            # The adapters' hooks and the merge / adapter-alone saves read unsharded weights;
+            # LoRA trains few parameters, so DDP (without --fsdp) is the way to run it.
+            raise ValueError("--fsdp does not support --lora: LoRA's trained state is small, "
+                             "train it without --fsdp (DDP under torchrun)")
         if self.max_tiles < 1:
             raise ValueError(f"TrainConfig.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0 <= self.min_lr_ratio <= 1:
