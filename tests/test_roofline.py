@@ -41,3 +41,14 @@ def test_bench_train_prints_the_roofline(tmp_path):
     assert train["gflop"] == train["gflop_matmul"] + train["gflop_attention"] > 0
     assert train["gflop_attention"] > 0 and train["gemm_peak_gflops"] > 0
     assert abs(train["peak_fraction"] - train["gemm_bound_s"] / train["seconds_per_step"]) < 1e-9
+
+
+def test_bench_times_the_bf16_weights_step(tmp_path):
+    out = tmp_path / "b.json"
+    result = run_tilevlm("bench", "--preset", "tiny", "--parts", "train", "prefill", "--repeats",
+                         "1", "--warmup", "0", "--dtype", "bf16", "--bf16-mode", "weights",
+                         "--threads", "1", "--json", str(out), timeout=240)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["train"]["precision"] == "bf16 weights + fp32 masters"
+    assert "bf16 weights + fp32 masters" in result.stdout and data["prefill"]["time_to_first_token_s"] > 0

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
                         help="labels: LM head only at label positions (forward with return_logits=False); "
                              "full: model(**batch).loss over every position")
+    parser.add_argument("--bf16-mode", default=d.bf16_mode, choices=["autocast", "weights"],
+                        help="the bf16 training step: autocast, or bf16 weights with fp32 master "
+                             "weights in the optimizer (tilevlm train --bf16-mode)")
     add_threads_argument(parser)
     parser.add_argument("--preprocess-threads", type=int, default=d.preprocess_threads,
                         help="threads for the parallel preprocessing figure (default: the cores)")
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
                      dtype=args.dtype, weights=weights_format(args), compile=args.compile,
                      compile_train=args.compile_train, train_loss=args.train_loss,
+                     bf16_mode=args.bf16_mode,
                      baseline=args.baseline, peer=args.peer,
                      threads=args.threads, preprocess_threads=args.preprocess_threads,
                      repeats=args.repeats, warmup=args.warmup,

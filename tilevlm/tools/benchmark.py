@@ -27,6 +27,7 @@ from tilevlm.config import VLMConfig, preset
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import image_tokens
 from tilevlm.tools.roofline import PEAK_SIDE, count_flops, gemm_peak
+from tilevlm.training.master_weights import MasterWeights
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class BenchConfig:
     compile_train: bool = False  # torch.compile every block for the training step
     baseline: bool = False  # also time prefill and decode with fp32 weights, eager, same run
     train_loss: str = "labels"  # "labels": logits at label positions only; "full": model().loss
+    bf16_mode: str = "autocast"  # a bf16 training step: "autocast" or "weights" (TrainConfig's)
     threads: int | None = None  # torch intra-op threads; None: torch's default (the cores)
     repeats: int = 3
     warmup: int = 1
@@ -86,6 +88,11 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        from tilevlm.training.train_config import BF16_MODES
+
+        if self.bf16_mode not in BF16_MODES:
+            raise ValueError(f"bf16_mode must be one of {', '.join(BF16_MODES)}, "
+                             f"got {self.bf16_mode!r}")
         if self.train_loss not in ("labels", "full"):
             raise ValueError(f"train_loss must be 'labels' or 'full', got {self.train_loss!r}")
         unknown = set(self.parts) - set(PARTS)
@@ -243,17 +250,25 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
     model.train()
     if bc.compile_train:
         compile_blocks(model)
-    opt = adamw(model.parameters(), lr=1e-5, device=device)
+    # What the trainer does with bf16_mode "weights": bf16 weights, fp32 masters stepped
+    master = MasterWeights(model) if dtype == torch.bfloat16 and bc.bf16_mode == "weights" \
+        else None
+    opt = adamw(master.trainable() if master else model.parameters(), lr=1e-5, device=device)
+    cast = contextlib.nullcontext() if master else _autocast(device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loss_fn = ((lambda m, b: m(**b, return_logits=False).loss) if bc.train_loss == "labels"
                else (lambda m, b: m(**b).loss))
 
     def step() -> None:
-        with _autocast(device, dtype):
+        with cast:
             loss = loss_fn(model, batch)
         loss.backward()
+        if master:
+            master.grads_to_masters()
         opt.step()
+        if master:
+            master.masters_to_weights()
         opt.zero_grad(set_to_none=True)
 
     flops = count_flops(step)  # untimed: it stands for the first warm-up step
@@ -262,7 +277,11 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
     model.eval()
     peak = gemm_peak(dtype, device)  # GFLOP/s; the step's matmuls run in this dtype
     bound = flops.total / (peak * 1e9)  # seconds
+    if master:
+        model.float()  # the later parts start from fp32 weights, as without it
     return {"seconds_per_step": seconds, "range": _range(times), "loss": bc.train_loss,
+            "precision": "fp32" if dtype == torch.float32 else
+            ("bf16 weights + fp32 masters" if master else "bf16 autocast"),
             "gflop": flops.total / 1e9, "gflop_matmul": flops.matmul / 1e9,
             "gflop_attention": flops.attention / 1e9, "gemm_peak_gflops": peak,
             "gemm_peak_dtype": str(dtype).replace("torch.", ""), "gemm_bound_s": bound,
@@ -456,7 +475,8 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{v['tiles']} tiles per call{_load(v)}"))
     if "train" in results:
         t = results["train"]
-        how = f"{t.get('loss', 'full')} loss" + (", compiled blocks" if t.get("compiled") else "")
+        how = (f"{t.get('loss', 'full')} loss, {t.get('precision', env['dtype'])}"
+               + (", compiled blocks" if t.get("compiled") else ""))
         rows.append(("training step", f"{t['seconds_per_step']:.3f} s/step, {t['samples_per_s']:.2f} samples/s",
                      f"batch {t['batch']}, seq {t['seq_len']}, {how}, peak {t['peak_memory_mb']:.0f} MiB "
                      f"({t['peak_memory_kind']}){_load(t, digits=3)}"))

@@ -47,6 +47,7 @@ from tilevlm.files import make_output_dir
 from tilevlm.training import checkpoints, distributed, optim
 from tilevlm.training.checkpoints import TrainState
 from tilevlm.training.feed import Feed, make_feed, resume_feed
+from tilevlm.training.master_weights import MasterWeights
 from tilevlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class _Run:
     last_val: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
     validates: bool = False  # the same on every rank: whether rank 0 has validation samples
+    master: "MasterWeights | None" = None  # bf16_mode "weights": the optimizer's fp32 copies
 
     @property
     def sharded(self) -> bool:
@@ -97,7 +99,7 @@ class _Run:
         return self.cfg.fsdp and distributed.world_size() > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.bf16:
+        if not self.bf16 or self.master is not None:  # bf16 weights need no casting
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -226,9 +228,11 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
 
         _freeze_parts(model, cfg)  # which parameters train is fixed before sharding
         shard_model(model, device, bf16)
+    master = MasterWeights(model) if bf16 and cfg.bf16_mode == "weights" else None
     # After sharding: the optimizer holds the sharded parameters (and their sharded state)
     optimizer = optim.build_optimizer(model, cfg.part_lrs, cfg.weight_decay,
-                                      (cfg.adam_beta1, cfg.adam_beta2), device.type)
+                                      (cfg.adam_beta1, cfg.adam_beta2), device.type,
+                                      over=master.groups if master else None)
     out_dir = make_output_dir(Path(cfg.out_dir), "run directory (--out)")
     if distributed.is_main():
         checkpoints.check_pointer(out_dir)
@@ -237,7 +241,8 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
         if val_data is not None and distributed.is_main() else []
     metrics = MetricsLog(out_dir) if distributed.is_main() else _NoMetrics()
     run = _Run(cfg, model, model, processor, optimizer, device, bf16, TrainState(), val_samples,
-               metrics, feed, params=[p for p in model.parameters() if p.requires_grad])
+               metrics, feed, params=master.trainable() if master else
+               [p for p in model.parameters() if p.requires_grad], master=master)
     # Every rank must take part in validating (a barrier; under FSDP the gathering), so every
     # rank must know whether rank 0 validates: only rank 0 reads the samples.
     run.validates = distributed.all_reduce_sum([len(val_samples)], device)[0] > 0
@@ -249,7 +254,8 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     log.info("training %s parameters (%s frozen) on %s%s for %d steps from step %d%s",
              f"{sum(p.numel() for p in run.params):,}",  # a sharded one: its full size
              f"{sum(p.numel() for p in model.parameters() if not p.requires_grad):,}",
-             device, (" with bf16 autocast" + (" and bf16 FSDP parameters" if sharded else ""))
+             device, (" with bf16 weights and fp32 master weights" if master else
+                      " with bf16 autocast" + (" and bf16 FSDP parameters" if sharded else ""))
              if bf16 else "", cfg.steps, run.state.step,
              f" ({world} processes, global batch {cfg.batch_size * world * cfg.grad_accum}"
              f"{', FSDP' if sharded else ''})" if world > 1 else "")
@@ -338,6 +344,8 @@ def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
         sync = i == len(batches) - 1  # the gradient all-reduce runs once, on the last one
         with contextlib.nullcontext() if sync else distributed.no_sync(run.train_model):
             local.loss_sum += _forward_backward(run, batch, total_tokens)
+    if run.master is not None:
+        run.master.grads_to_masters()
     grad_norm = nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
     if run.sharded:
         from tilevlm.training.fsdp import grad_norm_value
@@ -348,6 +356,8 @@ def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
     loss_value, norm_value = step.loss_sum / total_tokens, grad_norm.item()
     if math.isfinite(loss_value) and math.isfinite(norm_value):
         run.optimizer.step()
+        if run.master is not None:
+            run.master.masters_to_weights()
     else:
         _nonfinite(run, loss_value, norm_value)
     run.optimizer.zero_grad(set_to_none=True)
@@ -508,10 +518,16 @@ def _save(run: _Run) -> Path | None:
 
         optimizer_state = gather_optimizer_state(run.optimizer)
     if distributed.is_main():
-        _write_checkpoint(run, model, optimizer_state)
+        with _fp32_weights(run):
+            _write_checkpoint(run, model, optimizer_state)
     del model, optimizer_state
     distributed.barrier()
     return run.last_checkpoint
+
+
+def _fp32_weights(run: _Run) -> contextlib.AbstractContextManager:
+    """What is saved holds the fp32 master weights, not their bf16 copies."""
+    return run.master.fp32_weights() if run.master is not None else contextlib.nullcontext()
 
 
 def _write_checkpoint(run: _Run, model: nn.Module,
@@ -544,11 +560,13 @@ def _write_model(run: _Run) -> Path:
     path = Path(run.cfg.out_dir) / FINAL_MODEL
     model = _plain_model(run)
     if distributed.is_main():
-        write_final_model(model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
-        if run.cfg.lora:
-            from tilevlm.training.model_source import write_adapter
+        with _fp32_weights(run):
+            write_final_model(model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
+            if run.cfg.lora:
+                from tilevlm.training.model_source import write_adapter
 
-            log.info("saved the adapter alone to %s", write_adapter(run.model, run.cfg.out_dir))
+                log.info("saved the adapter alone to %s",
+                         write_adapter(run.model, run.cfg.out_dir))
         log.info("saved the model of step %d to %s (no optimizer state: the one to share)",
                  run.state.step, path)
     del model

@@ -9,6 +9,7 @@ schedule's state is the step alone.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,10 +56,14 @@ def param_groups(model: nn.Module, lrs: dict[str, float],
 
 
 def build_optimizer(model: nn.Module, lrs: dict[str, float], weight_decay: float,
-                    betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+                    betas: tuple[float, float], device_type: str,
+                    over: Callable[[list[dict]], list[dict]] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parts, as one fused kernel on CPU and CUDA: the same update as
-    the default multi-tensor one up to float rounding, in less time (docs/performance.md)."""
+    the default multi-tensor one up to float rounding, in less time (docs/performance.md).
+    `over`: maps the model's groups to the tensors the optimizer steps instead (fp32 masters)."""
     groups = param_groups(model, lrs, weight_decay)
+    if over is not None:
+        groups = over(groups)
     return torch.optim.AdamW(groups, betas=betas, fused=device_type in FUSED_ADAMW_DEVICES)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from tilevlm.device import DEVICE_HELP, DTYPE_NAMES
 
 NONFINITE_ACTIONS = ("stop", "skip")
+BF16_MODES = ("autocast", "weights")
 
 
 def _knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -37,6 +38,10 @@ class TrainConfig:
     grad_clip: float = _knob(1.0, "max global gradient norm (0: no clipping)")
     dtype: str = _knob("auto", "auto: bf16 autocast on CUDA, fp32 on CPU; fp32; bf16 (CPU too)",
                        DTYPE_NAMES)
+    bf16_mode: str = _knob("autocast", "how a bf16 run computes: autocast (fp32 weights, ops "
+                           "cast to bf16 as they run) or weights (bf16 weights for the forward "
+                           "and backward, fp32 master weights in the optimizer: faster on CPUs, "
+                           "less memory)", BF16_MODES)
     device: str = _knob("auto", DEVICE_HELP)
     eval_every: int = _knob(100, "validate every N steps (0: only at the end)")
     eval_batches: int = _knob(4, "validation set size, in batches")
@@ -104,6 +109,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"TrainConfig.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if self.bf16_mode not in BF16_MODES:
+            raise ValueError(f"TrainConfig.bf16_mode must be one of {BF16_MODES}, "
+                             f"got {self.bf16_mode!r}")
+        if self.bf16_mode == "weights" and self.fsdp:
+            raise ValueError("--bf16-mode weights does not combine with --fsdp: FSDP keeps fp32 "
+                             "master shards and computes in bf16 on its own (--dtype bf16)")
         if self.on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"TrainConfig.on_nonfinite must be one of {NONFINITE_ACTIONS}, "
                              f"got {self.on_nonfinite!r}")
