@@ -31,3 +31,29 @@ def test_demo_runs_end_to_end_and_its_model_generates(tmp_path, capsys):
     assert main(["generate", "--model", str(out / "model"), "--image", str(image),
                  "--prompt", "What colour is the shape in row 1, column 2?",
                  "--max-new-tokens", "4"]) == 0
+
+
+def test_grid_after_layout_puts_each_grid_token_after_its_tile():
+    from tilevlm.special_tokens import IMAGE_TOKEN, grid_token, image_tokens
+
+    tokens = image_tokens((1, 2), 2, False, "tilevlm_grid_after")
+    assert tokens == [IMAGE_TOKEN, IMAGE_TOKEN, grid_token(1, 1),
+                      IMAGE_TOKEN, IMAGE_TOKEN, grid_token(1, 2)]
+    assert image_tokens((1, 2), 2, False) == [grid_token(1, 1), IMAGE_TOKEN, IMAGE_TOKEN,
+                                              grid_token(1, 2), IMAGE_TOKEN, IMAGE_TOKEN]
+
+
+def test_qk_norm_option_normalises_queries_and_keys():
+    import torch
+
+    from tilevlm.config import preset
+    from tilevlm.model.vlm import VisionLanguageModel
+
+    torch.manual_seed(0)
+    plain = VisionLanguageModel(preset("tiny"))
+    normed = VisionLanguageModel(preset("tiny", lm_qk_norm=True))
+    keys = set(normed.state_dict()) - set(plain.state_dict())
+    assert keys == {f"decoder.blocks.{i}.attn.{n}_norm.weight" for i in range(2) for n in "qk"}
+    ids = torch.randint(0, 100, (2, 7))
+    out = normed(input_ids=ids, labels=ids)
+    assert out.logits.shape[:2] == (2, 7) and torch.isfinite(out.loss)
