@@ -33,16 +33,6 @@ def test_demo_runs_end_to_end_and_its_model_generates(tmp_path, capsys):
                  "--max-new-tokens", "4"]) == 0
 
 
-def test_grid_after_layout_puts_each_grid_token_after_its_tile():
-    from tilevlm.special_tokens import IMAGE_TOKEN, grid_token, image_tokens
-
-    tokens = image_tokens((1, 2), 2, False, "tilevlm_grid_after")
-    assert tokens == [IMAGE_TOKEN, IMAGE_TOKEN, grid_token(1, 1),
-                      IMAGE_TOKEN, IMAGE_TOKEN, grid_token(1, 2)]
-    assert image_tokens((1, 2), 2, False) == [grid_token(1, 1), IMAGE_TOKEN, IMAGE_TOKEN,
-                                              grid_token(1, 2), IMAGE_TOKEN, IMAGE_TOKEN]
-
-
 def test_qk_norm_option_normalises_queries_and_keys():
     import torch
 

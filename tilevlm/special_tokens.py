@@ -11,10 +11,6 @@ image_token_layout`), each defined here (`LAYOUTS`, `image_pieces`) and nowhere 
   used, GLOBAL_IMAGE_TOKEN + IMAGE_TOKEN x L for the thumbnail, then per tile, row-major,
   grid_token(i, j) + IMAGE_TOKEN x L. A 1x1 grid is grid_token(1, 1) + IMAGE_TOKEN x L, so every
   tile is named by its cell.
-- "tilevlm_grid_after": as "tilevlm" with each tile's grid token *after* its image tokens,
-  IMAGE_TOKEN x L + grid_token(i, j): the grid token can gather its tile's content (the tokens
-  before it), so a question about content ("Where is the red triangle?") finds the grid token
-  that names the answer directly. Same tokens and ids as "tilevlm".
 - "nanovlm" (nanoVLM's `get_image_string`, for the models it trained): the global part always
   comes first, and a 1x1 grid is the global part alone; when a sample holds several images,
   each is preceded by the text label `<image: {index}>`.
@@ -58,8 +54,6 @@ class TokenLayout:
 
 LAYOUTS = {
     "tilevlm": TokenLayout("tilevlm", IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, True, True),
-    "tilevlm_grid_after": TokenLayout("tilevlm_grid_after", IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN,
-                                      True, True),
     "nanovlm": TokenLayout("nanovlm", IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, True, True,
                            needs_global=True),
     "idefics3": TokenLayout("idefics3", IDEFICS3_IMAGE_TOKEN, IDEFICS3_GLOBAL_TOKEN, False, False,
@@ -125,8 +119,7 @@ def image_pieces(grid: tuple[int, int], tokens_per_tile: int, use_global: bool,
     out = global_part if has_global_tile(grid, use_global) else []
     for i in range(1, grid[0] + 1):
         for j in range(1, grid[1] + 1):
-            marker = [(grid_token(i, j), True)]
-            out += [*tile, *marker] if spec.name == "tilevlm_grid_after" else [*marker, *tile]
+            out += [(grid_token(i, j), True), *tile]
     return out
 
 
