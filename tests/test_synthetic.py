@@ -163,3 +163,58 @@ def test_single_tile_frac_controls_the_grid_mix():
     assert {g for g in grids if g != (1, 1)} == {(h, w) for h in (1, 2, 3) for w in (1, 2, 3)} - {(1, 1)}
     assert all(make_sample("train", i, SyntheticSpec(single_tile_frac=0.0))["grid"] != (1, 1)
                for i in range(50))
+
+
+def test_extra_question_types_answer_by_content():
+    spec = SyntheticSpec(questions_per_image=4, qtype_weights=(0, 0, 0, 0, 1),
+                         extra_qtypes=(("colour_of", 1), ("shape_of", 1), ("count", 1),
+                                       ("exists", 1), ("where_colour", 1)))
+    seen = set()
+    for i in range(120):
+        s = make_sample("train", i, spec)
+        objs = s["objects"]
+        for question, answer, qtype in s["turns"]:
+            seen.add(qtype)
+            if qtype == "colour_of":
+                shape = re.match(r"What colour is the (\w+)\?", question).group(1)
+                matches = [o for o in objs if o.shape == shape]
+                assert len(matches) == 1 and answer == matches[0].colour
+            elif qtype == "shape_of":
+                colour = re.match(r"Which shape is (\w+)\?", question).group(1)
+                matches = [o for o in objs if o.colour == colour]
+                assert len(matches) == 1 and answer == matches[0].shape
+            elif qtype == "where_colour":
+                colour = re.match(r"Where is the (\w+) shape\?", question).group(1)
+                matches = [o for o in objs if o.colour == colour]
+                assert len(matches) == 1
+                assert answer == f"row {matches[0].row}, column {matches[0].col}"
+            elif qtype == "count":
+                colour = re.match(r"How many (\w+) shapes are there\?", question).group(1)
+                assert answer == str(sum(o.colour == colour for o in objs))
+            elif qtype == "exists":
+                colour, shape = re.match(r"Is there a (\w+) (\w+)\?", question).groups()
+                present = any((o.colour, o.shape) == (colour, shape) for o in objs)
+                assert answer == ("yes" if present else "no")
+    assert seen >= {"colour_of", "shape_of", "count", "exists", "where", "where_colour"}
+    corpus = set(corpus_texts(max_grid=3))
+    for i in range(60):
+        for question, answer, _ in make_sample("train", i, spec)["turns"]:
+            assert question in corpus and answer in corpus
+
+
+def test_defaults_unchanged_by_the_extra_options():
+    """The test split's default mix asks only the five original types, as before."""
+    assert {make_sample("test", i)["qtype"] for i in range(200)} <= set(QUESTION_TYPES)
+    with pytest.raises(ValueError, match="extra_qtypes"):
+        SyntheticSpec(extra_qtypes=(("where", 1.0),))
+
+
+def test_pair_grid_frac_controls_two_tile_grids():
+    spec = SyntheticSpec(single_tile_frac=0.2, pair_grid_frac=0.4)
+    grids = [make_sample("train", i, spec)["grid"] for i in range(500)]
+    pairs = sum(g in ((1, 2), (2, 1)) for g in grids) / len(grids)
+    singles = sum(g == (1, 1) for g in grids) / len(grids)
+    assert 0.32 < pairs < 0.48 and 0.13 < singles < 0.27
+    assert {g for g in grids} == {(h, w) for h in (1, 2, 3) for w in (1, 2, 3)}
+    with pytest.raises(ValueError, match="pair_grid_frac"):
+        SyntheticSpec(single_tile_frac=0.7, pair_grid_frac=0.5)

@@ -41,6 +41,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "rows", "columns", "where")
+# Auxiliary types, off unless `SyntheticSpec.extra_qtypes` weights them: each finds a tile by its
+# *content* (what `where` needs) but answers with content or a count, not a position.
+EXTRA_QUESTION_TYPES: tuple[str, ...] = ("colour_of", "shape_of", "count", "exists",
+                                         "where_colour")
 SPLIT_CODES: dict[str, int] = {"train": 0, "validation": 1, "test": 2}
 
 TEMPLATES: dict[str, str] = {
@@ -49,6 +53,11 @@ TEMPLATES: dict[str, str] = {
     "rows": "How many rows of tiles are there?",
     "columns": "How many columns of tiles are there?",
     "where": "Where is the {colour} {shape}?",
+    "colour_of": "What colour is the {shape}?",  # only if the shape is unique in the image
+    "shape_of": "Which shape is {colour}?",  # only if the colour is unique in the image
+    "count": "How many {colour} shapes are there?",
+    "exists": "Is there a {colour} {shape}?",
+    "where_colour": "Where is the {colour} shape?",  # only if the colour is unique in the image
 }
 WHERE_ANSWER = "row {row}, column {col}"
 
@@ -69,6 +78,9 @@ class SyntheticSpec:
     single_tile_frac: float | None = None  # share of 1x1 images; None: every grid equally likely
     min_shape_frac: float = 0.45  # shape size as a fraction of the tile side
     max_shape_frac: float = 0.8
+    # (name, weight) of EXTRA_QUESTION_TYPES, drawn beside `qtype_weights` (same scale)
+    extra_qtypes: tuple[tuple[str, float], ...] = ()
+    pair_grid_frac: float = 0.0  # share of 1x2 / 2x1 images (two candidates for `where`)
 
     def __post_init__(self) -> None:
         if self.tile_size < 8:
@@ -85,6 +97,14 @@ class SyntheticSpec:
         if self.single_tile_frac is not None and not 0 <= self.single_tile_frac <= 1:
             raise ValueError(f"SyntheticSpec.single_tile_frac must be in [0, 1], "
                              f"got {self.single_tile_frac}")
+        for name, weight in self.extra_qtypes:
+            if name not in EXTRA_QUESTION_TYPES or weight < 0:
+                raise ValueError(f"SyntheticSpec.extra_qtypes: unknown type or negative weight "
+                                 f"{(name, weight)!r}; types: {', '.join(EXTRA_QUESTION_TYPES)}")
+        if not 0 <= self.pair_grid_frac <= 1 - (self.single_tile_frac or 0) or \
+                (self.pair_grid_frac and self.max_grid < 2):
+            raise ValueError("SyntheticSpec.pair_grid_frac must be in [0, 1 - single_tile_frac] "
+                             "and needs max_grid >= 2")
         if not 0 < self.min_shape_frac <= self.max_shape_frac <= 1:
             raise ValueError("SyntheticSpec needs 0 < min_shape_frac <= max_shape_frac <= 1")
 
@@ -126,14 +146,25 @@ def _draw_grid(rng: np.random.Generator, spec: SyntheticSpec) -> tuple[int, int]
     """(n_h, n_w): uniform over all grids, or 1x1 with probability `single_tile_frac` and
     otherwise uniform over the larger grids (1x1 images train the vision encoder directly: their
     answers need no grid lookup)."""
-    if spec.single_tile_frac is None or spec.max_grid == 1:
+    if (spec.single_tile_frac is None and not spec.pair_grid_frac) or spec.max_grid == 1:
         n_h, n_w = rng.integers(1, spec.max_grid + 1, size=2)
         return int(n_h), int(n_w)
-    if rng.random() < spec.single_tile_frac:
+    if not spec.pair_grid_frac:
+        if rng.random() < spec.single_tile_frac:
+            return 1, 1
+        larger = spec.max_grid**2 - 1
+        cell = int(rng.integers(larger)) + 1  # skips 1x1 (cell 0)
+        return cell // spec.max_grid + 1, cell % spec.max_grid + 1
+    u, single = rng.random(), spec.single_tile_frac or 0.0
+    if u < single:
         return 1, 1
-    larger = spec.max_grid**2 - 1
-    cell = int(rng.integers(larger)) + 1  # skips 1x1 (cell 0)
-    return cell // spec.max_grid + 1, cell % spec.max_grid + 1
+    if u < single + spec.pair_grid_frac:
+        return (1, 2) if rng.random() < 0.5 else (2, 1)
+    # the rest: uniform over the other grids (1x1 too when single_tile_frac is None)
+    others = [(h, w) for h in range(1, spec.max_grid + 1) for w in range(1, spec.max_grid + 1)
+              if (h, w) not in ((1, 2), (2, 1)) and
+              not (spec.single_tile_frac is not None and (h, w) == (1, 1))]
+    return others[int(rng.integers(len(others)))]
 
 
 def to_messages(turns: list[tuple[str, str, str]]) -> list[dict[str, str]]:
@@ -220,12 +251,26 @@ def _ask(rng: np.random.Generator, spec: SyntheticSpec, n_h: int, n_w: int,
     unique = [o for o in free if counts[(o.colour, o.shape)] == 1]
     possible = {"colour": bool(free), "shape": bool(free), "rows": "rows" not in asked,
                 "columns": "columns" not in asked, "where": bool(unique)}
-    weights = np.array([w if possible[q] else 0.0 for q, w in zip(QUESTION_TYPES, spec.qtype_weights)])
+    names, weights_by = list(QUESTION_TYPES), list(spec.qtype_weights)
+    if spec.extra_qtypes:
+        shapes = [o.shape for o in objects]
+        colours = [o.colour for o in objects]
+        shape_unique = [o for o in free if shapes.count(o.shape) == 1]
+        colour_unique = [o for o in free if colours.count(o.colour) == 1]
+        possible.update(colour_of=bool(shape_unique), shape_of=bool(colour_unique),
+                        count="count" not in asked, exists="exists" not in asked,
+                        where_colour=bool(colour_unique))
+        for name, weight in spec.extra_qtypes:
+            names.append(name)
+            weights_by.append(weight)
+    weights = np.array([w if possible[q] else 0.0 for q, w in zip(names, weights_by)])
     if weights.sum() <= 0:  # only zero-weight types are left: take any possible one
-        weights = np.array([1.0 if possible[q] else 0.0 for q in QUESTION_TYPES])
+        weights = np.array([1.0 if possible[q] else 0.0 for q in names])
         if weights.sum() <= 0:
             return None
-    qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=weights / weights.sum()))]
+    qtype = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+    if qtype in EXTRA_QUESTION_TYPES:
+        return _ask_extra(rng, qtype, objects, free, asked, shape_unique, colour_unique)
     if qtype in ("rows", "columns"):
         asked.add(qtype)
         return TEMPLATES[qtype], str(n_h if qtype == "rows" else n_w), qtype
@@ -237,6 +282,38 @@ def _ask(rng: np.random.Generator, spec: SyntheticSpec, n_h: int, n_w: int,
         return question, WHERE_ANSWER.format(row=obj.row, col=obj.col), qtype
     question = TEMPLATES[qtype].format(row=obj.row, col=obj.col)
     return question, obj.colour if qtype == "colour" else obj.shape, qtype
+
+
+def _ask_extra(rng: np.random.Generator, qtype: str, objects: list[TileObject],
+               free: list[TileObject], asked: set[str], shape_unique: list[TileObject],
+               colour_unique: list[TileObject]) -> tuple[str, str, str]:
+    """An auxiliary question: find a tile by content, answer with content or a count. In a
+    conversation the subject cell is used up (as for colour/shape); count/exists are asked once."""
+    if qtype in ("colour_of", "shape_of", "where_colour"):
+        pool = shape_unique if qtype == "colour_of" else colour_unique
+        obj = pool[int(rng.integers(len(pool)))]
+        free.remove(obj)
+        if qtype == "where_colour":
+            return (TEMPLATES[qtype].format(colour=obj.colour),
+                    WHERE_ANSWER.format(row=obj.row, col=obj.col), qtype)
+        if qtype == "colour_of":
+            return TEMPLATES[qtype].format(shape=obj.shape), obj.colour, qtype
+        return TEMPLATES[qtype].format(colour=obj.colour), obj.shape, qtype
+    asked.add(qtype)
+    names = list(COLOURS)
+    if qtype == "count":
+        colour = names[int(rng.integers(len(names)))]
+        n = sum(o.colour == colour for o in objects)
+        return TEMPLATES[qtype].format(colour=colour), str(n), qtype
+    present = {(o.colour, o.shape) for o in objects}
+    if rng.random() < 0.5:  # yes: a pair in the image; no: a pair that is not
+        pairs = sorted(present)
+        answer = "yes"
+    else:
+        pairs = [(c, sh) for c in names for sh in SHAPES if (c, sh) not in present]
+        answer = "no"
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    return TEMPLATES[qtype].format(colour=colour, shape=shape), answer, qtype
 
 
 class SyntheticVQA:
@@ -277,8 +354,14 @@ def corpus_texts(max_grid: int = 8) -> list[str]:
         texts.append(TEMPLATES["shape"].format(row=row, col=col))
         texts.append(WHERE_ANSWER.format(row=row, col=col))
     for colour in COLOURS:
+        texts.append(TEMPLATES["shape_of"].format(colour=colour))
+        texts.append(TEMPLATES["count"].format(colour=colour))
+        texts.append(TEMPLATES["where_colour"].format(colour=colour))
         for shape in SHAPES:
             texts.append(TEMPLATES["where"].format(colour=colour, shape=shape))
+            texts.append(TEMPLATES["exists"].format(colour=colour, shape=shape))
+    texts.extend(TEMPLATES["colour_of"].format(shape=shape) for shape in SHAPES)
+    texts.extend(["yes", "no", "0"])
     texts.extend(COLOURS)
     texts.extend(SHAPES)
     texts.extend(str(n) for n in range(1, max_grid + 1))
