@@ -32,18 +32,3 @@ def test_demo_runs_end_to_end_and_its_model_generates(tmp_path, capsys):
                  "--prompt", "What colour is the shape in row 1, column 2?",
                  "--max-new-tokens", "4"]) == 0
 
-
-def test_qk_norm_option_normalises_queries_and_keys():
-    import torch
-
-    from tilevlm.config import preset
-    from tilevlm.model.vlm import VisionLanguageModel
-
-    torch.manual_seed(0)
-    plain = VisionLanguageModel(preset("tiny"))
-    normed = VisionLanguageModel(preset("tiny", lm_qk_norm=True))
-    keys = set(normed.state_dict()) - set(plain.state_dict())
-    assert keys == {f"decoder.blocks.{i}.attn.{n}_norm.weight" for i in range(2) for n in "qk"}
-    ids = torch.randint(0, 100, (2, 7))
-    out = normed(input_ids=ids, labels=ids)
-    assert out.logits.shape[:2] == (2, 7) and torch.isfinite(out.loss)

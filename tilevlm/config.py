@@ -51,7 +51,6 @@ class VLMConfig:
     lm_max_position_embeddings: int = 8192
     lm_max_length: int = 1024  # longest sequence (text + image tokens) a sample may have
     lm_tie_weights: bool = True
-    lm_qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3, OLMo2)
     lm_image_token_id: int | None = None  # None: the first id after the base vocabulary (our
     # appended tokens); a checkpoint whose tokenizer holds its own image token gives its id
 

@@ -134,9 +134,6 @@ class Attention(nn.Module):
         self.split = [q_dim, kv_dim, kv_dim]
         self.qkv = nn.Linear(cfg.lm_hidden_dim, q_dim + 2 * kv_dim, bias=False)
         self.out = nn.Linear(q_dim, cfg.lm_hidden_dim, bias=False)
-        # QK-norm (Qwen3 style): per-head RMSNorm of q and k, a learned scale per channel
-        self.q_norm = RMSNorm(self.head_dim, cfg.lm_rms_eps) if cfg.lm_qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.lm_rms_eps) if cfg.lm_qk_norm else None
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -146,8 +143,6 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_position is not None:
             k, v = self.kv_cache.update(cache_position, k, v)  # (B, n_kv, L, hd)

@@ -40,7 +40,7 @@ class DemoConfig:
     shapes at least 65% of the tile, and a projector initialised at the text embeddings' scale."""
 
     out_dir: str = "runs/demo"
-    steps: int = 5000
+    steps: int = 4500
     batch_size: int = 32
     lr: float = 1e-3  # vision, projector and decoder alike; 2e-3 and up stalls
     warmup_steps: int = 30
@@ -59,11 +59,7 @@ class DemoConfig:
     show: int = 6  # test questions printed with the model's answers
     progress: bool = True
     threads: int | None = None  # None: torch's default
-    # VLMConfig fields over `tiny`. No global thumbnail tile: its tokens repeat every tile's
-    # content without a grid token, so they are decoys for the per-tile lookup; without them
-    # shape is learned sooner per step (.82 instead of .62 after 2000 steps) and a step costs
-    # ~10 % less (docs/demo_recipe.md, fourth session).
-    model_overrides: dict[str, Any] = field(default_factory=lambda: {"use_global_tile": False})
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # VLMConfig fields over `tiny`
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr_vision=self.lr,
