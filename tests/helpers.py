@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -445,3 +446,28 @@ def idefics3_processor(tokenizer: Any, tile: int, image_seq_len: int, splitting:
                                        do_image_splitting=splitting)
     return Idefics3Processor(image_processor=images, tokenizer=tokenizer,
                              image_seq_len=image_seq_len)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """`tilevlm train ARGS` under torchrun with `nproc` CPU processes (gloo); asserts success."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                         if p)}
+    for _ in range(2):  # a port taken between free_port() and torchrun: try another one
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "tilevlm.cli", "train", *args]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=240)
+        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
+            break
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

@@ -3,40 +3,16 @@ batch, and a one-process run resumes under two processes."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import png, step_records, train_cli, write_parquet
+from helpers import png, step_records, torchrun, train_cli, write_parquet
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = ("--warmup-steps", "1", "--lr-decoder", "2e-3", "--lr-vision", "2e-3",
           "--lr-projector", "2e-3", "--shuffle-block", "8", "--steps", "4", "--grad-accum", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):  # a port taken between free_port() and torchrun: try another one
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "tilevlm.cli", "train", *args]
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=240)
-        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
-            break
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

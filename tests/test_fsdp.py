@@ -10,44 +10,18 @@ gathered copy) and writes OUT/model/.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import SMALL, assert_refused, png, records, run_tilevlm, step_records, train_cli
+from helpers import (SMALL, assert_refused, png, records, run_tilevlm,
+                     step_records, torchrun, train_cli)
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = ("--warmup-steps", "1", "--lr-decoder", "2e-3", "--lr-vision", "2e-3",
           "--lr-projector", "2e-3", "--shuffle-block", "0", "--steps", "4", "--grad-accum", "2",
           "--save-every", "2")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                         if p)}
-    for _ in range(2):  # a port taken between free_port() and torchrun: try another one
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-               "-m", "tilevlm.cli", "train", *args]
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=240)
-        if done.returncode == 0 or "address already in use" not in done.stderr.lower():
-            break
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
 
 
 def tensors(directory: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
