@@ -345,8 +345,10 @@ class SyntheticVQA:
 
 
 def corpus_texts(max_grid: int = 8) -> list[str]:
-    """Every question and answer the generator can produce (grids up to `max_grid` per side),
-    plus the digits and the chat roles: the text a tokenizer for this data is trained from."""
+    """Every question and answer of the five standard types (grids up to `max_grid` per side),
+    plus the digits and the chat roles: the text a tokenizer for this data is trained from. The
+    auxiliary types (`extra_qtypes`) are left out on purpose: with them the demo's BPE changed and
+    its shape accuracy fell from 99.3 % to 89.0 % (fifth session); they tokenize all the same."""
     texts = [TEMPLATES["rows"], TEMPLATES["columns"], "0 1 2 3 4 5 6 7 8 9", "user", "assistant"]
     cells = [(r, c) for r in range(1, max_grid + 1) for c in range(1, max_grid + 1)]
     for row, col in cells:
@@ -354,14 +356,8 @@ def corpus_texts(max_grid: int = 8) -> list[str]:
         texts.append(TEMPLATES["shape"].format(row=row, col=col))
         texts.append(WHERE_ANSWER.format(row=row, col=col))
     for colour in COLOURS:
-        texts.append(TEMPLATES["shape_of"].format(colour=colour))
-        texts.append(TEMPLATES["count"].format(colour=colour))
-        texts.append(TEMPLATES["where_colour"].format(colour=colour))
         for shape in SHAPES:
             texts.append(TEMPLATES["where"].format(colour=colour, shape=shape))
-            texts.append(TEMPLATES["exists"].format(colour=colour, shape=shape))
-    texts.extend(TEMPLATES["colour_of"].format(shape=shape) for shape in SHAPES)
-    texts.extend(["yes", "no", "0"])
     texts.extend(COLOURS)
     texts.extend(SHAPES)
     texts.extend(str(n) for n in range(1, max_grid + 1))
