@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def _is_nanovlm(model_dir: Path) -> bool:
-    data = read_json_object(model_dir / "config.json")
-    return ("vlm_extra_tokens" in data or "extra_token_amount" in data)
+    from tilevlm.weights.nanovlm import is_nanovlm_config
+
+    return is_nanovlm_config(read_json_object(model_dir / "config.json"))
 
 
 def load_model_config(model_dir: str | Path) -> VLMConfig:

@@ -63,6 +63,11 @@ NANOVLM_CONFIG_FIELDS = (
 )
 
 
+def is_nanovlm_config(data: dict[str, Any]) -> bool:
+    """Whether a config.json's contents are nanoVLM's (its extra-token fields), not ours."""
+    return "vlm_extra_tokens" in data or "extra_token_amount" in data
+
+
 def _nanovlm_grid_side(data: dict[str, Any], where: Path) -> int | None:
     """Grid side from `vlm_extra_tokens`, whose order must be ours (image, global, grid...)."""
     tokens = data.get("vlm_extra_tokens")

@@ -16,6 +16,7 @@ from tilevlm.config import VLMConfig
 from tilevlm.files import atomic_write, read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.weights.convert import assemble, check_shapes
+from tilevlm.weights.nanovlm import is_nanovlm_config
 from tilevlm.weights.safetensors_files import CONFIG_FILE, WEIGHTS_FILE, read_safetensors, read_shapes
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def load_config(directory: str | Path) -> VLMConfig:
     """The VLMConfig of a directory written by `save_pretrained` (validated; no weights read)."""
     directory = Path(directory)
     data = read_json_object(directory / CONFIG_FILE)
-    if "vlm_extra_tokens" in data or "extra_token_amount" in data:
+    if is_nanovlm_config(data):
         raise ValueError(f"{directory}: this is a nanoVLM checkpoint; load it with load_nanovlm()")
     try:
         return VLMConfig.from_dict(data)
