@@ -187,14 +187,10 @@ def transformers_generate(peer: Any, inputs: dict[str, Any], new_tokens: int
     return new, clock.first, total
 
 
-def _range(values: list[float]) -> list[float]:
-    return [min(values), max(values)]
-
-
 def peer_prefill(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, bc: Any,
                  device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """transformers' time to first token (one new token), as `benchmark.bench_prefill`."""
-    from tilevlm.tools.benchmark import timed_runs
+    from tilevlm.tools.benchmark import _range, timed_runs
 
     inputs = transformers_inputs(batch, dtype)
     ttfts: list[float] = []
@@ -210,7 +206,7 @@ def peer_decode(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, b
                 device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """transformers' decode throughput (`benchmark.bench_decode`'s definition); the first run's
     tokens go to `tokens` when given."""
-    from tilevlm.tools.benchmark import timed_runs
+    from tilevlm.tools.benchmark import _range, timed_runs
 
     inputs = transformers_inputs(batch, dtype)
     rows, rates = batch["input_ids"].shape[0], []
