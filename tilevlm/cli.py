@@ -5,7 +5,8 @@ Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(
 Modules are imported only when their command runs, so `tilevlm --help` stays fast.
 A `ValueError` from the library is a user error: one line on stderr and exit code 2. An
 `OSError` (disk full, permission denied, ...) is one line and exit code 1; warnings (an animated
-image, ...) are one line each. `-v` adds the traceback.
+image, ...) are one line each. `-v` adds the traceback. Every command runs with glibc keeping
+freed memory (`tilevlm/host_memory.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Iterator
 
 from tilevlm import __version__
 from tilevlm.commands.options import apply_threads
+from tilevlm.host_memory import keep_freed_memory
 
 COMMANDS = {
     "demo": "tilevlm.commands.demo",
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with _one_line_warnings(args.command):
+            keep_freed_memory()  # before the command allocates: CPU steps reuse mapped pages
             apply_threads(args)
             return int(args._run(args) or 0)
     except ValueError as e:
