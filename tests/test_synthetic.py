@@ -218,3 +218,23 @@ def test_pair_grid_frac_controls_two_tile_grids():
     assert {g for g in grids} == {(h, w) for h in (1, 2, 3) for w in (1, 2, 3)}
     with pytest.raises(ValueError, match="pair_grid_frac"):
         SyntheticSpec(single_tile_frac=0.7, pair_grid_frac=0.5)
+
+
+def test_later_mix_applies_from_its_index_on():
+    """A curriculum by position: the images stay the same, the question types follow the later
+    weights from `later_from` on."""
+    base = SyntheticSpec()
+    spec = SyntheticSpec(later_qtype_weights=(0, 0, 0, 0, 1), later_from=100)
+    early = [make_sample("train", i, spec) for i in range(100)]
+    late = [make_sample("train", i, spec) for i in range(100, 200)]
+    assert [s["question"] for s in early] == [make_sample("train", i, base)["question"]
+                                              for i in range(100)]
+    assert {s["qtype"] for s in early} == set(QUESTION_TYPES)
+    # `where` unless no colour+shape pair in the image is unique (then another type)
+    assert sum(s["qtype"] == "where" for s in late) >= 95
+    for i, s in zip(range(100, 200), late):
+        assert np.array_equal(np.asarray(s["image"]), np.asarray(make_sample("train", i, base)["image"]))
+    with pytest.raises(ValueError, match="later_qtype_weights"):
+        SyntheticSpec(later_qtype_weights=(1, 0))
+    with pytest.raises(ValueError, match="later_from"):
+        SyntheticSpec(later_qtype_weights=(1, 0, 0, 0, 0), later_from=-1)

@@ -288,3 +288,29 @@ def test_train_config_validates():
         TrainConfig(on_nonfinite="ignore")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+
+
+class _Recorded:
+    """The indices a run reads, in order."""
+
+    def __init__(self, data) -> None:
+        self.data, self.read = data, []
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        self.read.append(index)
+        return self.data[index]
+
+
+def test_no_shuffle_reads_the_data_in_index_order(setup, tmp_path):
+    """--no-shuffle: a curriculum laid out by index (the demo's later mix) is seen in order."""
+    config, processor, train_data, _ = setup
+    data = _Recorded(train_data)
+    train(make_model(config), processor, data, None,
+          quick(tmp_path / "run", steps=3, shuffle=False))
+    assert data.read == list(range(12))  # quick(): batch 4
+    shuffled = _Recorded(train_data)
+    train(make_model(config), processor, shuffled, None, quick(tmp_path / "run2", steps=3))
+    assert sorted(shuffled.read) != shuffled.read

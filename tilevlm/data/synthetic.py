@@ -20,7 +20,7 @@ its key (a data position can be resumed by index, in any order, in any process).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import numpy as np
@@ -81,17 +81,25 @@ class SyntheticSpec:
     # (name, weight) of EXTRA_QUESTION_TYPES, drawn beside `qtype_weights` (same scale)
     extra_qtypes: tuple[tuple[str, float], ...] = ()
     pair_grid_frac: float = 0.0  # share of 1x2 / 2x1 images (two candidates for `where`)
+    # A curriculum by position: samples from index `later_from` on draw their question types
+    # with these weights instead (the trainer reads the set in index order with shuffle off).
+    later_qtype_weights: tuple[float, ...] | None = None
+    later_from: int = 0
 
     def __post_init__(self) -> None:
         if self.tile_size < 8:
             raise ValueError(f"SyntheticSpec.tile_size must be >= 8, got {self.tile_size}")
         if not 1 <= self.max_grid <= 8:
             raise ValueError(f"SyntheticSpec.max_grid must be in 1..8, got {self.max_grid}")
-        if len(self.qtype_weights) != len(QUESTION_TYPES) or min(self.qtype_weights) < 0 \
-                or sum(self.qtype_weights) <= 0:
-            raise ValueError(f"SyntheticSpec.qtype_weights needs {len(QUESTION_TYPES)} "
-                             f"non-negative weights ({', '.join(QUESTION_TYPES)}), "
-                             f"got {self.qtype_weights}")
+        for name in ("qtype_weights", "later_qtype_weights"):
+            weights = getattr(self, name)
+            if weights is not None and (len(weights) != len(QUESTION_TYPES) or min(weights) < 0
+                                        or sum(weights) <= 0):
+                raise ValueError(f"SyntheticSpec.{name} needs {len(QUESTION_TYPES)} "
+                                 f"non-negative weights ({', '.join(QUESTION_TYPES)}), "
+                                 f"got {weights}")
+        if self.later_from < 0:
+            raise ValueError(f"SyntheticSpec.later_from must be >= 0, got {self.later_from}")
         if self.questions_per_image < 1:
             raise ValueError("SyntheticSpec.questions_per_image must be >= 1")
         if self.single_tile_frac is not None and not 0 <= self.single_tile_frac <= 1:
@@ -131,6 +139,9 @@ def sample_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
 
 def make_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Any]:
     """One sample: image, first question/answer/qtype, grid, all turns, conversation messages."""
+    if spec.later_qtype_weights is not None and index >= spec.later_from:
+        spec = replace(spec, qtype_weights=spec.later_qtype_weights,
+                                   later_qtype_weights=None)
     rng = sample_rng(split, index, spec.seed)
     n_h, n_w = _draw_grid(rng, spec)
     objects = [_draw_object(rng, spec, r + 1, c + 1) for r in range(n_h) for c in range(n_w)]

@@ -45,6 +45,9 @@ class DemoConfig:
     lr: float = 1e-3  # vision, projector and decoder alike; 2e-3 and up stalls
     warmup_steps: int = 30
     qtype_weights: tuple[float, ...] = (0.35, 0.35, 0.05, 0.05, 0.2)  # colour shape rows cols where
+    # the mix from step `later_from_step` on (None: the same all run); see docs/demo_recipe.md
+    later_qtype_weights: tuple[float, ...] | None = None
+    later_from_step: int = 0
     single_tile_frac: float = 0.35  # 1x1 images train the vision encoder without a grid lookup
     min_shape_frac: float = 0.65  # shape size, as a fraction of the tile side (up to 0.8)
     # auxiliary training questions (SyntheticSpec.extra_qtypes); the test split asks the 5 types
@@ -70,7 +73,8 @@ class DemoConfig:
                            eval_batches=max(1, self.val_size // self.batch_size),
                            eval_max_new_tokens=8, save_every=0,
                            out_dir=str(Path(self.out_dir) / "train"), seed=self.seed,
-                           dtype="fp32", device="cpu", progress=self.progress)
+                           dtype="fp32", device="cpu", progress=self.progress,
+                           shuffle=False)  # index order: the mix changes at later_from_step
 
 
 @dataclass
@@ -103,7 +107,9 @@ def demo_data(model_cfg: VLMConfig, cfg: DemoConfig) -> dict[str, SyntheticVQA]:
     train_spec = dataclasses.replace(base, qtype_weights=cfg.qtype_weights,
                                      single_tile_frac=cfg.single_tile_frac,
                                      extra_qtypes=tuple(map(tuple, cfg.extra_qtypes)),
-                                     pair_grid_frac=cfg.pair_grid_frac)
+                                     pair_grid_frac=cfg.pair_grid_frac,
+                                     later_qtype_weights=cfg.later_qtype_weights,
+                                     later_from=cfg.later_from_step * cfg.batch_size)
     return {"train": SyntheticVQA("train", cfg.train_size, train_spec),
             "val": SyntheticVQA("validation", cfg.val_size, base),
             "test": SyntheticVQA("test", cfg.test_size, base)}

@@ -100,7 +100,8 @@ class MapFeed:
     def batches(self, pin_memory: bool) -> Iterator[TrainBatch]:
         cfg = self.cfg
         sampler = ResumableBatchSampler(len(self.data), cfg.batch_size, cfg.seed, start=self.pos,
-                                        rank=self.rank, world_size=self.world_size)
+                                        shuffle=cfg.shuffle, rank=self.rank,
+                                        world_size=self.world_size)
         return iter(torch.utils.data.DataLoader(
             SkipBadSamples(self.data), batch_sampler=sampler,
             collate_fn=VLMCollator(self.processor), num_workers=cfg.num_workers,

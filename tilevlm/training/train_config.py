@@ -52,6 +52,8 @@ class TrainConfig:
     on_nonfinite: str = _knob("stop", "a NaN/inf loss: stop with an error, or skip the update",
                               NONFINITE_ACTIONS)
     num_workers: int = _knob(0, "DataLoader worker processes (decode, resize and tile images)")
+    shuffle: bool = _knob(True, "map-style data (the synthetic set): a fresh seeded order each "
+                          "epoch; --no-shuffle: index order (data ordered as a curriculum)")
     pack: int = _knob(0, "dataset paths: pack samples into rows of this many tokens "
                       "(0: one sample per row)")
     max_tiles: int = _knob(64, "packing: most image tiles in one row and in one micro-batch")
