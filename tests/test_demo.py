@@ -32,3 +32,22 @@ def test_demo_runs_end_to_end_and_its_model_generates(tmp_path, capsys):
                  "--prompt", "What colour is the shape in row 1, column 2?",
                  "--max-new-tokens", "4"]) == 0
 
+
+
+def test_long_recipe_and_steps_reach_the_demo_config(monkeypatch):
+    import tilevlm.tools.demo_job as demo_job
+
+    seen = []
+
+    def stop(cfg):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_job, "run_demo", stop)
+    for argv in (["demo"], ["demo", "--long"], ["demo", "--long", "--steps", "500"]):
+        assert main(argv) == 130  # stopped before training, as Ctrl-C would
+    default, long, short_long = seen
+    assert (default.steps, default.later_qtype_weights) == (demo_job.DemoConfig().steps, None)
+    assert (long.steps, long.later_from_step) == (12000, 3000)
+    assert long.later_qtype_weights == demo_job.LONG_RECIPE["later_qtype_weights"]
+    assert (short_long.steps, short_long.later_from_step) == (500, 3000)

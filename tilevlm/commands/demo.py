@@ -14,11 +14,17 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.tools.demo_job import DemoConfig
+    from tilevlm.tools.demo_job import LONG_RECIPE, DemoConfig
 
     d = DemoConfig()
     parser.add_argument("--out", default=d.out_dir, help="where the model, report and figure go")
-    parser.add_argument("--steps", type=int, default=d.steps, help="training steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps (default: {d.steps}; with --long "
+                             f"{LONG_RECIPE['steps']})")
+    parser.add_argument("--long", action="store_true",
+                        help=f"the longer recipe: from step {LONG_RECIPE['later_from_step']} on "
+                             "most training questions ask 'where', which then leaves its prior "
+                             "(about 2.7x the default's time; docs/demo_recipe.md)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help="training samples per step")
     parser.add_argument("--test-size", type=int, default=d.test_size, help="held-out test questions")
@@ -29,11 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.tools.demo_job import DemoConfig, run_demo
+    from tilevlm.tools.demo_job import LONG_RECIPE, DemoConfig, run_demo
 
-    cfg = DemoConfig(out_dir=args.out, steps=args.steps, batch_size=args.batch_size,
-                     test_size=args.test_size, seed=args.seed, progress=not args.no_progress,
-                     threads=args.threads)
+    recipe = dict(LONG_RECIPE) if args.long else {}
+    if args.steps is not None:
+        recipe["steps"] = args.steps
+    cfg = DemoConfig(out_dir=args.out, batch_size=args.batch_size, test_size=args.test_size,
+                     seed=args.seed, progress=not args.no_progress, threads=args.threads,
+                     **recipe)
     result = run_demo(cfg)
     print(f"\nheld-out test accuracy (exact match): {result.accuracy:.1%} "
           f"on {sum(v['n'] for v in result.per_qtype.values())} questions, "

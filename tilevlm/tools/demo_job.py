@@ -77,6 +77,13 @@ class DemoConfig:
                            shuffle=False)  # index order: the mix changes at later_from_step
 
 
+# `tilevlm demo --long`: colour and shape are learned by step ~3000; from then on most questions
+# are `where`, which then leaves its prior (docs/demo_recipe.md, sixth session). About 2.7x the
+# default's time.
+LONG_RECIPE: dict[str, Any] = dict(steps=12000, later_qtype_weights=(0.15, 0.15, 0.05, 0.05, 0.6),
+                                   later_from_step=3000)
+
+
 @dataclass
 class DemoResult:
     accuracy: float
