@@ -27,6 +27,7 @@ from tilevlm.config import VLMConfig, preset
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import image_tokens
 from tilevlm.tools.roofline import PEAK_SIDE, count_flops, gemm_peak
+from tilevlm.tools.timing import median_seconds, spread, sync, timed_runs
 from tilevlm.training.master_weights import MasterWeights
 
 log = logging.getLogger(__name__)
@@ -103,36 +104,6 @@ class BenchConfig:
         check_peer(self)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_runs(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device
-               ) -> list[float]:
-    """Wall times of `repeats` runs of fn(), after `warmup` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int, device: torch.device) -> float:
-    """Median wall time of fn() over `repeats` runs, after `warmup` untimed runs."""
-    return statistics.median(timed_runs(fn, repeats, warmup, device))
-
-
-def _range(values: list[float]) -> list[float]:
-    """[lowest, highest] of the timed runs' figures: the spread beside each median."""
-    return [min(values), max(values)]
-
-
 # ----------------------------------------------------------------------------- inputs
 
 def image_token_ids(model: VisionLanguageModel, grid: tuple[int, int]) -> list[int]:
@@ -206,10 +177,10 @@ def bench_preprocess(cfg: VLMConfig, bc: BenchConfig) -> dict[str, float]:
                            bc.warmup, torch.device("cpu"))
     one, many = statistics.median(ones), statistics.median(manys)
     return {"images_per_s": len(paths) / one, "tiles_per_s": n_tiles / one, "seconds": one,
-            "range": _range([len(paths) / t for t in ones]),
+            "range": spread([len(paths) / t for t in ones]),
             "threads": threads, "images_per_s_threads": len(paths) / many,
             "tiles_per_s_threads": n_tiles / many,
-            "range_threads": _range([len(paths) / t for t in manys]),
+            "range_threads": spread([len(paths) / t for t in manys]),
             "images": len(paths), "tiles": n_tiles}
 
 
@@ -231,7 +202,7 @@ def bench_vision(model: VisionLanguageModel, bc: BenchConfig, device: torch.devi
     times = timed_runs(run, bc.repeats, bc.warmup, device)
     seconds = statistics.median(times)
     return {"tiles_per_s": bc.vision_tiles / seconds, "seconds": seconds, "tiles": bc.vision_tiles,
-            "range": _range([bc.vision_tiles / t for t in times])}
+            "range": spread([bc.vision_tiles / t for t in times])}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -279,7 +250,7 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
     bound = flops.total / (peak * 1e9)  # seconds
     if master:
         model.float()  # the later parts start from fp32 weights, as without it
-    return {"seconds_per_step": seconds, "range": _range(times), "loss": bc.train_loss,
+    return {"seconds_per_step": seconds, "range": spread(times), "loss": bc.train_loss,
             "precision": "fp32" if dtype == torch.float32 else
             ("bf16 weights + fp32 masters" if master else "bf16 autocast"),
             "gflop": flops.total / 1e9, "gflop_matmul": flops.matmul / 1e9,
@@ -307,7 +278,7 @@ def bench_prefill(model: VisionLanguageModel, bc: BenchConfig, device: torch.dev
                              bc.repeats, bc.warmup, device)
     timed = ttfts[bc.warmup:]
     return {"time_to_first_token_s": statistics.median(timed), "seconds": seconds,
-            "range": _range(timed),
+            "range": spread(timed),
             "prompt_tokens": batch["input_ids"].shape[1]}
 
 
@@ -324,7 +295,7 @@ def bench_decode(model: VisionLanguageModel, bc: BenchConfig, device: torch.devi
 
     timed_runs(run, bc.repeats, warmup, device)  # the rates come from the generation stats
     total = statistics.median(rates[warmup:])
-    return {"tokens_per_s_total": total, "range": _range(rates[warmup:]),
+    return {"tokens_per_s_total": total, "range": spread(rates[warmup:]),
             "tokens_per_s_per_row": total / batch_size, "batch": batch_size,
             "new_tokens": bc.decode_tokens}
 

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from tilevlm.config import VLMConfig
+from tilevlm.tools.timing import spread, timed_runs
 from tilevlm.special_tokens import (IDEFICS3_GLOBAL_TOKEN, IDEFICS3_IMAGE_TOKEN,
                                     IDEFICS3_WRAPPER_TOKEN, grid_token)
 
@@ -190,14 +191,13 @@ def transformers_generate(peer: Any, inputs: dict[str, Any], new_tokens: int
 def peer_prefill(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, bc: Any,
                  device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """transformers' time to first token (one new token), as `benchmark.bench_prefill`."""
-    from tilevlm.tools.benchmark import _range, timed_runs
 
     inputs = transformers_inputs(batch, dtype)
     ttfts: list[float] = []
     timed_runs(lambda: ttfts.append(transformers_generate(peer, inputs, 1)[1]), bc.repeats,
                bc.warmup, device)
     timed = ttfts[bc.warmup:]
-    return {"time_to_first_token_s": statistics.median(timed), "range": _range(timed),
+    return {"time_to_first_token_s": statistics.median(timed), "range": spread(timed),
             "prompt_tokens": batch["input_ids"].shape[1]}
 
 
@@ -206,7 +206,6 @@ def peer_decode(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, b
                 device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """transformers' decode throughput (`benchmark.bench_decode`'s definition); the first run's
     tokens go to `tokens` when given."""
-    from tilevlm.tools.benchmark import _range, timed_runs
 
     inputs = transformers_inputs(batch, dtype)
     rows, rates = batch["input_ids"].shape[0], []
@@ -220,7 +219,7 @@ def peer_decode(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, b
 
     timed_runs(run, bc.repeats, bc.warmup, device)
     total = statistics.median(rates[bc.warmup:])
-    return {"tokens_per_s_total": total, "range": _range(rates[bc.warmup:]),
+    return {"tokens_per_s_total": total, "range": spread(rates[bc.warmup:]),
             "tokens_per_s_per_row": total / rows, "batch": rows, "new_tokens": bc.decode_tokens}
 
 
