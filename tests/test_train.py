@@ -314,3 +314,14 @@ def test_no_shuffle_reads_the_data_in_index_order(setup, tmp_path):
     shuffled = _Recorded(train_data)
     train(make_model(config), processor, shuffled, None, quick(tmp_path / "run2", steps=3))
     assert sorted(shuffled.read) != shuffled.read
+
+
+def test_resume_with_another_order_warns(setup, tmp_path, caplog):
+    """The data order is a knob that makes a resumed run differ: --no-shuffle after a shuffled
+    start is said, as a changed --shuffle-block is."""
+    config, processor, train_data, _ = setup
+    train(make_model(config), processor, train_data, None, quick(tmp_path / "run", steps=2))
+    with caplog.at_level("WARNING"):
+        train(make_model(config), processor, train_data, None,
+              quick(tmp_path / "run", steps=3, shuffle=False), resume_from=tmp_path / "run")
+    assert "resuming with shuffle=False (the checkpoint used True)" in caplog.text

@@ -140,8 +140,7 @@ def sample_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
 def make_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Any]:
     """One sample: image, first question/answer/qtype, grid, all turns, conversation messages."""
     if spec.later_qtype_weights is not None and index >= spec.later_from:
-        spec = replace(spec, qtype_weights=spec.later_qtype_weights,
-                                   later_qtype_weights=None)
+        spec = replace(spec, qtype_weights=spec.later_qtype_weights, later_qtype_weights=None)
     rng = sample_rng(split, index, spec.seed)
     n_h, n_w = _draw_grid(rng, spec)
     objects = [_draw_object(rng, spec, r + 1, c + 1) for r in range(n_h) for c in range(n_w)]

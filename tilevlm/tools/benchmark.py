@@ -15,7 +15,6 @@ import platform
 import resource
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +26,7 @@ from tilevlm.config import VLMConfig, preset
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import image_tokens
 from tilevlm.tools.roofline import PEAK_SIDE, count_flops, gemm_peak
-from tilevlm.tools.timing import median_seconds, spread, sync, timed_runs
+from tilevlm.tools.timing import median_seconds, spread, timed_runs
 from tilevlm.training.master_weights import MasterWeights
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ from typing import Any, Callable
 import torch
 
 from tilevlm.config import VLMConfig
-from tilevlm.tools.timing import spread, timed_runs
 from tilevlm.special_tokens import (IDEFICS3_GLOBAL_TOKEN, IDEFICS3_IMAGE_TOKEN,
                                     IDEFICS3_WRAPPER_TOKEN, grid_token)
+from tilevlm.tools.timing import spread, timed_runs
 
 PEERS = ("transformers",)
 TILEVLM_FORMATS = ("fp32", "bf16", "int8")  # tilevlm's weight formats (quantize.WEIGHT_FORMATS)
@@ -191,7 +191,6 @@ def transformers_generate(peer: Any, inputs: dict[str, Any], new_tokens: int
 def peer_prefill(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, bc: Any,
                  device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """transformers' time to first token (one new token), as `benchmark.bench_prefill`."""
-
     inputs = transformers_inputs(batch, dtype)
     ttfts: list[float] = []
     timed_runs(lambda: ttfts.append(transformers_generate(peer, inputs, 1)[1]), bc.repeats,
@@ -206,7 +205,6 @@ def peer_decode(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, b
                 device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """transformers' decode throughput (`benchmark.bench_decode`'s definition); the first run's
     tokens go to `tokens` when given."""
-
     inputs = transformers_inputs(batch, dtype)
     rows, rates = batch["input_ids"].shape[0], []
 

@@ -19,6 +19,8 @@ from typing import Any, Callable
 import torch
 from torch.utils import flop_counter
 
+from tilevlm.tools.timing import sync
+
 aten = torch.ops.aten
 ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
                  "_scaled_dot_product_flash_attention_for_cpu_backward",
@@ -75,14 +77,13 @@ def gemm_peak(dtype: torch.dtype, device: torch.device, seconds: float = 1.5) ->
     a = torch.randn(PEAK_SIDE, PEAK_SIDE, device=device).to(dtype)
     b = torch.randn(PEAK_SIDE, PEAK_SIDE, device=device).to(dtype)
     out = torch.empty(PEAK_SIDE, PEAK_SIDE, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.matmul(a, b, out=out)  # first call: kernel selection
-    sync()
+    sync(device)
     best, spent = float("inf"), 0.0
     while spent < seconds or best == float("inf"):
         start = time.perf_counter()
         torch.matmul(a, b, out=out)
-        sync()
+        sync(device)
         elapsed = time.perf_counter() - start
         best, spent = min(best, elapsed), spent + elapsed
     return 2 * PEAK_SIDE**3 / best / 1e9

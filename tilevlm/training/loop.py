@@ -322,7 +322,7 @@ def _warn_config_changes(saved: dict[str, Any], saved_world: int, cfg: TrainConf
     now = {**cfg.to_dict(), "batch_size": cfg.batch_size * distributed.world_size()}
     before = {**saved, "batch_size": saved.get("batch_size", 0) * saved_world}
     for name in ("batch_size", "grad_accum", "seed", "steps", "warmup_steps", "pack",
-                 "shuffle_block"):
+                 "shuffle_block", "shuffle"):
         if name in saved and before[name] != now[name]:
             log.warning("resuming with %s%s=%s (the checkpoint used %s): the run will not match "
                         "an uninterrupted one", "global " if name == "batch_size" else "", name,
