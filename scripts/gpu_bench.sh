@@ -73,7 +73,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.tools.benchmark import BenchConfig, synthetic_batch
+from tilevlm.bench.speed import BenchConfig, synthetic_batch
 
 preset, device, files = sys.argv[1], torch.device(sys.argv[2]), sys.argv[3:]
 name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -91,7 +91,7 @@ for path in files:
     if not train:
         print(f"{path}: no train part")
         continue
-    if "mfu" in train:  # the bench's own figure, once tools/benchmark.py counts FLOPs
+    if "mfu" in train:  # the bench's own figure, once tilevlm/bench/speed.py counts FLOPs
         print(f"{path}: the bench's own MFU {100 * train['mfu']:.1f} %")
     bc = BenchConfig(preset=preset, train_batch=train["batch"], train_loss=train["loss"])
     torch.manual_seed(bc.seed)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tilevlm.tools.benchmark import BenchConfig, format_table, run_bench, synthetic_batch
+from tilevlm.bench.speed import BenchConfig, format_table, run_bench, synthetic_batch
 from tilevlm.cli import main
 from tilevlm.model.vlm import VisionLanguageModel
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tilevlm.cli import main
-from tilevlm.inference.loading import load_for_inference
+from tilevlm.weights.loading import load_for_inference
 
 from helpers import LLAMA_VOCAB, cli, error_lines, make_llama, make_photo, make_siglip, write_nanovlm
 

@@ -35,7 +35,7 @@ def test_demo_runs_end_to_end_and_its_model_generates(tmp_path, capsys):
 
 
 def test_long_recipe_and_steps_reach_the_demo_config(monkeypatch):
-    import tilevlm.tools.demo_job as demo_job
+    import tilevlm.demo as demo_job
 
     seen = []
 

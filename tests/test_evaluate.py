@@ -12,8 +12,8 @@ from torch import nn
 from tilevlm import preset
 from tilevlm.cli import main
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
-from tilevlm.benchmarks.metrics import normalize_answer
-from tilevlm.tools.evaluation import evaluate, greedy_answers, split_prompt
+from tilevlm.evaluation.metrics import normalize_answer
+from tilevlm.evaluation.validation import evaluate, greedy_answers, split_prompt
 from tilevlm.model.vlm import VLMOutput, VisionLanguageModel, causal_lm_loss
 from tilevlm.preprocessing.processor import Processor
 

@@ -313,7 +313,7 @@ def test_inspect_on_mutated_files_is_a_result_or_one_line(tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on the mutated files
 def test_training_over_good_and_mutated_images_counts_the_bad_ones(model_dir, tmp_path):
     """One epoch of the stream counts exactly the undecodable images; a real run completes."""
-    from tilevlm.data.readers import open_dataset
+    from tilevlm.data.readers.dataset import open_dataset
     from tilevlm.data.stream import StreamOptions, TrainStream
     from tilevlm.preprocessing.tokenizer import load_tokenizer
 

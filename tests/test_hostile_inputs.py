@@ -22,11 +22,11 @@ from helpers import SMALL, make_model, png, quick, write_parquet
 from tilevlm import preset
 from tilevlm.config import VLMConfig
 from tilevlm.data.batch import TrainBatch
-from tilevlm.data.hfdisk import arrow_files
+from tilevlm.data.readers.save_to_disk import arrow_files
 from tilevlm.data.lengths import SampleMeter
-from tilevlm.data.llava import llava_sample
-from tilevlm.data.parquet import ParquetReader
-from tilevlm.data.rowreader import safe_image_path
+from tilevlm.data.readers.llava import llava_sample
+from tilevlm.data.readers.parquet import ParquetReader
+from tilevlm.data.readers.rows import safe_image_path
 from tilevlm.data.skips import SkipSample
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.data.stream import StreamPosition
@@ -191,7 +191,7 @@ def test_the_final_checkpoint_is_written_before_validation_can_fail(small, tmp_p
     def failing(*args, **kwargs):
         raise ValueError("validation failed")
 
-    monkeypatch.setattr("tilevlm.tools.evaluation.evaluate", failing)
+    monkeypatch.setattr("tilevlm.evaluation.validation.evaluate", failing)
     out = tmp_path / "run"
     data = named_dataset("synthetic", "train", 8, config)
     val = named_dataset("synthetic", "validation", 4, config)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from helpers import idefics3_processor, make_idefics3, make_photo, write_idefics3_tokenizer
 from tilevlm.inference.generation import generate
-from tilevlm.inference.loading import load_for_inference, load_processor
+from tilevlm.weights.loading import load_for_inference, load_processor
 from tilevlm.preprocessing.processor import count_image_tokens
 
 pytest.importorskip("transformers")

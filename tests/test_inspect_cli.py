@@ -38,7 +38,7 @@ def test_inspect_bad_input_exits_2_with_one_line(tmp_path, capsys, content):
 
 
 def test_draw_tiles_title_lines_and_size_check(photo):
-    from tilevlm.tools.visualize import draw_tiles
+    from tilevlm.preprocessing.tile_figure import draw_tiles
 
     img = photo(96, 64)
     fig = draw_tiles(img, (2, 3), 32, title="Q: what is in r1c2?\nA: " + "a long answer " * 20)

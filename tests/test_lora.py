@@ -11,7 +11,7 @@ from helpers import (SMALL, cli, error_lines, interrupt_at_call, make_model, mak
                      step_losses)
 from tilevlm import preset
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
-from tilevlm.inference.loading import load_for_inference
+from tilevlm.weights.loading import load_for_inference
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.training.lora import LoRASpec, apply_lora, load_adapter, merge_lora
 from tilevlm.training.loop import train
@@ -105,7 +105,7 @@ def test_bad_lora_options_are_one_line(tmp_path):
 
 
 def test_a_lora_checkpoint_as_model_says_what_to_use(setup, tmp_path):
-    from tilevlm.training.model_source import resolve_model
+    from tilevlm.training.final_model import resolve_model
 
     config, processor, data = setup
     train(make_model(config), processor, data, None, quick(tmp_path, steps=2, save_every=2, **LORA))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tilevlm import preset
-from tilevlm.inference.loading import load_processor
+from tilevlm.weights.loading import load_processor
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
 
@@ -98,7 +98,7 @@ def test_loading_for_inference_reads_the_tokenizer_once(nano, monkeypatch):
     instead of loading the tokenizer directory a second time."""
     import tilevlm.preprocessing.tokenizer as tokenizer_module
     import tilevlm.weights.nanovlm as nanovlm_module
-    from tilevlm.inference.loading import load_for_inference
+    from tilevlm.weights.loading import load_for_inference
 
     loads = []
     real = tokenizer_module.load_tokenizer

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from tilevlm import preset
-from tilevlm.data import rowreader
+from tilevlm.data.readers import rows as rowreader
 from tilevlm.data.lengths import LengthFilter, SampleMeter
-from tilevlm.data.readers import detect_format, open_dataset
+from tilevlm.data.readers.dataset import detect_format, open_dataset
 from tilevlm.data.skips import SkipCounter
 from tilevlm.preprocessing.processor import Processor
 

@@ -44,10 +44,10 @@ from tilevlm.cli import main
 from tilevlm.config import VLMConfig
 from tilevlm.data.collate import VLMCollator
 from tilevlm.data.lengths import LengthFilter
-from tilevlm.data.readers import open_dataset as open_files
+from tilevlm.data.readers.dataset import open_dataset as open_files
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.preprocessing.image import load_image
-from tilevlm.inference.loading import load_for_inference
+from tilevlm.weights.loading import load_for_inference
 from tilevlm.model.vision import VisionEncoder
 from tilevlm.preprocessing.processor import Processor, image_string
 from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer

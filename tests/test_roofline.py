@@ -5,7 +5,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from tilevlm.tools.roofline import count_flops, gemm_peak
+from tilevlm.bench.roofline import count_flops, gemm_peak
 from helpers import run_tilevlm
 
 

@@ -3,7 +3,7 @@ import re
 import numpy as np
 import pytest
 
-from tilevlm.data import COLOURS, QUESTION_TYPES, SHAPES, SyntheticSpec, SyntheticVQA, corpus_texts
+from tilevlm.data.synthetic import COLOURS, QUESTION_TYPES, SHAPES, SyntheticSpec, SyntheticVQA, corpus_texts
 from tilevlm.data.synthetic import IMAGE_PLACEHOLDER, SPLIT_CODES, TileObject, make_sample
 
 CELL = re.compile(r"row (\d+), column (\d+)")

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.tools.benchmark import PARTS, BenchConfig
+    from tilevlm.bench.speed import PARTS, BenchConfig
     from tilevlm.config import PRESETS
 
     d = BenchConfig()
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.tools.benchmark import BenchConfig, format_table, run_bench
+    from tilevlm.bench.speed import BenchConfig, format_table, run_bench
 
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
                      dtype=args.dtype, weights=weights_format(args), compile=args.compile,
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                      decode_batches=tuple(args.decode_batches), parts=tuple(args.parts))
     bc.validate()
     if bc.peer:  # before any model is built: one line and exit 2 when it is not installed
-        from tilevlm.tools.peer_bench import require_peer
+        from tilevlm.bench.peer_transformers import require_peer
 
         require_peer(bc.peer)
     results = run_bench(bc)

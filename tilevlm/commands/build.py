@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _idefics3(model_dir: str, tokenizer_dir: str | None) -> tuple[Any, Any]:
     """The model and tokenizer of an Idefics3 directory, checked before any weight is read."""
-    from tilevlm.inference.loading import load_model, load_processor
+    from tilevlm.weights.loading import load_model, load_processor
 
     processor = load_processor(model_dir, tokenizer_dir)
     return load_model(model_dir, processor, "cpu", tokenizer_dir), processor.tokenizer

@@ -70,7 +70,7 @@ def _handle_command(line: str, conv: Conversation, max_pixels: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.inference.loading import load_for_inference
+    from tilevlm.weights.loading import load_for_inference
 
     check_generation_arguments(args)
     model_dir = model_path(args)

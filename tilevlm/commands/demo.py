@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.tools.demo_job import LONG_RECIPE, DemoConfig
+    from tilevlm.demo import LONG_RECIPE, DemoConfig
 
     d = DemoConfig()
     parser.add_argument("--out", default=d.out_dir, help="where the model, report and figure go")
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.tools.demo_job import LONG_RECIPE, DemoConfig, run_demo
+    from tilevlm.demo import LONG_RECIPE, DemoConfig, run_demo
 
     recipe = dict(LONG_RECIPE) if args.long else {}
     if args.steps is not None:

@@ -6,7 +6,7 @@
     tilevlm eval --model runs/vlm --data val.jsonl --image-root images/ --task textvqa --out r.json
 
 On the built-in synthetic data: exact match (overall and per question type) and the mean loss.
-On a local data set: a named task's metric (`tilevlm.benchmarks.tasks`), overall and per
+On a local data set: a named task's metric (`tilevlm.evaluation.tasks`), overall and per
 category, a JSON report and every prediction as JSON lines.
 """
 
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.benchmarks.tasks import TASKS
-    from tilevlm.data.readers import FORMATS
+    from tilevlm.evaluation.tasks import TASKS
+    from tilevlm.data.readers.dataset import FORMATS
 
     add_model_argument(parser)
     parser.add_argument("--data", required=True,
@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.inference.loading import load_model, load_processor
+    from tilevlm.weights.loading import load_model, load_processor
 
     if args.n < 1 or args.batch_size < 1 or any(
             v is not None and v < 1 for v in (args.max_new_tokens, args.limit)):
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) -> int:
     from tilevlm.data.sources import named_dataset
-    from tilevlm.tools.evaluation import evaluate
+    from tilevlm.evaluation.validation import evaluate
 
     samples = named_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
@@ -95,8 +95,8 @@ def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) 
 
 def _task_data(args: argparse.Namespace, processor):
     """(task, samples, skips) of a local data set; a wrong path or missing column fails here."""
-    from tilevlm.benchmarks.run import task_samples
-    from tilevlm.benchmarks.tasks import get_task
+    from tilevlm.evaluation.task_run import task_samples
+    from tilevlm.evaluation.tasks import get_task
 
     if args.data == "synthetic":
         raise ValueError("--task scores a local data set; give --data PATH (the synthetic "
@@ -109,7 +109,7 @@ def _task_data(args: argparse.Namespace, processor):
 
 def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task, samples,
               skips) -> int:
-    from tilevlm.benchmarks.run import run_task, write_predictions
+    from tilevlm.evaluation.task_run import run_task, write_predictions
 
     report, predictions = run_task(model, processor, samples, task, skips, args.batch_size,
                                    args.max_new_tokens, args.limit)
@@ -129,7 +129,7 @@ def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task,
 
 def _hand_out(report, out: str | None) -> int:
     """The JSON report to `out`, or to standard output."""
-    from tilevlm.tools.evaluation import write_report
+    from tilevlm.evaluation.validation import write_report
 
     if out:
         log.info("report written to %s", write_report(report, out))

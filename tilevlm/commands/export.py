@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tilevlm.commands.options import model_path
-    from tilevlm.inference.loading import load_model, load_model_config, load_processor
+    from tilevlm.weights.loading import load_model, load_model_config, load_processor
     from tilevlm.weights.export_idefics3 import check_exportable, export_idefics3
 
     model_dir = model_path(args)  # a model directory, a checkpoint or a run folder

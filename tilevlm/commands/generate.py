@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tilevlm.device import resolve_device
-    from tilevlm.inference.loading import load_model, load_processor
+    from tilevlm.weights.loading import load_model, load_processor
 
     check_generation_arguments(args)  # bad options, model directory, images and prompt all
     # fail before the weights load or the vision encoder runs

@@ -65,7 +65,7 @@ def _config(args: argparse.Namespace) -> tuple[VLMConfig, Any]:
     """The image settings of --model (with its tokenizer, which counts the text a layout
     writes; a nanoVLM checkpoint has none unless --tokenizer is given), else of --preset."""
     from tilevlm.config import preset
-    from tilevlm.inference.loading import load_model_config, load_processor
+    from tilevlm.weights.loading import load_model_config, load_processor
 
     if not args.model:
         return preset(args.preset or DEFAULT_PRESET), None
@@ -82,7 +82,7 @@ def _save_png(path: str, original: Image.Image, resized: Image.Image, grid: tupl
     from pathlib import Path
 
     from tilevlm.files import make_output_dir
-    from tilevlm.tools.visualize import draw_tiles
+    from tilevlm.preprocessing.tile_figure import draw_tiles
 
     out = Path(path)
     make_output_dir(out.parent, "directory of --save-png")

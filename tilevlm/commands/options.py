@@ -58,7 +58,7 @@ def add_model_argument(parser: argparse.ArgumentParser | argparse._ActionsContai
 
 def model_path(args: argparse.Namespace) -> Path:
     """The model directory `--model` stands for (`resolve_model`: logs which when it chose)."""
-    from tilevlm.training.model_source import resolve_model
+    from tilevlm.training.final_model import resolve_model
 
     return resolve_model(args.model)
 

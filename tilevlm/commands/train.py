@@ -167,7 +167,7 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int, ckpt: Any) -> tupl
         return model, load_tokenizer(args.tokenizer or ckpt, grid_side=model.cfg.grid_side,
                                      layout=model.cfg.image_token_layout)
     if args.model:  # our directory, or an Idefics3 / SmolVLM (or nanoVLM) one read in place
-        from tilevlm.inference.loading import load_model, load_processor
+        from tilevlm.weights.loading import load_model, load_processor
 
         model_dir = model_path(args)
         processor = load_processor(model_dir, args.tokenizer)

@@ -1,7 +1,2 @@
-"""Data for tilevlm: the built-in synthetic tile-grid VQA set."""
-
-from tilevlm.data.synthetic import (COLOURS, QUESTION_TYPES, SHAPES, SyntheticSpec, SyntheticVQA,
-                                    corpus_texts, make_sample)
-
-__all__ = ["COLOURS", "QUESTION_TYPES", "SHAPES", "SyntheticSpec", "SyntheticVQA",
-           "corpus_texts", "make_sample"]
+"""Data: raw samples from the built-in synthetic set (synthetic) and local datasets (readers/),
+their lengths, packing, the streams and collation that make training batches (TrainBatch)."""

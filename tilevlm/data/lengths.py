@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from tilevlm.data.rowreader import Sample
+from tilevlm.data.readers.rows import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
 from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
 from tilevlm.preprocessing.image_rule import image_tiles

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tilevlm.data.batch import TrainBatch
-from tilevlm.data.rowreader import Sample
+from tilevlm.data.readers.rows import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, TOO_MANY_TILES, SkipCounter, SkipSample
 from tilevlm.preprocessing.image import load_image
 from tilevlm.config import IGNORE_INDEX

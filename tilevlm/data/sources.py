@@ -35,7 +35,7 @@ class DatasetSpec:
     split: str = "train"  # the split of a saved DatasetDict
 
     def open(self, rank: int = 0, world_size: int = 1) -> Any:
-        from tilevlm.data.readers import open_dataset
+        from tilevlm.data.readers.dataset import open_dataset
 
         return open_dataset(self.path, self.data_format, self.image_root, rank=rank,
                             world_size=world_size, split=self.split)

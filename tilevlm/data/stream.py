@@ -43,7 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tilevlm.data.batch import TrainBatch
 from tilevlm.data.lengths import SampleMeter
 from tilevlm.data.packing import Pack, PackedCollator, group_packs, pack_samples
-from tilevlm.data.rowreader import Block, RowReader, Sample
+from tilevlm.data.readers.rows import Block, RowReader, Sample
 from tilevlm.data.skips import TOO_LONG, SkipCounter, SkipSample
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tilevlm.config import IGNORE_INDEX
 from tilevlm.inference.generation import generate
-from tilevlm.inference.loading import load_for_inference
+from tilevlm.weights.loading import load_for_inference
 from tilevlm.inference.sampling import SamplingParams
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 

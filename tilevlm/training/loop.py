@@ -498,7 +498,7 @@ def _plain_model(run: _Run) -> nn.Module | None:
 
 def _validate_here(run: _Run, model: nn.Module) -> None:
     from tilevlm.inference.generation import kept_caches
-    from tilevlm.tools.evaluation import evaluate
+    from tilevlm.evaluation.validation import evaluate
 
     report = evaluate(model, run.processor, run.val_samples, batch_size=run.cfg.batch_size,
                       max_new_tokens=run.cfg.eval_max_new_tokens, autocast=run.autocast)
@@ -555,7 +555,7 @@ def _write_checkpoint(run: _Run, model: nn.Module,
 
 def _write_model(run: _Run) -> Path:
     """OUT/model/ on rank 0 (weights, config, tokenizer; no optimizer): what a run shares."""
-    from tilevlm.training.model_source import FINAL_MODEL, write_final_model
+    from tilevlm.training.final_model import FINAL_MODEL, write_final_model
 
     path = Path(run.cfg.out_dir) / FINAL_MODEL
     model = _plain_model(run)
@@ -563,7 +563,7 @@ def _write_model(run: _Run) -> Path:
         with _fp32_weights(run):
             write_final_model(model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
             if run.cfg.lora:
-                from tilevlm.training.model_source import write_adapter
+                from tilevlm.training.final_model import write_adapter
 
                 log.info("saved the adapter alone to %s",
                          write_adapter(run.model, run.cfg.out_dir))

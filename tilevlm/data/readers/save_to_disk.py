@@ -4,7 +4,7 @@ A saved `Dataset` is a directory with `state.json` (its `_data_files` list the A
 order), `dataset_info.json` and `data-XXXXX-of-YYYYY.arrow` files in Arrow's IPC stream format;
 a saved `DatasetDict` has `dataset_dict.json` and one such directory per split. The files are
 memory-mapped and read record batch by record batch, so `datasets` is not needed at run time and
-nothing is loaded whole. Rows are The Cauldron / FineVision style (see `tilevlm.data.parquet`).
+nothing is loaded whole. Rows are The Cauldron / FineVision style (see `tilevlm.data.readers.parquet`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from tilevlm.data.parquet import (BATCH_ROWS, cauldron_sample, find_columns, require_pyarrow,
+from tilevlm.data.readers.parquet import (BATCH_ROWS, cauldron_sample, find_columns, require_pyarrow,
                                   take_rows)
-from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample
+from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, Sample
 from tilevlm.data.skips import MALFORMED, SkipCounter
 from tilevlm.files import confined, read_json_object
 

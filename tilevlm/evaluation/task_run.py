@@ -21,12 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from tilevlm.benchmarks.tasks import Task, TaskRows, score
+from tilevlm.evaluation.tasks import Task, TaskRows, score
 from tilevlm.data.lengths import LengthFilter
-from tilevlm.data.readers import open_dataset
-from tilevlm.data.rowreader import Sample
+from tilevlm.data.readers.dataset import open_dataset
+from tilevlm.data.readers.rows import Sample
 from tilevlm.data.skips import IMAGE_ERROR, SkipCounter
-from tilevlm.tools.evaluation import chunks, greedy_answers, split_prompt
+from tilevlm.evaluation.validation import chunks, greedy_answers, split_prompt
 
 log = logging.getLogger(__name__)
 

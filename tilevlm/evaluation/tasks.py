@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from tilevlm.benchmarks import metrics
-from tilevlm.data.parquet import image_source
-from tilevlm.data.rowreader import Sample, make_sample
+from tilevlm.evaluation import metrics
+from tilevlm.data.readers.parquet import image_source
+from tilevlm.data.readers.rows import Sample, make_sample
 from tilevlm.data.skips import MALFORMED, SkipSample
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 

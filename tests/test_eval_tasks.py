@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tilevlm import preset
-from tilevlm.benchmarks import metrics
-from tilevlm.benchmarks.run import run_task, task_samples
-from tilevlm.benchmarks.tasks import TASKS, TaskRows, get_task
+from tilevlm.evaluation import metrics
+from tilevlm.evaluation.task_run import run_task, task_samples
+from tilevlm.evaluation.tasks import TASKS, TaskRows, get_task
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.training.loop import train
 

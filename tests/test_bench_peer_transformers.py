@@ -16,8 +16,8 @@ from tilevlm.config import PRESETS, preset
 from tilevlm.inference.generation import GenerationStats, generate
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import image_tokens
-from tilevlm.tools import peer_bench
-from tilevlm.tools.benchmark import (BenchConfig, format_table, image_token_ids, run_bench,
+from tilevlm.bench import peer_transformers as peer_bench
+from tilevlm.bench.speed import (BenchConfig, format_table, image_token_ids, run_bench,
                                     synthetic_batch)
 
 # smolvlm_256m's mechanism at tiny widths: 32-px tiles of 8-px patches, factor 2 (4 tokens per

@@ -35,7 +35,7 @@ import torch
 from tilevlm.config import VLMConfig
 from tilevlm.special_tokens import (IDEFICS3_GLOBAL_TOKEN, IDEFICS3_IMAGE_TOKEN,
                                     IDEFICS3_WRAPPER_TOKEN, grid_token)
-from tilevlm.tools.timing import spread, timed_runs
+from tilevlm.bench.timing import spread, timed_runs
 
 PEERS = ("transformers",)
 TILEVLM_FORMATS = ("fp32", "bf16", "int8")  # tilevlm's weight formats (quantize.WEIGHT_FORMATS)
@@ -239,7 +239,7 @@ def run_peer(model: Any, bc: Any, device: torch.device,
 
     from tilevlm.inference.generation import compiled_decode_step, generate
     from tilevlm.inference.quantize import inference_weights, weight_bytes
-    from tilevlm.tools.benchmark import (_timed_part, bench_decode, bench_prefill,
+    from tilevlm.bench.speed import (_timed_part, bench_decode, bench_prefill,
                                          image_token_ids, synthetic_batch)
 
     model = model.float().eval()

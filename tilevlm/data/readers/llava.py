@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tilevlm.data.rowreader import Keep, RowFormat, RowReader, Sample, make_sample, safe_image_path
+from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, Sample, make_sample, safe_image_path
 from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
 from tilevlm.files import check_regular_file, parse_json, read_json
 

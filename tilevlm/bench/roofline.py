@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import flop_counter
 
-from tilevlm.tools.timing import sync
+from tilevlm.bench.timing import sync
 
 aten = torch.ops.aten
 ATTENTION_OPS = ("_scaled_dot_product_flash_attention_for_cpu",

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from tilevlm.benchmarks.metrics import normalize_answer
+from tilevlm.evaluation.metrics import normalize_answer
 from tilevlm.data.batch import TrainBatch
 from tilevlm.data.collate import Sample, sample_images, sample_messages
 from tilevlm.inference.generation import generate

@@ -25,8 +25,8 @@ import torch
 from tilevlm.config import VLMConfig, preset
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import image_tokens
-from tilevlm.tools.roofline import PEAK_SIDE, count_flops, gemm_peak
-from tilevlm.tools.timing import median_seconds, spread, timed_runs
+from tilevlm.bench.roofline import PEAK_SIDE, count_flops, gemm_peak
+from tilevlm.bench.timing import median_seconds, spread, timed_runs
 from tilevlm.training.master_weights import MasterWeights
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class BenchConfig:
         unknown = set(self.parts) - set(PARTS)
         if unknown:
             raise ValueError(f"unknown bench parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-        from tilevlm.tools.peer_bench import check_peer
+        from tilevlm.bench.peer_transformers import check_peer
 
         check_peer(self)
 
@@ -111,7 +111,7 @@ def image_token_ids(model: VisionLanguageModel, grid: tuple[int, int]) -> list[i
     cfg = model.cfg
     ids = cfg.special_token_ids()
     if not ids:  # the tokenizer's own tokens (idefics3): SmolVLM's tokenizer layout
-        from tilevlm.tools.peer_bench import idefics3_token_ids
+        from tilevlm.bench.peer_transformers import idefics3_token_ids
 
         ids = idefics3_token_ids(cfg)
     return [ids[token] for token in image_tokens(grid, cfg.mp_image_token_length,
@@ -378,7 +378,7 @@ def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, An
         _timed_part(results, "vision", lambda: bench_vision(model, bc, device, dtype), progress)
     plain = _plain_model(model, bc)
     if bc.peer:  # prefill and decode: tilevlm's weight formats against the peer, in one table
-        from tilevlm.tools.peer_bench import run_peer
+        from tilevlm.bench.peer_transformers import run_peer
 
         results["peer"] = run_peer(plain, bc, device, progress)
         return results
@@ -478,7 +478,7 @@ def format_table(results: dict[str, Any]) -> str:
     resw = max(len(r[1]) for r in rows) if rows else 0
     lines = [head] + [f"  {a:<{width}}  {b:<{resw}}  {c}" for a, b, c in rows]
     if "peer" in results:
-        from tilevlm.tools.peer_bench import peer_table
+        from tilevlm.bench.peer_transformers import peer_table
 
         lines += peer_table(results)
     return "\n".join(lines)

@@ -5,7 +5,7 @@
     hf        a directory written by `datasets`' `save_to_disk` (`state.json`, Arrow files)
     llava     a LLaVA `.json` list or `.jsonl` file (or a glob of them) plus an image folder
 
-Every reader yields the raw-sample form of `tilevlm.data.rowreader`, only this rank's shard, and
+Every reader yields the raw-sample form of `tilevlm.data.readers.rows`, only this rank's shard, and
 counts what it drops in its `skips` (a `SkipCounter`).
 """
 
@@ -14,10 +14,10 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from tilevlm.data.hfdisk import HFDiskReader, is_saved_dataset
-from tilevlm.data.llava import LlavaReader
-from tilevlm.data.parquet import ParquetReader
-from tilevlm.data.rowreader import RowFormat, RowReader
+from tilevlm.data.readers.save_to_disk import HFDiskReader, is_saved_dataset
+from tilevlm.data.readers.llava import LlavaReader
+from tilevlm.data.readers.parquet import ParquetReader
+from tilevlm.data.readers.rows import RowFormat, RowReader
 from tilevlm.data.skips import SkipCounter
 
 FORMATS = ("parquet", "hf", "llava")

@@ -124,7 +124,7 @@ def demo_data(model_cfg: VLMConfig, cfg: DemoConfig) -> dict[str, SyntheticVQA]:
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
     from tilevlm.weights.native import save_pretrained
-    from tilevlm.tools.evaluation import evaluate, write_report
+    from tilevlm.evaluation.validation import evaluate, write_report
     from tilevlm.training.loop import train
 
     if cfg.threads:
@@ -173,9 +173,9 @@ def _pick_example(test: SyntheticVQA) -> dict[str, Any]:
 def draw_example(model: VisionLanguageModel, processor: Processor, test: SyntheticVQA,
                  path: Path) -> Path:
     """One test image with its tiles and grid labels, the question, the model's answer."""
-    from tilevlm.tools.evaluation import greedy_answers
+    from tilevlm.evaluation.validation import greedy_answers
     from tilevlm.preprocessing.image import ImageTransform
-    from tilevlm.tools.visualize import draw_tiles
+    from tilevlm.preprocessing.tile_figure import draw_tiles
 
     sample = _pick_example(test)
     answer = greedy_answers(model, processor, [sample["messages"][:-1]], [[sample["image"]]], 8)[0]
