@@ -25,7 +25,8 @@ import torch
 
 from tilevlm.inference.generation import compiled_decode_step
 from tilevlm.inference.quantize import inference_weights
-from tilevlm.bench.speed import BenchConfig, preprocess_files, synthetic_batch
+from tilevlm.bench.bench_config import BenchConfig
+from tilevlm.bench.workload import preprocess_files, synthetic_batch
 from tilevlm.inference.generation import generate
 from tilevlm.model.vlm import VisionLanguageModel
 

@@ -73,7 +73,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.bench.speed import BenchConfig, synthetic_batch
+from tilevlm.bench.bench_config import BenchConfig
+from tilevlm.bench.workload import synthetic_batch
 
 preset, device, files = sys.argv[1], torch.device(sys.argv[2]), sys.argv[3:]
 name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -36,7 +36,8 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from tilevlm.bench.speed import BenchConfig, synthetic_batch
+    from tilevlm.bench.bench_config import BenchConfig
+    from tilevlm.bench.workload import synthetic_batch
     from tilevlm.model.vlm import VisionLanguageModel as TileVLM
 
     bc = BenchConfig(train_batch=4)

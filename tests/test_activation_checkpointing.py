@@ -11,7 +11,7 @@ import torch
 
 from tilevlm import preset
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.bench.speed import synthetic_batch
+from tilevlm.bench.workload import synthetic_batch
 from tilevlm.training.activation_checkpointing import checkpoint_blocks, is_checkpointed
 from tilevlm.training.lora import LoRASpec, apply_lora
 from tilevlm.training.loop import train

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from tilevlm.bench.speed import BenchConfig, format_table, run_bench, synthetic_batch
+from tilevlm.bench.bench_config import BenchConfig
+from tilevlm.bench.speed import format_table, run_bench
+from tilevlm.bench.workload import synthetic_batch
 from tilevlm.cli import main
 from tilevlm.model.vlm import VisionLanguageModel
 

@@ -1,5 +1,5 @@
 """`tilevlm bench --peer transformers`: tilevlm against transformers' Idefics3 generate on the same
-weights and inputs (tools/peer_bench.py), on a tiny Idefics3-shaped config (no timing asserts),
+weights and inputs (bench/peer_transformers.py), on a tiny Idefics3-shaped config (no timing asserts),
 and the smolvlm_256m preset's facts."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from tilevlm.inference.generation import GenerationStats, generate
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import image_tokens
 from tilevlm.bench import peer_transformers as peer_bench
-from tilevlm.bench.speed import (BenchConfig, format_table, image_token_ids, run_bench,
-                                    synthetic_batch)
+from tilevlm.bench.bench_config import BenchConfig
+from tilevlm.bench.speed import format_table, run_bench
+from tilevlm.bench.workload import idefics3_token_ids, image_token_ids, synthetic_batch
 
 # smolvlm_256m's mechanism at tiny widths: 32-px tiles of 8-px patches, factor 2 (4 tokens per
 # tile), SmolVLM's token layout after a 300-token base vocabulary (<image> at 300 + 38).
@@ -37,7 +38,7 @@ def test_the_preset_is_smolvlm_256m():
     decoder = (cfg.lm_hidden_dim, cfg.lm_n_blocks, cfg.lm_n_heads, cfg.lm_n_kv_heads)
     assert decoder == (576, 30, 9, 3)
     assert (cfg.lm_vocab_size, cfg.image_token_id) == (49280, 49190)
-    ids = peer_bench.idefics3_token_ids(cfg)
+    ids = idefics3_token_ids(cfg)
     assert (ids["<global-img>"], ids["<row_1_col_1>"], ids["<row_6_col_6>"],
             ids["<fake_token_around_image>"], ids["<image>"]) == (49152, 49153, 49188, 49189, 49190)
     # the real rule: every image to 2048 px, 4x4 + global = 17 tiles, 1088 <image> tokens

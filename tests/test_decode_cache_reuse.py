@@ -16,7 +16,7 @@ from tilevlm import preset
 from tilevlm.inference.generation import (MIN_CACHE_LEN, cache_length, compiled_decode_step,
                                           generate, generate_ids, kept_caches)
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.bench.speed import synthetic_batch
+from tilevlm.bench.workload import synthetic_batch
 
 STEPS = 8
 

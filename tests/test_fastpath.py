@@ -19,7 +19,7 @@ from tilevlm.inference.generation import compiled_decode_step
 from tilevlm.inference.quantize import Int8Linear, inference_weights, weight_bytes
 from tilevlm.training.compile import compile_blocks
 from tilevlm.training.optim import adamw
-from tilevlm.bench.speed import synthetic_batch
+from tilevlm.bench.workload import synthetic_batch
 from tilevlm.inference.generation import generate
 from tilevlm.model.vlm import VisionLanguageModel
 
@@ -230,7 +230,7 @@ def _jpeg(path, size, orientation=1):
 
 @pytest.mark.parametrize("size, orientation", [((2000, 1500), 1), ((1500, 2000), 6)])
 def test_jpeg_draft_keeps_the_grid_and_the_picture(tmp_path, size, orientation):
-    from tilevlm.bench.speed import BenchConfig
+    from tilevlm.bench.bench_config import BenchConfig
     from tilevlm.preprocessing.image import ImageTransform, load_image
 
     transform = ImageTransform(BenchConfig().model_config(), jpeg_draft=True)  # 224 tiles, 448 max

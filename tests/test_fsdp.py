@@ -134,7 +134,7 @@ def test_bf16_policy_computes_in_bf16_and_keeps_fp32_master_weights(one_rank_gro
 
     from tilevlm import preset
     from tilevlm.model.vlm import VisionLanguageModel
-    from tilevlm.bench.speed import synthetic_batch
+    from tilevlm.bench.workload import synthetic_batch
     from tilevlm.training.fsdp import gather_model, is_sharded, shard_model
 
     torch.manual_seed(0)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tilevlm.files import read_json
-from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, appended_tokens, check_layout,
-                                    get_layout, grid_token, special_tokens)
+from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IDEFICS3_IMAGE_TOKEN, IMAGE_TOKEN,
+                                    SMOLVLM_ADDED_TOKENS, appended_tokens, check_layout,
+                                    get_layout, grid_token, smolvlm_token_ids, special_tokens)
 
 # Labels with this value count for no loss (PyTorch's cross-entropy default ignore_index).
 IGNORE_INDEX = -100
@@ -302,10 +303,12 @@ MAXIMA = {"vit_img_size": 4096, "vit_patch_size": 4096, "vit_hidden_dim": 16384,
           "max_image_pixels": 1 << 32}
 
 
-_SIGLIP_B16_224 = dict(vit_img_size=224, vit_patch_size=16, vit_hidden_dim=768, vit_inter_dim=3072,
-                       vit_n_heads=12, vit_n_blocks=12, vit_ln_eps=1e-6)
+_SIGLIP_B16 = dict(vit_patch_size=16, vit_hidden_dim=768, vit_inter_dim=3072, vit_n_heads=12,
+                   vit_n_blocks=12, vit_ln_eps=1e-6)
+_SIGLIP_B16_224 = dict(**_SIGLIP_B16, vit_img_size=224)
+_SMOLLM2_BASE_VOCAB = 49152
 _SMOLLM2_135M = dict(lm_hidden_dim=576, lm_inter_dim=1536, lm_n_heads=9, lm_n_kv_heads=3,
-                     lm_n_blocks=30, lm_base_vocab_size=49152, lm_re_base=100000.0,
+                     lm_n_blocks=30, lm_base_vocab_size=_SMOLLM2_BASE_VOCAB, lm_re_base=100000.0,
                      lm_rms_eps=1e-5, lm_tie_weights=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -324,14 +327,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 49,152 + the Idefics3 tokens, <image> = image_token_id 49190), with an untied LM head
     # (tie_word_embeddings false: 256.5M parameters; a tied head would make it 228M); images as
     # its preprocessor_config.json: longest edge 2048 (4x4 tiles + global), 512-px tiles.
-    "smolvlm_256m": dict(
-        vit_img_size=512, vit_patch_size=16, vit_hidden_dim=768, vit_inter_dim=3072,
-        vit_n_heads=12, vit_n_blocks=12, vit_ln_eps=1e-6, lm_hidden_dim=576, lm_inter_dim=1536,
-        lm_n_heads=9, lm_n_kv_heads=3, lm_n_blocks=30, lm_base_vocab_size=49152,
-        lm_vocab_size=49280, lm_image_token_id=49190, lm_re_base=100000.0, lm_rms_eps=1e-5,
-        lm_tie_weights=False, lm_max_position_embeddings=8192, lm_max_length=8192,
-        mp_pixel_shuffle_factor=4, mp_image_token_length=64, max_img_size=2048,
-        image_token_layout="idefics3", image_rule="idefics3", use_global_tile=True),
+    "smolvlm_256m": {
+        **_SIGLIP_B16, "vit_img_size": 512, **_SMOLLM2_135M, "lm_tie_weights": False,
+        "lm_vocab_size": _SMOLLM2_BASE_VOCAB + SMOLVLM_ADDED_TOKENS,
+        "lm_image_token_id": smolvlm_token_ids(_SMOLLM2_BASE_VOCAB)[IDEFICS3_IMAGE_TOKEN],
+        "lm_max_position_embeddings": 8192, "lm_max_length": 8192,
+        "mp_pixel_shuffle_factor": 4, "mp_image_token_length": 64, "max_img_size": 2048,
+        "image_token_layout": "idefics3", "image_rule": "idefics3", "use_global_tile": True},
     # Small widths, same mechanism: tests and `tilevlm demo` (up to 3x3 grids of 32-px tiles,
     # 8-px patches, 4 image tokens per tile; see docs/demo_recipe.md for why these sizes).
     "tiny": dict(vit_img_size=32, vit_patch_size=8, vit_hidden_dim=64, vit_inter_dim=256,

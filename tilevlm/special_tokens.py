@@ -37,6 +37,17 @@ IDEFICS3_WRAPPER_TOKEN = "<fake_token_around_image>"
 
 Piece = tuple[str, bool]  # (text, is_special): a special token, or text to tokenize
 
+# SmolVLM's tokenizer (HuggingFaceTB/SmolVLM-256M-Instruct; SmolVLM2's is the same): after
+# SmolLM2's 49,152 tokens come <global-img> (49152), <row_1_col_1> ... <row_6_col_6> row-major
+# (49153-49188), <fake_token_around_image> (49189), <image> (49190, config.json's
+# image_token_id), reserved tokens and <end_of_utterance> (49279, its EOS): 128 tokens in all;
+# <|im_start|> is 1 (BOS) and <|im_end|> 2 (pad). Sources: the added_tokens.json ids quoted in
+# public SmolVLM2 tokenizer fixtures and configs (tokenizer_config.json: bos <|im_start|>, eos
+# <end_of_utterance>, pad <|im_end|>).
+SMOLVLM_GRID_SIDE = 6
+SMOLVLM_ADDED_TOKENS = 128
+SMOLVLM_BOS_ID, SMOLVLM_PAD_ID = 1, 2
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -65,6 +76,18 @@ IMAGE_TOKEN_LAYOUTS = tuple(LAYOUTS)
 def grid_token(row: int, col: int) -> str:
     """The token string for tile (row, col), both 1-based: `r{row}c{col}` in the seed's names."""
     return f"<row_{row}_col_{col}>"
+
+
+def smolvlm_token_ids(base_vocab_size: int) -> dict[str, int]:
+    """Ids of the idefics3 layout's tokens as SmolVLM's tokenizer places them after a base
+    vocabulary of `base_vocab_size` tokens (49,152 in SmolVLM itself)."""
+    wrapper = base_vocab_size + 1 + SMOLVLM_GRID_SIDE ** 2
+    ids = {IDEFICS3_GLOBAL_TOKEN: base_vocab_size, IDEFICS3_WRAPPER_TOKEN: wrapper,
+           IDEFICS3_IMAGE_TOKEN: wrapper + 1}
+    for r in range(1, SMOLVLM_GRID_SIDE + 1):
+        for c in range(1, SMOLVLM_GRID_SIDE + 1):
+            ids[grid_token(r, c)] = base_vocab_size + 1 + (r - 1) * SMOLVLM_GRID_SIDE + c - 1
+    return ids
 
 
 def special_tokens(grid_side: int) -> list[str]:

@@ -4,7 +4,7 @@ random weights, image and prompt, in one process.
 The peer is transformers' `Idefics3ForConditionalGeneration.generate` (its defaults: SDPA
 attention, the dynamic KV cache; greedy, EOS off, inside `torch.inference_mode`), built in
 memory from tilevlm's model through the export's own maps (`weights/export_idefics3.py`), so
-both hold the same tensors. Both get the bench's synthetic batch (`benchmark.synthetic_batch`:
+both hold the same tensors. Both get the bench's synthetic batch (`workload.synthetic_batch`:
 one full-grid image per row and random text ids), the transformers copy its tiles as
 `[batch, tiles, 3, H, W]`.
 
@@ -32,78 +32,20 @@ from typing import Any, Callable
 
 import torch
 
-from tilevlm.config import VLMConfig
-from tilevlm.special_tokens import (IDEFICS3_GLOBAL_TOKEN, IDEFICS3_IMAGE_TOKEN,
-                                    IDEFICS3_WRAPPER_TOKEN, grid_token)
-from tilevlm.bench.timing import spread, timed_runs
+from tilevlm.bench.measure import bench_decode, bench_prefill
+from tilevlm.bench.timing import spread, timed_part, timed_runs
+from tilevlm.bench.workload import image_token_ids, synthetic_batch
+from tilevlm.inference.generation import compiled_decode_step, generate
+from tilevlm.inference.quantize import inference_weights, weight_bytes
+from tilevlm.special_tokens import SMOLVLM_BOS_ID, SMOLVLM_PAD_ID
+from tilevlm.weights.export_idefics3 import check_exportable, idefics3_config_json, idefics3_tensors
 
-PEERS = ("transformers",)
 TILEVLM_FORMATS = ("fp32", "bf16", "int8")  # tilevlm's weight formats (quantize.WEIGHT_FORMATS)
 PEER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what transformers runs in
 TARGETS = {"prefill": 1.5, "decode_b1": 2.0}  # issue 13: tilevlm's speed-up over transformers
 
-# SmolVLM's tokenizer (HuggingFaceTB/SmolVLM-256M-Instruct; SmolVLM2's is the same): the 49,152
-# tokens of SmolLM2, then <global-img> (49152), <row_1_col_1> ... <row_6_col_6> row-major
-# (49153-49188), <fake_token_around_image> (49189), <image> (49190, config.json's
-# image_token_id), reserved tokens, and <end_of_utterance> (49279, the last of 49,280, its EOS);
-# <|im_start|> is 1 (BOS) and <|im_end|> 2 (pad). Sources: the added_tokens.json ids quoted in
-# public SmolVLM2 tokenizer fixtures and configs (tokenizer_config.json: bos <|im_start|>, eos
-# <end_of_utterance>, pad <|im_end|>). The bench lays out any Idefics3-shaped config this way
-# after its base vocabulary, so a tiny test config gets the same layout.
-SMOLVLM_GRID_SIDE = 6
-_GLOBAL_OFFSET, _GRID_OFFSET = 0, 1
-_WRAPPER_OFFSET = _GRID_OFFSET + SMOLVLM_GRID_SIDE ** 2  # 37
-_IMAGE_OFFSET = _WRAPPER_OFFSET + 1  # 38
-BOS_ID, PAD_ID = 1, 2
-# The layout's "\n" text pieces: a fixed base-vocabulary id stands in for the tokenizer's
-# newline (the bench's text ids are random; which id it is does not change the speed).
-NEWLINE_ID = 198
 
-
-def idefics3_token_ids(cfg: VLMConfig) -> dict[str, int]:
-    """Ids of the idefics3 layout's tokens (and its "\\n" text piece) for a bench config with no
-    tokenizer, laid out as SmolVLM's tokenizer lays them out after the base vocabulary."""
-    base = cfg.lm_base_vocab_size
-    if cfg.image_token_layout != "idefics3":
-        raise ValueError(f"the {cfg.image_token_layout!r} layout's ids come from the config "
-                         "(special_token_ids), not from SmolVLM's tokenizer layout")
-    if cfg.image_token_id != base + _IMAGE_OFFSET or base + _IMAGE_OFFSET >= cfg.lm_vocab_size:
-        raise ValueError(f"a bench config in the idefics3 layout needs SmolVLM's token layout: "
-                         f"lm_image_token_id = lm_base_vocab_size + {_IMAGE_OFFSET} = "
-                         f"{base + _IMAGE_OFFSET} below lm_vocab_size, got {cfg.image_token_id} "
-                         f"and {cfg.lm_vocab_size}")
-    if cfg.max_tiles_per_side > SMOLVLM_GRID_SIDE:
-        raise ValueError(f"SmolVLM's tokenizer names grids up to {SMOLVLM_GRID_SIDE}x"
-                         f"{SMOLVLM_GRID_SIDE} tiles; max_img_size {cfg.max_img_size} allows "
-                         f"{cfg.max_tiles_per_side} per side")
-    ids = {IDEFICS3_GLOBAL_TOKEN: base + _GLOBAL_OFFSET,
-           IDEFICS3_WRAPPER_TOKEN: base + _WRAPPER_OFFSET,
-           IDEFICS3_IMAGE_TOKEN: base + _IMAGE_OFFSET, "\n": min(NEWLINE_ID, base - 1)}
-    for r in range(1, SMOLVLM_GRID_SIDE + 1):
-        for c in range(1, SMOLVLM_GRID_SIDE + 1):
-            ids[grid_token(r, c)] = base + _GRID_OFFSET + (r - 1) * SMOLVLM_GRID_SIDE + c - 1
-    return ids
-
-
-# ----------------------------------------------------------------------------- checks
-
-def check_peer(bc: Any) -> None:
-    """A ValueError (one line) unless `bc` (a BenchConfig) can run its peer comparison."""
-    if bc.peer is None:
-        return
-    if bc.peer not in PEERS:
-        raise ValueError(f"--peer must be one of {', '.join(PEERS)}, got {bc.peer!r}")
-    cfg = bc.model_config()
-    if (cfg.image_token_layout, cfg.image_rule) != ("idefics3", "idefics3"):
-        raise ValueError(f"--peer {bc.peer} runs Idefics3ForConditionalGeneration, which needs an "
-                         f"Idefics3-shaped preset (--preset smolvlm_256m); {bc.preset} writes "
-                         f"images in the {cfg.image_token_layout!r} layout")
-    idefics3_token_ids(cfg)  # the bench can write its images
-    if not {"prefill", "decode"} & set(bc.parts):
-        raise ValueError(f"--peer {bc.peer} compares prefill and decode: add them to --parts")
-    if bc.baseline:
-        raise ValueError(f"--peer {bc.peer} already times fp32 weights; drop --baseline")
-
+# ----------------------------------------------------------------------------- the package
 
 def require_peer(peer: str) -> None:
     """A ValueError naming the option and the install command when the peer's package cannot
@@ -126,13 +68,10 @@ def transformers_model(model: Any) -> Any:
     through the export's config and key maps; generation with EOS off."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
-    from tilevlm.weights.export_idefics3 import (check_exportable, idefics3_config_json,
-                                                 idefics3_tensors)
-
     cfg = model.cfg
     check_exportable(cfg)
-    ids = SimpleNamespace(eos_token_id=cfg.lm_vocab_size - 1, pad_token_id=PAD_ID,
-                          bos_token_id=BOS_ID)
+    ids = SimpleNamespace(eos_token_id=cfg.lm_vocab_size - 1, pad_token_id=SMOLVLM_PAD_ID,
+                          bos_token_id=SMOLVLM_BOS_ID)
     config = Idefics3Config.from_dict(idefics3_config_json(cfg, ids))
     peer = Idefics3ForConditionalGeneration(config)
     missing, unexpected = peer.load_state_dict(idefics3_tensors(model.float()), strict=False)
@@ -143,7 +82,7 @@ def transformers_model(model: Any) -> Any:
     if cfg.lm_tie_weights:
         peer.tie_weights()
     peer.generation_config.eos_token_id = None  # a fixed number of new tokens, like tilevlm's
-    peer.generation_config.pad_token_id = PAD_ID
+    peer.generation_config.pad_token_id = SMOLVLM_PAD_ID
     return peer.eval()
 
 
@@ -190,7 +129,7 @@ def transformers_generate(peer: Any, inputs: dict[str, Any], new_tokens: int
 
 def peer_prefill(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, bc: Any,
                  device: torch.device = torch.device("cpu")) -> dict[str, Any]:
-    """transformers' time to first token (one new token), as `benchmark.bench_prefill`."""
+    """transformers' time to first token (one new token), as `measure.bench_prefill`."""
     inputs = transformers_inputs(batch, dtype)
     ttfts: list[float] = []
     timed_runs(lambda: ttfts.append(transformers_generate(peer, inputs, 1)[1]), bc.repeats,
@@ -203,7 +142,7 @@ def peer_prefill(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, 
 def peer_decode(peer: Any, batch: dict[str, torch.Tensor], dtype: torch.dtype, bc: Any,
                 tokens: list[torch.Tensor] | None = None,
                 device: torch.device = torch.device("cpu")) -> dict[str, Any]:
-    """transformers' decode throughput (`benchmark.bench_decode`'s definition); the first run's
+    """transformers' decode throughput (`measure.bench_decode`'s definition); the first run's
     tokens go to `tokens` when given."""
     inputs = transformers_inputs(batch, dtype)
     rows, rates = batch["input_ids"].shape[0], []
@@ -237,11 +176,6 @@ def run_peer(model: Any, bc: Any, device: torch.device,
     `model`'s weights (fp32, eval) and the bench's batches; the comparison rows included."""
     import transformers
 
-    from tilevlm.inference.generation import compiled_decode_step, generate
-    from tilevlm.inference.quantize import inference_weights, weight_bytes
-    from tilevlm.bench.speed import (_timed_part, bench_decode, bench_prefill,
-                                         image_token_ids, synthetic_batch)
-
     model = model.float().eval()
     ours_formats, peer_formats = _formats(bc)
     peer = transformers_model(model).to(device)
@@ -261,11 +195,11 @@ def run_peer(model: Any, bc: Any, device: torch.device,
             out = generate(infer, batches[1], max_new_tokens=bc.decode_tokens, eos_token_ids=[])
             check["tilevlm"] = out.tokens[0]
         if "prefill" in bc.parts:
-            _timed_part(ours[fmt], "prefill", lambda: bench_prefill(infer, bc, device),
+            timed_part(ours[fmt], "prefill", lambda: bench_prefill(infer, bc, device),
                         lambda m: progress(f"tilevlm {fmt} {m}"))
         if "decode" in bc.parts:
             for b in bc.decode_batches:
-                _timed_part(ours[fmt], f"decode_b{b}",
+                timed_part(ours[fmt], f"decode_b{b}",
                             lambda: bench_decode(infer, bc, device, b, step_fn),
                             lambda m: progress(f"tilevlm {fmt} {m}"))
 
@@ -274,13 +208,13 @@ def run_peer(model: Any, bc: Any, device: torch.device,
         peer.to(dtype)
         theirs[fmt] = {}
         if "prefill" in bc.parts:
-            _timed_part(theirs[fmt], "prefill",
+            timed_part(theirs[fmt], "prefill",
                         lambda: peer_prefill(peer, prefill_batch, dtype, bc, device),
                         lambda m: progress(f"transformers {fmt} {m}"))
         if "decode" in bc.parts:
             for b in bc.decode_batches:
                 keep = peer_tokens if (fmt, b) == ("fp32", 1) else None
-                _timed_part(theirs[fmt], f"decode_b{b}",
+                timed_part(theirs[fmt], f"decode_b{b}",
                             lambda: peer_decode(peer, batches[b], dtype, bc, keep, device),
                             lambda m: progress(f"transformers {fmt} {m}"))
 
@@ -361,7 +295,7 @@ def _figure(key: str, value: float) -> str:
 
 
 def peer_table(results: dict[str, Any]) -> list[str]:
-    """The comparison as table lines (for `benchmark.format_table`)."""
+    """The comparison as table lines (for `speed.format_table`)."""
     peer = results["peer"]
     w = peer["workload"]
     grid = f"a {w['grid'][0]}x{w['grid'][1]} grid" + (

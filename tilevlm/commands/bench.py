@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tilevlm.bench.speed import PARTS, BenchConfig
+    from tilevlm.bench.bench_config import BENCH_PARTS, PEERS, BenchConfig
     from tilevlm.config import PRESETS
 
     d = BenchConfig()
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", action="store_true", default=d.baseline,
                         help="also time prefill and decode with fp32 weights and the eager step "
                              "in the same run, and print each speed-up beside it")
-    parser.add_argument("--peer", choices=["transformers"], default=d.peer,
+    parser.add_argument("--peer", choices=PEERS, default=d.peer,
                         help="also time transformers' Idefics3ForConditionalGeneration.generate "
                              "on the same random weights, image and prompt (an Idefics3 preset: "
                              "smolvlm_256m): time to first token and decode for tilevlm with "
@@ -63,13 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens generated in each timed decode")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=list(d.decode_batches),
                         help="the batch sizes decode is timed at")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+    parser.add_argument("--parts", nargs="+", default=list(BENCH_PARTS), choices=BENCH_PARTS,
                         help="which measurements to run")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the results here")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.bench.speed import BenchConfig, format_table, run_bench
+    from tilevlm.bench.bench_config import BenchConfig
+    from tilevlm.bench.speed import format_table, run_bench
 
     bc = BenchConfig(preset=args.preset, max_img_size=args.max_img_size, device=args.device,
                      dtype=args.dtype, weights=weights_format(args), compile=args.compile,
