@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -25,10 +27,14 @@ from torch import nn
 
 from tilevlm.cli import main
 from tilevlm.config import VLMConfig, preset
+from tilevlm.data.batch import TrainBatch, padding_fraction
+from tilevlm.data.packing import PackedCollator, group_packs, pack_samples
+from tilevlm.data.sample import Sample
+from tilevlm.data.skips import SkipCounter
 from tilevlm.inference.generation import decode_step
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
-from tilevlm.training.loop import TrainConfig
+from tilevlm.training.train_config import TrainConfig
 
 # Narrow widths over the `tiny` preset: trainer and evaluation tests run many steps quickly.
 SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
@@ -471,3 +477,62 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
             break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+# ----------------------------------------------------------------------------- packing passes
+@dataclass
+class PackingStats:
+    """One pass over the data: `padding_fraction` = pad slots / all slots of the batches."""
+
+    samples: int = 0
+    rows: int = 0
+    batches: int = 0
+    real_tokens: int = 0
+    slots: int = 0  # batch rows x padded length, summed over batches
+    tiles: int = 0
+
+    @property
+    def padding_fraction(self) -> float:
+        return padding_fraction(self.real_tokens, self.slots)
+
+    def add(self, batch: TrainBatch) -> None:
+        self.samples += batch.n_samples
+        self.rows += batch.rows
+        self.batches += 1
+        self.real_tokens += batch.n_real_tokens
+        self.slots += batch.slots
+        self.tiles += sum(batch.info["n_tiles"])
+
+
+class PackedBatches:
+    """Packed micro-batches from measured samples (see `LengthFilter`); each iteration is one
+    pass (epoch), whose figures are in `stats` and, once done, appended to `epoch_stats`."""
+
+    def __init__(self, samples: Iterable[Sample], processor: Any, max_tokens: int | None = None,
+                 max_tiles: int = 64, rows: int = 1, window: int = 64,
+                 pad_to_budget: bool = False, skips: SkipCounter | None = None) -> None:
+        if max_tiles < 1 or rows < 1 or window < 1:
+            raise ValueError(f"max_tiles, rows and window must be >= 1, got {max_tiles}, "
+                             f"{rows}, {window}")
+        self.samples = samples
+        self.max_tokens = max_tokens or processor.config.lm_max_length
+        self.max_tiles, self.rows, self.window = max_tiles, rows, window
+        self.skips = skips if skips is not None else getattr(samples, "skips", SkipCounter())
+        self.collate = PackedCollator(processor, self.max_tokens if pad_to_budget else None,
+                                      self.skips)
+        self.stats = PackingStats()
+        self.epoch_stats: list[PackingStats] = []
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        self.stats = PackingStats()
+        packs = pack_samples(self.samples, self.max_tokens, self.max_tiles, self.window,
+                             self.skips)
+        for plan in group_packs(packs, self.rows, self.max_tiles):
+            batch = self.collate(plan)
+            if not batch.empty:
+                self.stats.add(batch)
+                yield batch
+        self.epoch_stats.append(self.stats)
+        logging.getLogger(__name__).info("packing pass: %d samples in %d rows, %d batches, %.1f%% padding, skipped %s",
+                 self.stats.samples, self.stats.rows, self.stats.batches,
+                 100 * self.stats.padding_fraction, self.skips.as_dict())

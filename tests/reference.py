@@ -95,7 +95,7 @@ def full_forward_answers(model: nn.Module, processor: Any, conversations: list[l
                          images: list[list[Any]], max_new_tokens: int) -> list[str]:
     """Greedy answers by one full forward per token: slow (O(n^2)) but needs nothing from the
     model beyond `forward`, so it also serves stub models and as the reference for the cache.
-    An `answer_fn` for `tilevlm.evaluation.validation.evaluate`.
+    An `answer_fn` for `tilevlm.evaluation.quiz.evaluate`.
 
     Rows are right-padded; each row's next token is read at its own last position and written
     just after it, so padding (always after a row's tokens) never influences it."""

@@ -19,7 +19,7 @@ def test_demo_runs_end_to_end_and_its_model_generates(tmp_path, capsys):
     for qtype in ("colour", "shape", "where"):
         assert qtype in printed
     report = json.loads((out / "report.json").read_text())
-    assert report["n"] == 24 and 0.0 <= report["accuracy"] <= 1.0
+    assert report["n"] == 24 and 0.0 <= report["score"] <= 1.0
     assert report["demo_config"]["steps"] == 12 and report["total_seconds"] > 0
     figure = Image.open(out / "example.png")
     assert figure.width >= 480  # small tiles are scaled up to stay readable

@@ -13,7 +13,8 @@ from tilevlm import preset
 from tilevlm.cli import main
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
 from tilevlm.evaluation.metrics import normalize_answer
-from tilevlm.evaluation.validation import evaluate, greedy_answers, split_prompt
+from tilevlm.evaluation.answering import greedy_answers, split_prompt
+from tilevlm.evaluation.quiz import evaluate
 from tilevlm.model.vlm import VLMOutput, VisionLanguageModel, causal_lm_loss
 from tilevlm.preprocessing.processor import Processor
 
@@ -74,9 +75,9 @@ def test_perfect_model_scores_100_percent(setup):
     assert len(samples) >= 8
     report = evaluate(model, processor, samples, batch_size=5, max_new_tokens=12,
                       answer_fn=full_forward_answers)
-    assert report.n == len(samples) and report.accuracy == 1.0
-    assert report.per_qtype and all(v["accuracy"] == 1.0 for v in report.per_qtype.values())
-    assert sum(v["n"] for v in report.per_qtype.values()) == len(samples)
+    assert report.n == len(samples) and report.score == 1.0
+    assert report.per_category and all(v["score"] == 1.0 for v in report.per_category.values())
+    assert sum(v["n"] for v in report.per_category.values()) == len(samples)
     assert report.examples[0]["prediction"] == report.examples[0]["reference"]
 
 
@@ -85,8 +86,8 @@ def test_wrong_model_scores_0_percent(setup):
     model, samples = scripted(processor, samples, reply=lambda answer: "banana " + answer)
     report = evaluate(model, processor, samples, batch_size=5, max_new_tokens=12,
                       answer_fn=full_forward_answers)
-    assert report.accuracy == 0.0
-    assert all(v["accuracy"] == 0.0 for v in report.per_qtype.values())
+    assert report.score == 0.0
+    assert all(v["score"] == 0.0 for v in report.per_category.values())
 
 
 def test_greedy_answers_do_not_depend_on_padding(setup):
@@ -126,8 +127,8 @@ def test_train_and_eval_commands(tmp_path):
     assert main(["eval", "--model", str(run_dir), "--data", "synthetic", "--n", "3",
                  "--max-new-tokens", "4", "--out", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
-    assert report["n"] == 3 and 0.0 <= report["accuracy"] <= 1.0 and report["loss"] > 0
-    assert set(report["per_qtype"]) <= {"colour", "shape", "rows", "columns", "where"}
+    assert report["n"] == 3 and 0.0 <= report["score"] <= 1.0 and report["loss"] > 0
+    assert set(report["per_category"]) <= {"colour", "shape", "rows", "columns", "where"}
     int8_path = tmp_path / "report-int8.json"  # the same checkpoint with int8 decoder weights
     assert main(["eval", "--model", str(run_dir), "--data", "synthetic", "--n", "3",
                  "--max-new-tokens", "4", "--out", str(int8_path), "--weights", "int8"]) == 0

@@ -29,13 +29,13 @@ from tilevlm.data.readers.parquet import ParquetReader
 from tilevlm.data.readers.rows import safe_image_path
 from tilevlm.data.skips import SkipSample
 from tilevlm.data.sources import named_dataset, synthetic_tokenizer
-from tilevlm.data.stream import StreamPosition
+from tilevlm.data.batch import StreamPosition
 from tilevlm.device import resolve_device
 from tilevlm.files import check_regular_file, confined, parse_json, read_json
 from tilevlm.preprocessing import image as image_module
 from tilevlm.preprocessing.image import load_image
 from tilevlm.preprocessing.processor import Processor
-from tilevlm.training import checkpoints
+from tilevlm.weights import run_folder
 from tilevlm.training.feed import require_usable
 from tilevlm.training.loop import train
 from tilevlm.training.train_config import TrainConfig
@@ -158,10 +158,10 @@ def test_a_truncated_rng_file_falls_back_to_the_previous_checkpoint(saved_run, t
     run = Path(shutil.copytree(saved_run, tmp_path / "run"))
     rng = run / "checkpoint-2" / "rng.safetensors"
     rng.write_bytes(rng.read_bytes()[:-3])
-    assert checkpoints.find_latest(run) == run / "checkpoint-1"
+    assert run_folder.find_latest(run) == run / "checkpoint-1"
     assert "checkpoint-2 is not an intact checkpoint (rng.safetensors" in caplog.text
     with pytest.raises(ValueError, match="not an intact checkpoint"):
-        checkpoints.find_latest(run / "checkpoint-2")  # named directly: no silent fallback
+        run_folder.find_latest(run / "checkpoint-2")  # named directly: no silent fallback
 
 
 def test_a_checkpoint_linked_from_outside_the_run_is_not_used(saved_run, tmp_path):
@@ -169,7 +169,7 @@ def test_a_checkpoint_linked_from_outside_the_run_is_not_used(saved_run, tmp_pat
     (run / "checkpoint-1").parent.mkdir()
     shutil.copytree(saved_run / "checkpoint-1", run / "checkpoint-1")
     (run / "checkpoint-7").symlink_to(saved_run / "checkpoint-2")
-    assert checkpoints.find_latest(run) == run / "checkpoint-1"
+    assert run_folder.find_latest(run) == run / "checkpoint-1"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -181,7 +181,7 @@ def test_trainer_state_problems_are_named(saved_run, tmp_path, edit, message):
     ckpt = Path(shutil.copytree(saved_run / "checkpoint-2", tmp_path / "checkpoint-2"))
     path = ckpt / "trainer_state.json"
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
-    assert message in checkpoints.checkpoint_problem(ckpt)
+    assert message in run_folder.checkpoint_problem(ckpt)
 
 
 def test_the_final_checkpoint_is_written_before_validation_can_fail(small, tmp_path,
@@ -191,14 +191,14 @@ def test_the_final_checkpoint_is_written_before_validation_can_fail(small, tmp_p
     def failing(*args, **kwargs):
         raise ValueError("validation failed")
 
-    monkeypatch.setattr("tilevlm.evaluation.validation.evaluate", failing)
+    monkeypatch.setattr("tilevlm.training.loop.evaluate", failing)
     out = tmp_path / "run"
     data = named_dataset("synthetic", "train", 8, config)
     val = named_dataset("synthetic", "validation", 4, config)
     with pytest.raises(ValueError, match="validation failed"):
         train(make_model(config), processor, data, val, quick(out, steps=2, batch_size=2,
                                                               eval_batches=1))
-    assert checkpoints.find_latest(out) == out / "checkpoint-2"
+    assert run_folder.find_latest(out) == out / "checkpoint-2"
 
 
 # ----------------------------------------------------------------------------- weights

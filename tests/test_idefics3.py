@@ -161,6 +161,17 @@ def test_greedy_tokens_match_transformers(saved, tok_dir):
     assert ours.tokens[0] == theirs.tolist() and len(ours.tokens[0]) == 20
 
 
+def test_loading_a_sharded_smolvlm_directory_reads_each_json_file_once(saved, monkeypatch):
+    from test_model_source import count_json_reads
+
+    directory = saved("p16_s2_untied_sharded")[0]
+    reads = count_json_reads(monkeypatch)
+    load_for_inference(directory, device="cpu")
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= set(reads)
+    assert {"preprocessor_config.json", "processor_config.json"} & set(reads)
+    assert set(reads.values()) == {1}, reads
+
+
 def test_length_meter_counts_the_layouts_text(saved, tok_dir):
     from tilevlm.data.lengths import SampleMeter
 

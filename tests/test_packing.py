@@ -11,13 +11,13 @@ from hypothesis import strategies as st
 
 from tilevlm.config import IGNORE_INDEX
 from tilevlm.data.lengths import LengthFilter
-from tilevlm.data.packing import (PackedBatches, PackedCollator, document_attention_mask,
-                                  group_packs, pack_samples, segment_positions)
+from tilevlm.data.packing import (PackedCollator, document_attention_mask, group_packs,
+                                  pack_samples, segment_positions)
 from tilevlm.data.skips import SkipCounter
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
 
-from helpers import png
+from helpers import PackedBatches, png
 
 
 def sample(question: str, answer: str, images: list[bytes], name: str) -> dict:

@@ -39,6 +39,7 @@ from PIL import Image
 
 from tilevlm import preset
 from tilevlm.training import checkpoints
+from tilevlm.weights import run_folder
 from tilevlm.weights.native import load_pretrained
 from tilevlm.cli import main
 from tilevlm.config import VLMConfig
@@ -422,7 +423,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resumes_exactl
         train(_model(config), processor, data, None, _quick(run))
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
-    assert checkpoints.find_latest(run) == run / "checkpoint-2"
+    assert run_folder.find_latest(run) == run / "checkpoint-2"
     assert (run / "latest").read_text() == "checkpoint-2\n"
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", ".tmp"))) \
         == ["checkpoint-2"]  # the half-written one is gone
@@ -450,7 +451,7 @@ def test_disk_full_on_the_command_line_is_one_line_and_exit_1(tmp_path, monkeypa
                            "--warmup-steps", "1", "--train-size", "20", "--eval-batches", "0", "--no-progress")
     assert code == 1
     assert_one_line_error(err, "train", "No space left on device")
-    assert checkpoints.find_latest(tmp_path / "run") is None
+    assert run_folder.find_latest(tmp_path / "run") is None
     assert not list((tmp_path / "run").glob(".tmp-ckpt-*"))
 
 
@@ -475,7 +476,7 @@ def test_failed_pointer_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(dst).name == checkpoints.LATEST:
+        if Path(dst).name == run_folder.LATEST:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_replace(src, dst)
 
@@ -531,7 +532,7 @@ def test_sigint_in_a_real_process_saves_exits_130_and_resumes_with_the_same_data
             child.wait()
     assert child.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
-    ckpt = checkpoints.find_latest(run)
+    ckpt = run_folder.find_latest(run)
     stopped = int(ckpt.name.split("-")[1])
     assert 2 <= stopped < 12
     state = json.loads((ckpt / "trainer_state.json").read_text())["state"]

@@ -28,6 +28,7 @@ from tilevlm.preprocessing.chat_template import IM_END
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.training.loop import TrainConfig, train
 from tilevlm.training import checkpoints
+from tilevlm.weights import run_folder
 
 from helpers import SMALL, interrupt_at_call, make_model, quick, step_losses
 
@@ -66,7 +67,7 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     part = train(model, processor, train_data, None, quick(tmp_path / "part"))
     hook.remove()
     assert part.interrupted and part.step == 3
-    assert checkpoints.find_latest(tmp_path / "part").name == "checkpoint-3"
+    assert run_folder.find_latest(tmp_path / "part").name == "checkpoint-3"
 
     other_init = make_model(config, seed=123)  # the weights must come from the checkpoint
     resumed = train(other_init, processor, train_data, None, quick(tmp_path / "part"),
@@ -107,7 +108,7 @@ def test_checkpoint_complete_or_absent_after_sigkill(tmp_path):
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
-    latest = checkpoints.find_latest(out)
+    latest = run_folder.find_latest(out)
     assert latest is not None and int(latest.name.split("-")[1]) >= 3
     for ckpt in out.glob("checkpoint-*"):  # every renamed checkpoint is whole
         names = {p.name for p in ckpt.iterdir()}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, cli_env, error_lines, make_photo
-from tilevlm.training import checkpoints
+from tilevlm.weights import run_folder
 
 def train_args(steps: int = 3) -> list[str]:
     return ["train", "--preset", "tiny", "--data", "synthetic", "--steps", str(steps),
@@ -105,7 +105,7 @@ def test_ctrl_c_still_writes_the_model(tmp_path):
     finally:
         child.kill()
     assert child.returncode == 130, err
-    assert (out / "model" / "config.json").is_file() and checkpoints.find_latest(out) is not None
+    assert (out / "model" / "config.json").is_file() and run_folder.find_latest(out) is not None
 
 
 def step_losses_written(out: Path) -> bool:

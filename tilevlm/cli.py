@@ -1,8 +1,9 @@
 """The `tilevlm` command: one subcommand per module named in COMMANDS (under `tilevlm/commands/`,
 beside the shared `options.py` and `answering.py`, which are not commands).
 
-Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
-Modules are imported only when their command runs, so `tilevlm --help` stays fast.
+Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`;
+a command module imports the library inside `run` (and what its options need inside
+`add_arguments`), so building the parser, and `tilevlm --help`, stays fast.
 A `ValueError` from the library is a user error: one line on stderr and exit code 2. An
 `OSError` (disk full, permission denied, ...) is one line and exit code 1; warnings (an animated
 image, ...) are one line each. `-v` adds the traceback. Every command runs with glibc keeping
@@ -12,9 +13,8 @@ freed memory (`tilevlm/host_memory.py`).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -39,15 +39,6 @@ COMMANDS = {
 }
 
 
-def _available() -> dict[str, str]:
-    """Commands whose module exists in this install (some land in later releases)."""
-    found = {}
-    for name, module in COMMANDS.items():
-        if importlib.util.find_spec(module) is not None:
-            found[name] = module
-    return found
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tilevlm",
@@ -57,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"tilevlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in _available().items():
+    for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP,
                              formatter_class=_HelpFormatter)

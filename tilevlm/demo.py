@@ -25,10 +25,17 @@ import torch
 from tilevlm.config import VLMConfig, preset
 from tilevlm.data.sources import synthetic_spec, synthetic_tokenizer
 from tilevlm.data.synthetic import SyntheticVQA
+from tilevlm.evaluation.answering import greedy_answers
+from tilevlm.evaluation.quiz import evaluate
+from tilevlm.evaluation.report import write_report
 from tilevlm.files import read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.preprocessing.image import ImageTransform
 from tilevlm.preprocessing.processor import Processor
+from tilevlm.preprocessing.tile_figure import draw_tiles
+from tilevlm.training.loop import train
 from tilevlm.training.train_config import TrainConfig
+from tilevlm.weights.native import save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +130,6 @@ def demo_data(model_cfg: VLMConfig, cfg: DemoConfig) -> dict[str, SyntheticVQA]:
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
-    from tilevlm.weights.native import save_pretrained
-    from tilevlm.evaluation.validation import evaluate, write_report
-    from tilevlm.training.loop import train
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -148,7 +152,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     seconds = time.perf_counter() - start
     _add_timing(report_path, train_seconds, seconds, cfg)
     figure = draw_example(model, processor, data["test"], out / "example.png")
-    return DemoResult(report.accuracy, report.per_qtype, seconds, model_dir, figure, report_path,
+    return DemoResult(report.score, report.per_category, seconds, model_dir, figure, report_path,
                       report.examples)
 
 
@@ -173,10 +177,6 @@ def _pick_example(test: SyntheticVQA) -> dict[str, Any]:
 def draw_example(model: VisionLanguageModel, processor: Processor, test: SyntheticVQA,
                  path: Path) -> Path:
     """One test image with its tiles and grid labels, the question, the model's answer."""
-    from tilevlm.evaluation.validation import greedy_answers
-    from tilevlm.preprocessing.image import ImageTransform
-    from tilevlm.preprocessing.tile_figure import draw_tiles
-
     sample = _pick_example(test)
     answer = greedy_answers(model, processor, [sample["messages"][:-1]], [[sample["image"]]], 8)[0]
     resized, thumb, grid = ImageTransform(model.cfg).resize(sample["image"])

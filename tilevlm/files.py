@@ -1,5 +1,6 @@
 """Small file helpers shared by every reader and writer: the one JSON reader (objects, lists,
-single lines), regular-file checks, confinement of named files, atomic writes.
+single lines), regular-file checks, confinement of named files, atomic (fsynced) writes of files
+and whole directories.
 
 Rules every reader follows (docs/reliability.md, "Files that name other files"):
 - a file is read only when it is a regular file (a FIFO or a device would block or never end);
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -116,13 +118,70 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """`write(tmp)` to a temporary name beside `path`, then rename: a kill never leaves half a file."""
+    """`write(tmp)` to a temporary name beside `path`, fsync, then rename over `path`: a kill or a
+    full disk never leaves half a file, only the old one or the new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
+        _fsync_file(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`text` (UTF-8) into `path`, atomically (`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_directory(final: Path, write: Callable[[Path], None], prefix: str = ".tmp-") -> Path:
+    """Run `write(tmp_dir)` in a temporary directory `prefix*` beside `final`, fsync every file,
+    rename it to `final` (replacing it): a kill leaves the old `final`, or the new one, never half
+    of one; a failed `write` leaves nothing behind."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, final, prefix)
+    return final
+
+
+def _replace_dir(src: Path, dst: Path, prefix: str) -> None:
+    """`os.replace` for directories; an existing `dst` is moved aside first and deleted after."""
+    old = None
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
+        os.replace(dst, old / dst.name)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            _fsync_file(path)
+    for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -38,7 +38,11 @@ from tilevlm.bench.workload import image_token_ids, synthetic_batch
 from tilevlm.inference.generation import compiled_decode_step, generate
 from tilevlm.inference.quantize import inference_weights, weight_bytes
 from tilevlm.special_tokens import SMOLVLM_BOS_ID, SMOLVLM_PAD_ID
-from tilevlm.weights.export_idefics3 import check_exportable, idefics3_config_json, idefics3_tensors
+from tilevlm.weights.export_idefics3 import (
+    check_exportable,
+    idefics3_config_json,
+    idefics3_tensors,
+)
 
 TILEVLM_FORMATS = ("fp32", "bf16", "int8")  # tilevlm's weight formats (quantize.WEIGHT_FORMATS)
 PEER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what transformers runs in

@@ -16,8 +16,13 @@ from typing import Any, Callable
 import torch
 
 from tilevlm.bench.bench_config import BenchConfig
-from tilevlm.bench.measure import (bench_decode, bench_prefill, bench_preprocess, bench_train,
-                                   bench_vision)
+from tilevlm.bench.measure import (
+    bench_decode,
+    bench_prefill,
+    bench_preprocess,
+    bench_train,
+    bench_vision,
+)
 from tilevlm.bench.peer_transformers import peer_table, run_peer
 from tilevlm.bench.roofline import PEAK_SIDE
 from tilevlm.bench.timing import environment, timed_part

@@ -13,8 +13,12 @@ from PIL import Image
 
 from tilevlm.config import IGNORE_INDEX, VLMConfig
 from tilevlm.model.vlm import VisionLanguageModel
-from tilevlm.special_tokens import (IDEFICS3_IMAGE_TOKEN, SMOLVLM_GRID_SIDE, image_tokens,
-                                    smolvlm_token_ids)
+from tilevlm.special_tokens import (
+    IDEFICS3_IMAGE_TOKEN,
+    SMOLVLM_GRID_SIDE,
+    image_tokens,
+    smolvlm_token_ids,
+)
 
 # The idefics3 layout's "\n" text pieces: a fixed base-vocabulary id stands in for the
 # tokenizer's newline (the bench's text ids are random; which id it is does not change the speed).

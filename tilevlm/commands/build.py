@@ -78,4 +78,4 @@ def _idefics3(model_dir: str, tokenizer_dir: str | None) -> tuple[Any, Any]:
     from tilevlm.weights.loading import load_model, load_processor
 
     processor = load_processor(model_dir, tokenizer_dir)
-    return load_model(model_dir, processor, "cpu", tokenizer_dir), processor.tokenizer
+    return load_model(model_dir, processor, "cpu"), processor.tokenizer

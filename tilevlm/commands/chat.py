@@ -7,7 +7,7 @@ import sys
 
 from tilevlm.commands.answering import stream_answer
 from tilevlm.commands.options import (add_generation_arguments, check_generation_arguments,
-                                      model_path,
+                                      model_source,
                                       store_weights)
 
 HELP = "chat with a model interactively (/image PATH attaches an image, /reset, /quit)"
@@ -73,12 +73,12 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.weights.loading import load_for_inference
 
     check_generation_arguments(args)
-    model_dir = model_path(args)
-    model, processor = load_for_inference(model_dir, args.device, args.tokenizer)
+    source = model_source(args)
+    model, processor = load_for_inference(source, args.device, args.tokenizer)
     model = store_weights(model, args)
     conv = Conversation(args.system)
     _line_editing()
-    print(f"tilevlm chat: {model_dir}. {COMMANDS_HELP}")
+    print(f"tilevlm chat: {source.directory}. {COMMANDS_HELP}")
     while True:
         try:
             line = input("you> ").strip()

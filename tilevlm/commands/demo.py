@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
           f"on {sum(v['n'] for v in result.per_qtype.values())} questions, "
           f"{result.seconds / 60:.1f} minutes in all")
     for qtype, v in result.per_qtype.items():
-        print(f"  {qtype:<8} {v['accuracy']:7.1%}  ({v['n']} questions)")
+        print(f"  {qtype:<8} {v['score']:7.1%}  ({v['n']} questions)")
     print("\nsome test questions:")
     for ex in result.examples:
         mark = "ok " if ex["prediction"].strip().lower() == ex["reference"].strip().lower() else "NO "

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from tilevlm.commands.options import (LOADED_DTYPE, add_device_argument, add_model_argument,
-                                      add_threads_argument, add_weights_argument, model_path,
+                                      add_threads_argument, add_weights_argument, model_source,
                                       store_weights)
 
 HELP = "evaluate a saved model: the synthetic quiz, or a benchmark task on a local data set"
@@ -70,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.batch_size < 1 or any(
             v is not None and v < 1 for v in (args.max_new_tokens, args.limit)):
         raise ValueError("--n, --limit, --batch-size and --max-new-tokens must be >= 1")
-    model_dir = model_path(args)
-    processor = load_processor(model_dir, args.tokenizer)
+    source = model_source(args)
+    model_dir = source.directory
+    processor = load_processor(source, args.tokenizer)
     on_task = args.data != "synthetic" or args.task is not None
     data = _task_data(args, processor) if on_task else None  # checked before the weights load
-    model = store_weights(load_model(model_dir, processor, args.device, args.tokenizer), args)
+    model = store_weights(load_model(source, processor, args.device), args)
     if data is not None:
         return _run_task(args, model, processor, model_dir, *data)
     return _run_synthetic(args, model, processor, model_dir)
@@ -82,14 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) -> int:
     from tilevlm.data.sources import named_dataset
-    from tilevlm.evaluation.validation import evaluate
+    from tilevlm.evaluation.quiz import evaluate
 
     samples = named_dataset(args.data, args.split, args.n, model.cfg)
     report = evaluate(model, processor, samples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens or 16)
-    per_type = ", ".join(f"{q} {100 * v['accuracy']:.1f}%" for q, v in report.per_qtype.items())
+    per_type = ", ".join(f"{q} {100 * v['score']:.1f}%" for q, v in report.per_category.items())
     log.info("%s (%s weights) on %d %s samples: exact match %.1f%% (%s), loss %.4f", model_dir,
-             args.weights, report.n, args.split, 100 * report.accuracy, per_type, report.loss)
+             args.weights, report.n, args.split, 100 * report.score, per_type, report.loss)
     return _hand_out(report, args.out)
 
 
@@ -109,7 +110,8 @@ def _task_data(args: argparse.Namespace, processor):
 
 def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task, samples,
               skips) -> int:
-    from tilevlm.evaluation.task_run import run_task, write_predictions
+    from tilevlm.evaluation.report import write_predictions
+    from tilevlm.evaluation.task_run import run_task
 
     report, predictions = run_task(model, processor, samples, task, skips, args.batch_size,
                                    args.max_new_tokens, args.limit)
@@ -129,7 +131,7 @@ def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task,
 
 def _hand_out(report, out: str | None) -> int:
     """The JSON report to `out`, or to standard output."""
-    from tilevlm.evaluation.validation import write_report
+    from tilevlm.evaluation.report import write_report
 
     if out:
         log.info("report written to %s", write_report(report, out))

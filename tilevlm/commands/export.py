@@ -22,14 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.commands.options import model_path
-    from tilevlm.weights.loading import load_model, load_model_config, load_processor
+    from tilevlm.commands.options import model_source
     from tilevlm.weights.export_idefics3 import check_exportable, export_idefics3
+    from tilevlm.weights.loading import load_model, load_processor
 
-    model_dir = model_path(args)  # a model directory, a checkpoint or a run folder
-    check_exportable(load_model_config(model_dir))  # before anything heavy
-    processor = load_processor(model_dir, args.tokenizer)
-    model = load_model(model_dir, processor, "cpu", args.tokenizer)
+    source = model_source(args)  # a model directory, a checkpoint or a run folder
+    check_exportable(source.config)  # before anything heavy
+    processor = load_processor(source, args.tokenizer)
+    model = load_model(source, processor, "cpu")
     export_idefics3(model, processor.tokenizer, args.out)
     print(f"wrote {args.out}: Idefics3ForConditionalGeneration, {model.num_parameters():,} "
           f"parameters, {processor.config.mp_image_token_length} tokens per tile")

@@ -6,7 +6,7 @@ import argparse
 
 from tilevlm.commands.answering import prepare_batch, stream_batch
 from tilevlm.commands.options import (add_generation_arguments, check_generation_arguments,
-                                      model_path,
+                                      model_source,
                                       store_weights)
 
 HELP = "answer a prompt about images with a trained model, streaming the answer"
@@ -27,10 +27,10 @@ def run(args: argparse.Namespace) -> int:
     check_generation_arguments(args)  # bad options, model directory, images and prompt all
     # fail before the weights load or the vision encoder runs
     resolve_device(args.device)
-    model_dir = model_path(args)
-    processor = load_processor(model_dir, args.tokenizer)
+    source = model_source(args)
+    processor = load_processor(source, args.tokenizer)
     messages = [{"role": "user", "content": args.prompt}]
     batch = prepare_batch(processor, messages, args.image, args.max_new_tokens)
-    model = store_weights(load_model(model_dir, processor, args.device, args.tokenizer), args)
+    model = store_weights(load_model(source, processor, args.device), args)
     stream_batch(model, processor, batch, args)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tilevlm.commands.options import MODEL_HELP, add_model_argument, model_path
+from tilevlm.commands.options import MODEL_HELP, add_model_argument, model_source
 
 if TYPE_CHECKING:  # heavy modules are imported in run() only
     from PIL import Image
@@ -65,15 +65,14 @@ def _config(args: argparse.Namespace) -> tuple[VLMConfig, Any]:
     """The image settings of --model (with its tokenizer, which counts the text a layout
     writes; a nanoVLM checkpoint has none unless --tokenizer is given), else of --preset."""
     from tilevlm.config import preset
-    from tilevlm.weights.loading import load_model_config, load_processor
+    from tilevlm.weights.loading import load_processor
 
     if not args.model:
         return preset(args.preset or DEFAULT_PRESET), None
-    model_dir = model_path(args)
-    config = load_model_config(model_dir)
-    if config.image_token_layout == "nanovlm" and args.tokenizer is None:
-        return config, None
-    processor = load_processor(model_dir, args.tokenizer)
+    source = model_source(args)
+    if source.format == "nanovlm" and args.tokenizer is None:
+        return source.config, None
+    processor = load_processor(source, args.tokenizer)
     return processor.config, processor.tokenizer
 
 

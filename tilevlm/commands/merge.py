@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from tilevlm.commands.options import (add_model_argument, add_new_out_arguments,
-                                      add_threads_argument, check_new_out, model_path)
+                                      add_threads_argument, check_new_out, model_source)
 
 HELP = "merge a LoRA adapter (from `tilevlm train --lora`) into its base model"
 
@@ -28,18 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tilevlm.preprocessing.tokenizer import load_tokenizer
+    import torch
+
     from tilevlm.training.lora import load_adapter, merge_lora
-    from tilevlm.weights.native import load_pretrained, save_pretrained
+    from tilevlm.weights.loading import load_model, load_processor
+    from tilevlm.weights.native import save_pretrained
 
     check_new_out(args)
     adapter = _adapter_dir(Path(args.adapter))
-    base = model_path(args)
-    model = load_pretrained(base)
-    tokenizer = load_tokenizer(base, grid_side=model.cfg.grid_side)
+    base = model_source(args)
+    processor = load_processor(base)
+    model = load_model(base, processor, "cpu", torch.float32)
     merge_lora(load_adapter(model, adapter))
-    save_pretrained(model, args.out, tokenizer=tokenizer)
-    log.info("merged %s into %s: wrote %s (%s parameters)", adapter, base, args.out,
+    save_pretrained(model, args.out, tokenizer=processor.tokenizer)
+    log.info("merged %s into %s: wrote %s (%s parameters)", adapter, base.directory, args.out,
              f"{model.num_parameters():,}")
     return 0
 

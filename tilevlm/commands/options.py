@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # heavy modules are imported when a command runs
     from torch import nn
 
     from tilevlm.inference.sampling import SamplingParams
+    from tilevlm.weights.loading import ModelSource
 
 AUTO_WEIGHTS = "auto"
 LOADED_DTYPE = "bf16 on CUDA, fp32 on CPU"  # what `auto` keeps: the dtype the model loads in
@@ -52,15 +53,16 @@ MODEL_HELP = ("a model directory (from `tilevlm build`, `merge` or a run's model
 
 def add_model_argument(parser: argparse.ArgumentParser | argparse._ActionsContainer,
                        required: bool = True, help: str = MODEL_HELP) -> None:
-    """`--model PATH`; `model_path(args)` resolves it."""
+    """`--model PATH`; `model_source(args)` says what it is."""
     parser.add_argument("--model", required=required, metavar="PATH", help=help)
 
 
-def model_path(args: argparse.Namespace) -> Path:
-    """The model directory `--model` stands for (`resolve_model`: logs which when it chose)."""
-    from tilevlm.training.final_model import resolve_model
+def model_source(args: argparse.Namespace) -> ModelSource:
+    """What `--model` stands for (`weights.loading.model_source`: logs which directory when it
+    chose one in a run folder)."""
+    from tilevlm.weights.loading import model_source as resolve
 
-    return resolve_model(args.model)
+    return resolve(args.model)
 
 
 def add_new_out_arguments(parser: argparse.ArgumentParser) -> None:

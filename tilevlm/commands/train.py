@@ -19,7 +19,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from tilevlm.commands.options import add_model_argument, add_threads_argument, model_path
+from tilevlm.commands.options import add_model_argument, add_threads_argument, model_source
 
 HELP = "train a model (or continue a run) on a data source"
 
@@ -141,14 +141,9 @@ def _val_data(args: argparse.Namespace, config: Any, processor: Any, cfg: Any) -
 
 def _resume_checkpoint(args: argparse.Namespace) -> Any:
     """The checkpoint --resume names (found once, so a fallback is reported once), or None."""
-    from tilevlm.training.checkpoints import find_latest
+    from tilevlm.weights.run_folder import checkpoint_to_resume
 
-    if not args.resume:
-        return None
-    ckpt = find_latest(args.resume)
-    if ckpt is None:
-        raise ValueError(f"{args.resume}: no complete checkpoint to resume from")
-    return ckpt
+    return checkpoint_to_resume(args.resume) if args.resume else None
 
 
 def _model_and_tokenizer(args: argparse.Namespace, seed: int, ckpt: Any) -> tuple[Any, Any]:
@@ -169,9 +164,9 @@ def _model_and_tokenizer(args: argparse.Namespace, seed: int, ckpt: Any) -> tupl
     if args.model:  # our directory, or an Idefics3 / SmolVLM (or nanoVLM) one read in place
         from tilevlm.weights.loading import load_model, load_processor
 
-        model_dir = model_path(args)
-        processor = load_processor(model_dir, args.tokenizer)
-        model = load_model(model_dir, processor, "cpu", args.tokenizer, torch.float32)
+        source = model_source(args)
+        processor = load_processor(source, args.tokenizer)
+        model = load_model(source, processor, "cpu", torch.float32)
         return model.train(), processor.tokenizer
     if not (args.preset or args.config):
         raise ValueError("give --preset NAME, --config FILE or --model DIR (or --resume DIR)")
@@ -187,7 +182,7 @@ def _resume_skeleton(ckpt: Any, lora: int) -> Any:
     ValueError when --lora differs from the checkpoint's."""
     from tilevlm.files import read_json_object
     from tilevlm.model.vlm import VisionLanguageModel
-    from tilevlm.training.checkpoints import TRAINER_STATE
+    from tilevlm.weights.run_folder import TRAINER_STATE
     from tilevlm.weights.native import load_config
 
     saved = read_json_object(ckpt / TRAINER_STATE).get("train_config", {}).get("lora", 0)

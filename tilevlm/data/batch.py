@@ -13,19 +13,34 @@ processes as it is (a dataclass pickles) and pins its inputs itself (`pin_memory
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from tilevlm.config import IGNORE_INDEX
 
-if TYPE_CHECKING:
-    from tilevlm.data.stream import StreamPosition
-
 # The keyword arguments of the model's forward that a batch provides.
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values")
 OTHER = "other"  # the skip reason of a sample dropped without a named one (map-style data)
+
+
+@dataclass(frozen=True, order=True)
+class StreamPosition:
+    """Where a training stream (`data.stream.TrainStream`) stands: an epoch, a block of its rows,
+    and the micro-batches of that block already consumed."""
+
+    epoch: int = 0
+    block: int = 0
+    plans: int = 0  # micro-batches of the block already consumed
+
+    def to_list(self) -> list[int]:
+        return [self.epoch, self.block, self.plans]
+
+
+def padding_fraction(real_tokens: int, slots: int) -> float:
+    """The share of token slots that are padding (0 when there are none)."""
+    return 1.0 - real_tokens / slots if slots else 0.0
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """From raw samples to model batches, skipping (and counting) bad samples instead of crashing.
 
-A raw sample is a dict with `messages` (chat turns, `<image>` placeholders in the text) and either
-`image` (one image) or `images` (a list); an image is anything `load_image` takes (a path, bytes,
-a PIL image). A sample is bad when reading it raises, when an image does not load, or when it is
+A raw sample (`tilevlm.data.sample`) holds `messages` (chat turns, `<image>` placeholders in the
+text) and `image` or `images`; an image is anything `load_image` takes (a path, bytes, a PIL
+image). A sample is bad when reading it raises, when an image does not load, or when it is
 longer than `lm_max_length`: it is logged, dropped and counted in the batch's `skipped`.
 """
 
@@ -12,23 +12,12 @@ import logging
 from typing import Any, Sequence
 
 from tilevlm.data.batch import OTHER, TrainBatch
-from tilevlm.preprocessing.image import ImageLike
+from tilevlm.data.sample import Sample, sample_images, sample_messages
 
 log = logging.getLogger(__name__)
 
-Sample = dict[str, Any]
 # What the processor raises for a sample it cannot use (bad image, too long, malformed).
 BAD_SAMPLE_ERRORS = (ValueError, KeyError, TypeError)
-
-
-def sample_messages(sample: Sample) -> list[dict[str, str]]:
-    return sample["messages"]
-
-
-def sample_images(sample: Sample) -> list[ImageLike]:
-    if "images" in sample:
-        return list(sample["images"])
-    return [sample["image"]] if sample.get("image") is not None else []
 
 
 class SkipBadSamples:

@@ -17,17 +17,14 @@ from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
-from tilevlm.data.readers.rows import Sample
+from tilevlm.data.sample import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
 from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
+from tilevlm.preprocessing.image import displayed_size
 from tilevlm.preprocessing.image_rule import image_tiles
 from tilevlm.preprocessing.processor import count_image_tokens
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 from tilevlm.special_tokens import image_label
-
-_ORIENTATION = 0x0112  # the EXIF orientation tag
-_TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
-
 
 def image_size(source: Any, max_pixels: int) -> tuple[int, int]:
     """(width, height) from the header of a path, encoded bytes or a PIL image; SkipSample
@@ -50,25 +47,9 @@ def _header_size(source: Any) -> tuple[int, int]:
             # Our own pixel limit applies (above); Pillow's would only warn or raise early.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
-                return _displayed_size(img)
+                return displayed_size(img)
     except ImageLoadError as e:
         raise SkipSample(IMAGE_ERROR, str(e)) from None
-
-
-def _displayed_size(img: Image.Image) -> tuple[int, int]:
-    """The size after `load_image` applies the EXIF orientation: orientations 5-8 swap the sides
-    (phone photos), and the tile grid must be computed on the turned image. The EXIF block is
-    part of the header, so no pixel is decoded."""
-    width, height = img.size
-    return (height, width) if _orientation(img) in _TRANSPOSING else (width, height)
-
-
-def _orientation(img: Image.Image) -> int:
-    if img.format == "PNG" and "exif" not in img.info:
-        # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the
-        # pixel data. Such files are rare; the processor's own count check still catches them.
-        return 1
-    return img.getexif().get(_ORIENTATION, 1)
 
 
 class SampleMeter:

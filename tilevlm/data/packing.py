@@ -1,9 +1,10 @@
 """Sequence packing: several short samples in one row, attention kept inside each sample.
 
     samples = LengthFilter(open_dataset(path), processor)        # n_tokens, n_tiles from headers
-    for batch in PackedBatches(samples, processor, max_tiles=64, rows=4):   # TrainBatch
-        out = model(**batch.inputs)
-    # PackedBatches.stats: padding fraction etc. of the pass (one pass = one epoch)
+    collate = PackedCollator(processor, skips=skips)
+    for plan in group_packs(pack_samples(samples, 2048, 64, 64, skips), rows=4, max_tiles=64):
+        batch = collate(plan)                                     # a TrainBatch
+    # (what `data.stream.TrainStream` does, block by block, when training with --pack)
 
 1. `pack_samples`: best-fit over a window of open rows, using the token and tile counts known
    before pixels are decoded: each sample goes into the open row with the least room that still
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from tilevlm.data.batch import TrainBatch
-from tilevlm.data.readers.rows import Sample
+from tilevlm.data.sample import Sample
 from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, TOO_MANY_TILES, SkipCounter, SkipSample
 from tilevlm.preprocessing.image import load_image
 from tilevlm.config import IGNORE_INDEX
@@ -222,62 +223,3 @@ def _load(source: Any, max_pixels: int) -> Any:
         return load_image(source, max_pixels=max_pixels)
     except ValueError as e:  # ImageLoadError: corrupt, truncated, missing, too large
         raise SkipSample(IMAGE_ERROR, str(e)) from None
-
-
-# ----------------------------------------------------------------------------- the whole pass
-@dataclass
-class PackingStats:
-    """One pass over the data: `padding_fraction` = pad slots / all slots of the batches."""
-
-    samples: int = 0
-    rows: int = 0
-    batches: int = 0
-    real_tokens: int = 0
-    slots: int = 0  # batch rows x padded length, summed over batches
-    tiles: int = 0
-
-    @property
-    def padding_fraction(self) -> float:
-        return 1.0 - self.real_tokens / self.slots if self.slots else 0.0
-
-    def add(self, batch: TrainBatch) -> None:
-        self.samples += batch.n_samples
-        self.rows += batch.rows
-        self.batches += 1
-        self.real_tokens += batch.n_real_tokens
-        self.slots += batch.slots
-        self.tiles += sum(batch.info["n_tiles"])
-
-
-class PackedBatches:
-    """Packed micro-batches from measured samples (see `LengthFilter`); each iteration is one
-    pass (epoch), whose figures are in `stats` and, once done, appended to `epoch_stats`."""
-
-    def __init__(self, samples: Iterable[Sample], processor: Any, max_tokens: int | None = None,
-                 max_tiles: int = 64, rows: int = 1, window: int = 64,
-                 pad_to_budget: bool = False, skips: SkipCounter | None = None) -> None:
-        if max_tiles < 1 or rows < 1 or window < 1:
-            raise ValueError(f"max_tiles, rows and window must be >= 1, got {max_tiles}, "
-                             f"{rows}, {window}")
-        self.samples = samples
-        self.max_tokens = max_tokens or processor.config.lm_max_length
-        self.max_tiles, self.rows, self.window = max_tiles, rows, window
-        self.skips = skips if skips is not None else getattr(samples, "skips", SkipCounter())
-        self.collate = PackedCollator(processor, self.max_tokens if pad_to_budget else None,
-                                      self.skips)
-        self.stats = PackingStats()
-        self.epoch_stats: list[PackingStats] = []
-
-    def __iter__(self) -> Iterator[TrainBatch]:
-        self.stats = PackingStats()
-        packs = pack_samples(self.samples, self.max_tokens, self.max_tiles, self.window,
-                             self.skips)
-        for plan in group_packs(packs, self.rows, self.max_tiles):
-            batch = self.collate(plan)
-            if not batch.empty:
-                self.stats.add(batch)
-                yield batch
-        self.epoch_stats.append(self.stats)
-        log.info("packing pass: %d samples in %d rows, %d batches, %.1f%% padding, skipped %s",
-                 self.stats.samples, self.stats.rows, self.stats.batches,
-                 100 * self.stats.padding_fraction, self.skips.as_dict())

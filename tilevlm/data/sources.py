@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from tilevlm.config import VLMConfig
+from tilevlm.data.lengths import LengthFilter
+from tilevlm.data.readers.dataset import open_dataset
 from tilevlm.data.synthetic import SyntheticSpec, SyntheticVQA, corpus_texts
+from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +38,12 @@ class DatasetSpec:
     split: str = "train"  # the split of a saved DatasetDict
 
     def open(self, rank: int = 0, world_size: int = 1) -> Any:
-        from tilevlm.data.readers.dataset import open_dataset
-
         return open_dataset(self.path, self.data_format, self.image_root, rank=rank,
                             world_size=world_size, split=self.split)
 
     def first_samples(self, n: int, processor: Any) -> list[dict[str, Any]]:
         """The first `n` usable samples (header-checked, within lm_max_length), e.g. for
         validation."""
-        from tilevlm.data.lengths import LengthFilter
-
         return list(itertools.islice(LengthFilter(self.open(), processor), n))
 
 
@@ -77,8 +76,6 @@ def training_data(data: str, split: str, n: int, config: VLMConfig,
 def synthetic_tokenizer(config: VLMConfig) -> tuple[Any, VLMConfig]:
     """A BPE trained on everything the synthetic data can say, and the config with
     `lm_base_vocab_size` set to its base vocabulary."""
-    from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
-
     tokenizer = train_bpe_tokenizer(corpus_texts(synthetic_spec(config).max_grid),
                                     vocab_size=SYNTHETIC_VOCAB_SIZE, grid_side=config.grid_side)
     if config.lm_base_vocab_size != tokenizer.base_vocab_size:

@@ -40,10 +40,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tilevlm.data.batch import TrainBatch
+from tilevlm.data.batch import StreamPosition, TrainBatch
 from tilevlm.data.lengths import SampleMeter
 from tilevlm.data.packing import Pack, PackedCollator, group_packs, pack_samples
-from tilevlm.data.readers.rows import Block, RowReader, Sample
+from tilevlm.data.readers.rows import RowBlock, RowReader
+from tilevlm.data.sample import Sample
 from tilevlm.data.skips import TOO_LONG, SkipCounter, SkipSample
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,6 @@ class StreamOptions:
     shuffle: bool = True
     seed: int = 0
     window: int = 64  # open rows of the best-fit packer
-
-
-@dataclass(frozen=True, order=True)
-class StreamPosition:
-    epoch: int = 0
-    block: int = 0
-    plans: int = 0  # micro-batches of the block already consumed
-
-    def to_list(self) -> list[int]:
-        return [self.epoch, self.block, self.plans]
 
 
 @dataclass(frozen=True)
@@ -130,7 +121,7 @@ class TrainStream(IterableDataset):
         first = block * size + (self.rank - block * size) % self.world_size
         return range(first, (block + 1) * size, self.world_size)
 
-    def _measured(self, items: Block, j: int, meter: SampleMeter,
+    def _measured(self, items: RowBlock, j: int, meter: SampleMeter,
                   skips: SkipCounter) -> Sample | None:
         """The sample at position j with `n_tokens` / `n_tiles`, or None (a hole, or counted)."""
         item = items.get(j)
@@ -151,7 +142,7 @@ class TrainStream(IterableDataset):
             return None
         return {**item, "n_tokens": n_tokens, "n_tiles": n_tiles}
 
-    def _block_plans(self, block: int, items: Block, meter: SampleMeter,
+    def _block_plans(self, block: int, items: RowBlock, meter: SampleMeter,
                      skips: SkipCounter) -> list[tuple[Plan, dict[str, int]]]:
         positions = self._positions(block)
         o = self.options

@@ -137,7 +137,7 @@ def sample_rng(split: str, index: int, seed: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], index])
 
 
-def make_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Any]:
+def synthetic_sample(split: str, index: int, spec: SyntheticSpec = SyntheticSpec()) -> dict[str, Any]:
     """One sample: image, first question/answer/qtype, grid, all turns, conversation messages."""
     if spec.later_qtype_weights is not None and index >= spec.later_from:
         spec = replace(spec, qtype_weights=spec.later_qtype_weights, later_qtype_weights=None)
@@ -344,14 +344,14 @@ class SyntheticVQA:
             index += self.length
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
-        return make_sample(self.split, index, self.spec)
+        return synthetic_sample(self.split, index, self.spec)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.iter_from(0)
 
     def iter_from(self, start: int) -> Iterator[dict[str, Any]]:
         for index in range(start, self.length):
-            yield make_sample(self.split, index, self.spec)
+            yield synthetic_sample(self.split, index, self.spec)
 
 
 def corpus_texts(max_grid: int = 8) -> list[str]:

@@ -8,43 +8,25 @@ metric per answer, a report (overall, per category, skips, timings) and every pr
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from tilevlm.evaluation.tasks import Task, TaskRows, score
 from tilevlm.data.lengths import LengthFilter
 from tilevlm.data.readers.dataset import open_dataset
-from tilevlm.data.readers.rows import Sample
+from tilevlm.data.sample import Sample
 from tilevlm.data.skips import IMAGE_ERROR, SkipCounter
-from tilevlm.evaluation.validation import chunks, greedy_answers, split_prompt
+from tilevlm.evaluation.answering import chunks, greedy_answers, split_prompt
+from tilevlm.evaluation.report import EvalReport, by_category
+from tilevlm.evaluation.tasks import Task, TaskRows, score
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TaskReport:
-    task: str
-    metric: str
-    score: float  # the mean of the metric over the scored samples
-    n: int  # samples scored
-    per_category: dict[str, dict[str, float]] = field(default_factory=dict)  # {n, score}
-    skipped: dict[str, int] = field(default_factory=dict)  # samples not scored, by reason
-    model: str = ""
-    data: str = ""
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def task_samples(task: Task, data: str | Path, processor: Any, data_format: str | None = None,
@@ -72,7 +54,7 @@ def _as_reference(sample: Sample) -> Sample:
 def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: Task,
              skips: SkipCounter | None = None, batch_size: int = 8,
              max_new_tokens: int | None = None, limit: int | None = None,
-             progress: bool = True) -> tuple[TaskReport, list[dict[str, Any]]]:
+             progress: bool = True) -> tuple[EvalReport, list[dict[str, Any]]]:
     """(report, one prediction record per scored sample). A sample the processor refuses (an
     image that does not decode) is counted as skipped, never a crash."""
     skips = skips if skips is not None else SkipCounter()
@@ -127,22 +109,8 @@ def _record(task: Task, sample: Sample, prediction: str) -> dict[str, Any]:
 
 
 def _report(task: Task, predictions: list[dict[str, Any]], skips: SkipCounter,
-            seconds: float) -> TaskReport:
-    by_category: dict[str, list[float]] = defaultdict(list)
-    for p in predictions:
-        if p["category"] is not None:
-            by_category[p["category"]].append(p["score"])
-    per_category = {c: {"n": len(s), "score": sum(s) / len(s)}
-                    for c, s in sorted(by_category.items())}
+            seconds: float) -> EvalReport:
     total = sum(p["score"] for p in predictions)
-    return TaskReport(task.name, task.metric, total / max(len(predictions), 1), len(predictions),
-                      per_category, skips.as_dict(), seconds=seconds)
-
-
-def write_predictions(predictions: list[dict[str, Any]], path: Path) -> Path:
-    """Every prediction, one JSON object a line."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for p in predictions:
-            f.write(json.dumps(p) + "\n")
-    return path
+    return EvalReport(task.name, task.metric, total / max(len(predictions), 1), len(predictions),
+                      by_category((p["category"], p["score"]) for p in predictions),
+                      skipped=skips.as_dict(), seconds=seconds)

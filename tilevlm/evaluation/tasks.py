@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from tilevlm.evaluation import metrics
 from tilevlm.data.readers.parquet import image_source
-from tilevlm.data.readers.rows import Sample, make_sample
+from tilevlm.data.sample import Sample, conversation_sample
 from tilevlm.data.skips import MALFORMED, SkipSample
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 
@@ -108,7 +108,7 @@ class TaskRows:
         user = IMAGE_PLACEHOLDER * len(images) + prompt
         messages = [{"role": "user", "content": user},
                     {"role": "assistant", "content": _first(reference)}]
-        sample = make_sample(messages, images, where)
+        sample = conversation_sample(messages, images, where)
         category = row.get(task.category) if task.category else None
         sample.update(reference=reference, n_choices=n_choices,
                       category=None if category is None else str(category))

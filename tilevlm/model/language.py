@@ -162,7 +162,7 @@ class MLP(nn.Module):
         return self.down(F.silu(gate) * up)  # (B, T, D)
 
 
-class Block(nn.Module):
+class DecoderBlock(nn.Module):
     def __init__(self, cfg: VLMConfig) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.lm_hidden_dim, cfg.lm_rms_eps)
@@ -189,7 +189,7 @@ class LanguageModel(nn.Module):
         self.head_dim = cfg.lm_head_dim
         self.rope_theta = cfg.lm_re_base
         self.token_embedding = nn.Embedding(cfg.lm_vocab_size, cfg.lm_hidden_dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.lm_n_blocks))
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.lm_n_blocks))
         self.norm = RMSNorm(cfg.lm_hidden_dim, cfg.lm_rms_eps)
         # Tied: the head *is* the embedding matrix, so it is stored once and never goes stale.
         self.lm_head = None if cfg.lm_tie_weights else nn.Linear(

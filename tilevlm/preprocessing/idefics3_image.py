@@ -18,17 +18,14 @@ through PIL), each step from the previous step's 8-bit result. Pixels are then r
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+from tilevlm.config import VLMConfig
 from tilevlm.preprocessing.image import ImageLike, load_image
 from tilevlm.special_tokens import get_layout
-
-if TYPE_CHECKING:
-    from tilevlm.config import VLMConfig
 
 MAX_IMAGE_SIZE = 4096  # transformers' absolute maximum side
 _RESAMPLE = Image.Resampling.LANCZOS

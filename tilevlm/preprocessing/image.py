@@ -15,7 +15,6 @@ float [0, 1] pixels to one tile, as nanoVLM's GlobalAndSplitImages does.
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import threading
@@ -42,7 +41,7 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # Modes whose samples are not 8-bit: rescaled to 8 bits before conversion.
 _WIDE_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _RESAMPLE = Image.Resampling.BICUBIC
-_ORIENTATION = 0x0112  # EXIF tag
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 _TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
 _DRAFT_SCALES = (8, 4, 2)  # the reduced scales libjpeg decodes at directly
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -93,12 +92,27 @@ def _source_name(source: ImageLike) -> str:
                          "give a path, encoded bytes or a PIL image")
 
 
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """An opened image's (width, height) once `load_image` applies its EXIF orientation:
+    orientations 5-8 swap the sides (phone photos). The EXIF block is part of the header, so no
+    pixel is decoded."""
+    width, height = img.size
+    return (height, width) if _header_orientation(img) in _TRANSPOSING else (width, height)
+
+
+def _header_orientation(img: Image.Image) -> int:
+    if img.format == "PNG" and "exif" not in img.info:
+        # Pillow's PNG getexif() decodes the whole image to look for an eXIf chunk after the
+        # pixel data. Such files are rare; the processor's own count check still catches them.
+        return 1
+    return img.getexif().get(_ORIENTATION, 1)
+
+
 def _draft(img: Image.Image, draft_scale: Callable[[int, int], int]) -> None:
     """Ask libjpeg to decode `img` at 1/scale of its size (the scale chosen on the displayed,
     EXIF-oriented size; the same factor applies to the stored one)."""
     width, height = img.size
-    shown = (height, width) if img.getexif().get(_ORIENTATION, 1) in _TRANSPOSING else img.size
-    scale = draft_scale(*shown)
+    scale = draft_scale(*displayed_size(img))
     if scale > 1 and width >= scale and height >= scale:
         img.draft(None, (width // scale, height // scale))  # libjpeg picks exactly `scale`
 

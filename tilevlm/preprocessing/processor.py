@@ -17,7 +17,7 @@ from tilevlm.config import IGNORE_INDEX, VLMConfig
 from tilevlm.preprocessing.image import ImageLike, default_image_threads, thread_map
 from tilevlm.preprocessing.image_rule import image_grid, image_transform
 from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, PlaceholderMismatch,
-                                                 chat_segments, check_message, fill_placeholders,
+                                                 check_message, fill_placeholders,
                                                  place_image_placeholders)
 from tilevlm.preprocessing.tokenizer import VLMTokenizer
 from tilevlm.special_tokens import (get_layout, image_label, image_pieces, image_tokens,

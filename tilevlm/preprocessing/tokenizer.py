@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -25,6 +25,7 @@ from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, get_layout,
                                     required_tokens, special_tokens)
 
 logger = logging.getLogger(__name__)
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -118,7 +119,7 @@ class VLMTokenizer:
                   "pad_token": self.pad_token, "bos_token": self.bos_token,
                   "chat_template": self.chat_template or CHATML_JINJA, "tilevlm_grid_side": self.grid_side,
                   "tilevlm_base_vocab_size": self.base_vocab_size}
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -147,7 +148,8 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8,
         tok = Tokenizer.from_str(text)
     except Exception as e:  # the Rust side raises a plain Exception on malformed files
         raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from None
-    names = _special_token_names(directory)
+    config = read_json_object(directory / TOKENIZER_CONFIG, missing_ok=True)
+    names = _special_token_names(directory, config)
     if get_layout(layout).appended:
         _ensure_chat_markers(tok, str(directory))
         base = _add_vlm_tokens(tok, grid_side, str(directory))
@@ -156,7 +158,7 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8,
     eos = names.get("eos_token") or IM_END
     if "eos_token" not in names:
         logger.debug("%s: no eos token configured; using %s", directory, IM_END)
-    template = _chat_template(directory)
+    template = _chat_template(directory, config)
     if template is not None:
         try:  # a template that writes no message text is refused here, not at every prompt
             content_form(template, bos_token=names.get("bos_token"), eos_token=eos)
@@ -178,11 +180,10 @@ def _check_own_tokens(tok: Tokenizer, layout: str, grid_side: int, source: str) 
     return _vocab_size(tok)
 
 
-def _special_token_names(directory: Path) -> dict[str, str]:
-    """eos/pad/bos strings; tokenizer_config.json wins over special_tokens_map.json."""
+def _special_token_names(directory: Path, config: dict[str, Any]) -> dict[str, str]:
+    """eos/pad/bos strings; tokenizer_config.json (`config`) wins over special_tokens_map.json."""
     names: dict[str, str] = {}
-    for filename in ("special_tokens_map.json", "tokenizer_config.json"):
-        data = read_json_object(directory / filename, missing_ok=True)
+    for data in (read_json_object(directory / "special_tokens_map.json", missing_ok=True), config):
         for key in ("eos_token", "pad_token", "bos_token"):
             value = data.get(key)
             if isinstance(value, dict):  # a serialized AddedToken
@@ -192,10 +193,11 @@ def _special_token_names(directory: Path) -> dict[str, str]:
     return names
 
 
-def _chat_template(directory: Path) -> str | None:
+def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
     """The directory's chat template, where transformers looks for one, in its order:
     chat_template.jinja, chat_template.json (SmolVLM / Idefics3 directories keep theirs there),
-    then tokenizer_config.json's `chat_template` (the default one of a named list); or None."""
+    then tokenizer_config.json's (`config`) `chat_template` (the default one of a named list);
+    or None."""
     jinja = directory / "chat_template.jinja"
     if jinja.exists():
         check_regular_file(jinja)
@@ -203,8 +205,8 @@ def _chat_template(directory: Path) -> str | None:
             return _usable(jinja.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{jinja}: not UTF-8 text ({e.reason})") from None
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        template = read_json_object(directory / name, missing_ok=True).get("chat_template")
+    for data in (read_json_object(directory / "chat_template.json", missing_ok=True), config):
+        template = data.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")

@@ -21,12 +21,12 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from tilevlm.data.batch import TrainBatch
+from tilevlm.data.batch import StreamPosition, TrainBatch
 from tilevlm.data.collate import SkipBadSamples, VLMCollator
 from tilevlm.data.sampler import ResumableBatchSampler
 from tilevlm.data.sources import DatasetSpec
-from tilevlm.data.stream import (StreamLayout, StreamOptions, StreamPosition, TrainStream,
-                                 resume_position, stream_loader)
+from tilevlm.data.stream import (StreamLayout, StreamOptions, TrainStream, resume_position,
+                                 stream_loader)
 from tilevlm.training.train_config import TrainConfig
 
 log = logging.getLogger(__name__)

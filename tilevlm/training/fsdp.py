@@ -24,6 +24,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from tilevlm.model.vlm import VisionLanguageModel
+from tilevlm.training import distributed
+
 
 def _fsdp() -> Any:
     from torch.distributed import fsdp  # torch >= 2.6 exports fully_shard here
@@ -49,8 +52,6 @@ def shard_model(model: nn.Module, device: torch.device, bf16: bool) -> nn.Module
     copy and broadcasts nothing. bf16: parameters are cast to bf16 for the forward and backward
     (fp32 master weights and optimizer state, gradients reduced in fp32)."""
     from torch.distributed.device_mesh import init_device_mesh
-
-    from tilevlm.training import distributed
 
     fsdp = _fsdp()
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
@@ -119,9 +120,6 @@ def _gather(state: dict[str, Any], keep: bool) -> dict[str, Any]:
 def gather_model(model: nn.Module) -> nn.Module | None:
     """On rank 0, a plain (unsharded) model of the same config with the full weights, on the
     CPU; None on the other ranks. A collective."""
-    from tilevlm.model.vlm import VisionLanguageModel
-    from tilevlm.training import distributed
-
     main = distributed.is_main()
     tensors = _gather(model.state_dict(), keep=main)
     if not main:
@@ -136,8 +134,6 @@ def gather_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] |
     """On rank 0, `optimizer.state_dict()` with every sharded state tensor gathered in full on
     the CPU: exactly what the same optimizer of a one-process run holds; None elsewhere.
     A collective."""
-    from tilevlm.training import distributed
-
     main = distributed.is_main()
     sd = optimizer.state_dict()
     state = {index: _gather(values, keep=main) for index, values in sorted(sd["state"].items())}

@@ -23,12 +23,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import math
-import signal
-import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,17 +34,44 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from tilevlm.data.batch import OTHER, TrainBatch
+from tilevlm.data.batch import OTHER, TrainBatch, padding_fraction
 from tilevlm.data.packing import INVALID
-from tilevlm.data.skips import (IMAGE_ERROR, MALFORMED, PATH_ESCAPE, PLACEHOLDERS, TOO_LONG,
-                                TOO_MANY_TILES)
+from tilevlm.data.skips import (
+    IMAGE_ERROR,
+    MALFORMED,
+    PATH_ESCAPE,
+    PLACEHOLDERS,
+    TOO_LONG,
+    TOO_MANY_TILES,
+)
 from tilevlm.device import resolve_device, resolve_dtype
+from tilevlm.evaluation.quiz import evaluate
 from tilevlm.files import make_output_dir
+from tilevlm.inference.generation import kept_caches
 from tilevlm.training import checkpoints, distributed, optim
-from tilevlm.training.checkpoints import TrainState
+from tilevlm.training.activation_checkpointing import checkpoint_blocks
+from tilevlm.training.compile import check_backend, compile_blocks
 from tilevlm.training.feed import Feed, make_feed, resume_feed
+from tilevlm.training.final_model import write_adapter, write_final_model
+from tilevlm.training.fsdp import (
+    gather_model,
+    gather_optimizer_state,
+    grad_norm_value,
+    shard_model,
+    shard_optimizer_tensor,
+    vision_run,
+)
+from tilevlm.training.lora import apply_lora
 from tilevlm.training.master_weights import MasterWeights
+from tilevlm.training.run_io import MetricsLog, NoMetrics, SigintFlag, progress_bar
 from tilevlm.training.train_config import TrainConfig
+from tilevlm.weights.native import save_pretrained
+from tilevlm.weights.run_folder import (
+    FINAL_MODEL,
+    TrainState,
+    checkpoint_to_resume,
+    train_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +106,7 @@ class _Run:
     bf16: bool
     state: TrainState
     val_samples: list[dict[str, Any]]  # rank 0's; empty on the others
-    metrics: "MetricsLog | _NoMetrics"
+    metrics: "MetricsLog | NoMetrics"
     feed: Feed
     params: list[nn.Parameter] = field(default_factory=list)
     batches: Iterator[TrainBatch] | None = None
@@ -151,7 +174,7 @@ def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]]
     run = _setup(model, processor, train_data, val_data, cfg, resume_from)
     interrupted = False
     try:
-        with _SigintFlag() as stop:
+        with SigintFlag() as stop:
             interrupted = _loop(run, stop)
             if not interrupted:
                 _finish(run)
@@ -163,10 +186,10 @@ def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]]
                        interrupted, run.state.skipped_samples, run.state.nonfinite_steps, model_dir)
 
 
-def _loop(run: _Run, stop: "_SigintFlag") -> bool:
+def _loop(run: _Run, stop: "SigintFlag") -> bool:
     """Steps until done; True when stopped by Ctrl-C (after saving a checkpoint)."""
     cfg = run.cfg
-    with _progress_bar(cfg, run.state.step) as bar:
+    with progress_bar(cfg, run.state.step) as bar:
         while run.state.step < cfg.steps:
             if _train_step(run, bar, stop):  # every rank learns of a Ctrl-C on any
                 log.info("interrupted at step %d: saving a checkpoint", run.state.step)
@@ -208,24 +231,16 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
     if not sharded:  # fully_shard moves each unit to the device as it shards it
         model.to(device)
     if cfg.lora:  # before compile and the optimizer: the adapters are parameters too
-        from tilevlm.training.lora import apply_lora
-
         apply_lora(model, cfg.lora_spec())
     if cfg.activation_checkpointing:  # before compile, as torchtitan: compile sees checkpoint
-        from tilevlm.training.activation_checkpointing import checkpoint_blocks
-
         checkpoint_blocks(model)
     if cfg.compile:  # per block (nn.Module.compile): same parameters, same state-dict keys
-        from tilevlm.training.compile import compile_blocks
-
         compile_blocks(model, backend=cfg.compile)
-    ckpt = _resume_checkpoint(Path(resume_from)) if resume_from is not None else None
+    ckpt = checkpoint_to_resume(resume_from) if resume_from is not None else None
     if ckpt is not None:  # the weights before sharding: every rank reads the full tensors
         checkpoints.load_model_weights(model, ckpt)
     bf16 = resolve_dtype(cfg.dtype, device) == torch.bfloat16
     if sharded:
-        from tilevlm.training.fsdp import shard_model
-
         _freeze_parts(model, cfg)  # which parameters train is fixed before sharding
         shard_model(model, device, bf16)
     master = MasterWeights(model) if bf16 and cfg.bf16_mode == "weights" else None
@@ -239,7 +254,7 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
         checkpoints.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \
         if val_data is not None and distributed.is_main() else []
-    metrics = MetricsLog(out_dir) if distributed.is_main() else _NoMetrics()
+    metrics = MetricsLog(out_dir) if distributed.is_main() else NoMetrics()
     run = _Run(cfg, model, model, processor, optimizer, device, bf16, TrainState(), val_samples,
                metrics, feed, params=master.trainable() if master else
                [p for p in model.parameters() if p.requires_grad], master=master)
@@ -276,8 +291,6 @@ def _check_options(cfg: TrainConfig, model: nn.Module) -> None:
         raise ValueError(f"--eval-max-new-tokens {cfg.eval_max_new_tokens} leaves no room for a "
                          f"prompt in the model's {limit} positions")
     if cfg.compile:
-        from tilevlm.training.compile import check_backend
-
         check_backend(cfg.compile)
 
 
@@ -291,22 +304,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resume_checkpoint(path: Path) -> Path:
-    ckpt = checkpoints.find_latest(path)
-    if ckpt is None:
-        raise ValueError(f"{path}: no complete checkpoint to resume from")
-    return ckpt
-
-
 def _resume(run: _Run, ckpt: Path) -> None:
     """Everything but the model weights (loaded before sharding) from `ckpt`."""
     place = None
     if run.sharded:
-        from tilevlm.training.fsdp import shard_optimizer_tensor
-
         place = shard_optimizer_tensor(run.optimizer)
     saved = checkpoints.load_training_files(ckpt, run.optimizer, place)
-    run.state = checkpoints.train_state(saved["state"])
+    run.state = train_state(saved["state"])
     resume_feed(run.feed, saved)
     _warn_config_changes(saved.get("train_config", {}),
                          saved.get("data_layout", {}).get("world_size", 1), run.cfg)
@@ -330,7 +334,7 @@ def _warn_config_changes(saved: dict[str, Any], saved_world: int, cfg: TrainConf
 
 
 # ---------------------------------------------------------------- one step
-def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
+def _train_step(run: _Run, bar: Any, stop: "SigintFlag") -> bool:
     """One optimizer step on every rank; True when any rank asked to stop."""
     cfg, state = run.cfg, run.state
     start = time.perf_counter()
@@ -348,8 +352,6 @@ def _train_step(run: _Run, bar: Any, stop: "_SigintFlag") -> bool:
         run.master.grads_to_masters()
     grad_norm = nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
     if run.sharded:
-        from tilevlm.training.fsdp import grad_norm_value
-
         grad_norm = grad_norm_value(grad_norm)  # the norm over every rank's shards
     local.stop = int(stop.requested)
     step = _StepFigures.from_vector(distributed.all_reduce_sum(local.vector(), run.device))
@@ -398,8 +400,6 @@ def _forward_backward(run: _Run, batch: TrainBatch, total_tokens: float) -> floa
 
 
 def _vision_run(run: _Run) -> contextlib.AbstractContextManager:
-    from tilevlm.training.fsdp import vision_run
-
     return vision_run(run.model)
 
 
@@ -430,7 +430,7 @@ def _account(run: _Run, step: _StepFigures) -> None:
 
 
 def _padding(figures: dict[str, Any]) -> float:
-    return 1.0 - figures["real_tokens"] / figures["slots"] if figures.get("slots") else 0.0
+    return padding_fraction(figures.get("real_tokens", 0), figures.get("slots", 0))
 
 
 def _log_epoch(run: _Run, final: bool = False) -> None:
@@ -452,7 +452,7 @@ def _log_epoch(run: _Run, final: bool = False) -> None:
 def _log_step(run: _Run, bar: Any, step: _StepFigures, loss: float, grad_norm: float,
               lr: float, seconds: float) -> None:
     state = run.state
-    padding = 1.0 - step.real_tokens / step.slots if step.slots else 0.0
+    padding = padding_fraction(step.real_tokens, step.slots)
     run.metrics.write({"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "samples_per_s": step.samples / seconds, "tokens": step.tokens,
                        "padding_fraction": padding, "epoch": run.feed.epoch(),
@@ -491,22 +491,17 @@ def _plain_model(run: _Run) -> nn.Module | None:
     CPU (None on the other ranks). A collective under FSDP."""
     if not run.sharded:
         return run.model
-    from tilevlm.training.fsdp import gather_model
-
     return gather_model(run.model)
 
 
 def _validate_here(run: _Run, model: nn.Module) -> None:
-    from tilevlm.inference.generation import kept_caches
-    from tilevlm.evaluation.validation import evaluate
-
     report = evaluate(model, run.processor, run.val_samples, batch_size=run.cfg.batch_size,
                       max_new_tokens=run.cfg.eval_max_new_tokens, autocast=run.autocast)
     kept_caches(model).clear()  # generation's KV caches: no memory of theirs while training
-    run.last_val = {"val_loss": report.loss, "val_accuracy": report.accuracy}
+    run.last_val = {"val_loss": report.loss, "val_accuracy": report.score}
     run.metrics.write({"step": run.state.step, **run.last_val})
     log.info("step %d: validation loss %.4f, exact match %.1f%% (%d samples)", run.state.step,
-             report.loss, 100 * report.accuracy, report.n)
+             report.loss, 100 * report.score, report.n)
 
 
 def _save(run: _Run) -> Path | None:
@@ -514,8 +509,6 @@ def _save(run: _Run) -> Path | None:
     run.state.data_positions = distributed.all_gather_object(run.feed.position())
     model, optimizer_state = _plain_model(run), None
     if run.sharded:
-        from tilevlm.training.fsdp import gather_optimizer_state
-
         optimizer_state = gather_optimizer_state(run.optimizer)
     if distributed.is_main():
         with _fp32_weights(run):
@@ -534,8 +527,6 @@ def _write_checkpoint(run: _Run, model: nn.Module,
                       optimizer_state: dict[str, Any] | None) -> Path:
     """The checkpoint of `model` (the run's own, or under FSDP the gathered copy) and the
     optimizer state (`optimizer_state`: the gathered one under FSDP)."""
-    from tilevlm.weights.native import save_pretrained
-
     tokenizer = getattr(run.processor, "tokenizer", None)
     trainer_state = {"state": dataclasses.asdict(run.state), "train_config": run.cfg.to_dict(),
                      "data_layout": run.feed.layout(),
@@ -555,16 +546,12 @@ def _write_checkpoint(run: _Run, model: nn.Module,
 
 def _write_model(run: _Run) -> Path:
     """OUT/model/ on rank 0 (weights, config, tokenizer; no optimizer): what a run shares."""
-    from tilevlm.training.final_model import FINAL_MODEL, write_final_model
-
     path = Path(run.cfg.out_dir) / FINAL_MODEL
     model = _plain_model(run)
     if distributed.is_main():
         with _fp32_weights(run):
             write_final_model(model, getattr(run.processor, "tokenizer", None), run.cfg.out_dir)
             if run.cfg.lora:
-                from tilevlm.training.final_model import write_adapter
-
                 log.info("saved the adapter alone to %s",
                          write_adapter(run.model, run.cfg.out_dir))
         log.info("saved the model of step %d to %s (no optimizer state: the one to share)",
@@ -572,76 +559,3 @@ def _write_model(run: _Run) -> Path:
     del model
     distributed.barrier()
     return path
-
-
-# ---------------------------------------------------------------- plumbing
-class MetricsLog:
-    """JSON lines in `out_dir/metrics.jsonl`, and TensorBoard scalars when tensorboard is
-    installed."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / "metrics.jsonl"
-        self._file = open(self.path, "a")
-        self._tb = _tensorboard_writer(out_dir)
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps({**record, "time": time.time()}) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-class _NoMetrics:
-    """What ranks other than 0 write metrics to."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _tensorboard_writer(out_dir: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
-
-
-def _progress_bar(cfg: TrainConfig, initial: int) -> Any:
-    from tqdm.auto import tqdm
-
-    drawn = cfg.progress and distributed.is_main() and sys.stderr.isatty()  # no \r frames in files
-    return tqdm(total=cfg.steps, initial=initial, desc="train", disable=not drawn,
-                dynamic_ncols=True)
-
-
-class _SigintFlag:
-    """Within the block, the first Ctrl-C only sets `requested` (the loop saves and stops at the
-    next step boundary); a second one raises KeyboardInterrupt as usual."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> "_SigintFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-        log.warning("Ctrl-C: stopping after this step (press again to abort without saving)")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tilevlm.files import read_json_object
+
 ADAPTED_PARTS = ("vision_encoder", "decoder")
 TARGETS = {"vision_encoder": ("qkv", "proj", "fc1", "fc2"),
            "decoder": ("qkv", "out", "gate_up", "down")}
@@ -137,8 +139,6 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Apply the adapter saved in `directory` to a base `model` (in place); returns it."""
-    from tilevlm.files import read_json_object
-
     directory = Path(directory)
     try:
         spec = LoRASpec.from_dict(read_json_object(directory / ADAPTER_CONFIG))

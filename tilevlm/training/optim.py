@@ -9,22 +9,24 @@ schedule's state is the step alone.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
-PARTS = ("vision_encoder", "projector", "decoder")
+from tilevlm.training.lora import frozen_parameters
+
+MODEL_PARTS = ("vision_encoder", "projector", "decoder")
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4) has a fused AdamW kernel
 
 
 def split_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The parameters of each part; a parameter outside the three parts is an error."""
-    parts = {name: list(getattr(model, name).parameters()) for name in PARTS}
+    parts = {name: list(getattr(model, name).parameters()) for name in MODEL_PARTS}
     owned = {id(p) for params in parts.values() for p in params}
     stray = [name for name, p in model.named_parameters() if id(p) not in owned]
     if stray:
-        raise ValueError(f"parameters outside {', '.join(PARTS)} have no learning rate: "
+        raise ValueError(f"parameters outside {', '.join(MODEL_PARTS)} have no learning rate: "
                          f"{', '.join(stray[:5])}")
     return parts
 
@@ -33,8 +35,6 @@ def param_groups(model: nn.Module, lrs: dict[str, float],
                  weight_decay: float) -> list[dict]:
     """AdamW groups for the parts with lr > 0; parts with lr == 0, and the weights LoRA keeps
     frozen (`lora.frozen_parameters`), are frozen in place."""
-    from tilevlm.training.lora import frozen_parameters
-
     frozen = frozen_parameters(model)
     groups = []
     for part, params in split_parts(model).items():

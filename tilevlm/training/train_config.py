@@ -105,8 +105,6 @@ class TrainConfig:
             # LoRA trains few parameters, so DDP (without --fsdp) is the way to run it.
             raise ValueError("--fsdp does not support --lora: LoRA's trained state is small, "
                              "train it without --fsdp (DDP under torchrun)")
-        if self.max_tiles < 1:
-            raise ValueError(f"TrainConfig.max_tiles must be >= 1, got {self.max_tiles}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in DTYPE_NAMES:
@@ -125,7 +123,7 @@ class TrainConfig:
         """The LoRASpec of the lora_* fields, or None when --lora is 0."""
         if not self.lora:
             return None
-        from tilevlm.training.lora import LoRASpec
+        from tilevlm.training.lora import LoRASpec  # imports torch: this module stays light
 
         names = lambda text: tuple(n.strip() for n in text.split(",") if n.strip())  # noqa: E731
         return LoRASpec(self.lora, self.lora_alpha, self.lora_dropout, names(self.lora_vision),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -39,12 +39,8 @@ VISION_DEFAULTS = {"vit_hidden_dim": 1152, "vit_n_heads": 16, "vit_patch_size": 
 LANCZOS = 1  # PIL's resample code, the only one the Idefics3 image rule uses
 
 
-def is_idefics3(model_dir: str | Path) -> bool:
-    """Whether `model_dir/config.json` names an Idefics3 or SmolVLM model."""
-    try:
-        data = read_json_object(Path(model_dir) / CONFIG_FILE)
-    except ValueError:
-        return False
+def is_idefics3_config(data: dict[str, Any]) -> bool:
+    """Whether a config.json's contents name an Idefics3 or SmolVLM model."""
     return data.get("model_type") in MODEL_TYPES
 
 
@@ -105,11 +101,12 @@ def check_position_ids(side: int, where: Path) -> None:
                          "transformers (float rounding); tilevlm does not reproduce that")
 
 
-def idefics3_config(model_dir: str | Path) -> VLMConfig:
-    """A VLMConfig with every size from the directory's files (no weight is read)."""
+def idefics3_config(model_dir: str | Path, data: dict[str, Any] | None = None) -> VLMConfig:
+    """A VLMConfig with every size from the directory's files (no weight is read); `data`: its
+    config.json, when already read."""
     model_dir = Path(model_dir)
     where = model_dir / CONFIG_FILE
-    data = read_json_object(where)
+    data = read_json_object(where) if data is None else data
     if data.get("model_type") not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type {data.get('model_type')!r} is not one of "
                          f"{', '.join(MODEL_TYPES)}")
@@ -165,10 +162,11 @@ def head_from_files(cfg: VLMConfig, shapes: dict[str, tuple[int, ...]]) -> VLMCo
                        lm_vocab_size=cfg.lm_vocab_size)
 
 
-def check_idefics3_shapes(model_dir: Path, cfg: VLMConfig, what: str) -> VLMConfig:
+def check_idefics3_shapes(model_dir: Path, cfg: VLMConfig, what: str,
+                          files: Sequence[Path] | None = None) -> VLMConfig:
     """The key map applied to the header shapes alone (meta tensors): every tensor named and
     shaped as the model needs, before any is read. Returns the config with the files' head."""
-    shapes = read_shapes(model_dir)
+    shapes = read_shapes(model_dir, files)
     cfg = head_from_files(cfg, shapes)
     meta = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
     with torch.device("meta"):
@@ -176,10 +174,14 @@ def check_idefics3_shapes(model_dir: Path, cfg: VLMConfig, what: str) -> VLMConf
     return cfg
 
 
-def load_idefics3(model_dir: str | Path, dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """An Idefics3 / SmolVLM directory as our model (dtype None: as stored)."""
+def load_idefics3(model_dir: str | Path, dtype: torch.dtype | None = None,
+                  cfg: VLMConfig | None = None,
+                  files: Sequence[Path] | None = None) -> VisionLanguageModel:
+    """An Idefics3 / SmolVLM directory as our model (dtype None: as stored); `cfg` and `files`:
+    its config and weight files, when already read (`weights.loading`)."""
     model_dir = Path(model_dir)
-    cfg = idefics3_config(model_dir)
+    cfg = idefics3_config(model_dir) if cfg is None else cfg
     what = f"Idefics3 weights in {model_dir}"
-    cfg = check_idefics3_shapes(model_dir, cfg, what)
-    return assemble(cfg, convert_idefics3(read_safetensors(model_dir), cfg, what), what, dtype)
+    cfg = check_idefics3_shapes(model_dir, cfg, what, files)
+    tensors = read_safetensors(model_dir, files=files)
+    return assemble(cfg, convert_idefics3(tensors, cfg, what), what, dtype)

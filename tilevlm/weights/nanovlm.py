@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -83,10 +83,11 @@ def _nanovlm_grid_side(data: dict[str, Any], where: Path) -> int | None:
     return side if n_grid > 0 else None
 
 
-def nanovlm_config(checkpoint_dir: str | Path) -> VLMConfig:
-    """A VLMConfig for a nanoVLM checkpoint (fields it does not share are ignored)."""
+def nanovlm_config(checkpoint_dir: str | Path, data: dict[str, Any] | None = None) -> VLMConfig:
+    """A VLMConfig for a nanoVLM checkpoint (fields it does not share are ignored); `data`: its
+    config.json, when already read."""
     where = Path(checkpoint_dir) / CONFIG_FILE
-    data = read_json_object(where)
+    data = read_json_object(where) if data is None else data
     if data.get("vit_cls_flag"):
         raise ValueError(f"{where}: vit_cls_flag=true (a CLS token) is not supported")
     if float(data.get("lm_attn_scaling", 1.0)) != 1.0:
@@ -142,8 +143,9 @@ def check_tokenizer_ids(tokenizer: VLMTokenizer, cfg: VLMConfig, where: str | Pa
 
 
 def load_nanovlm(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                 dtype: torch.dtype | None = None,
-                 tokenizer: VLMTokenizer | None = None) -> VisionLanguageModel:
+                 dtype: torch.dtype | None = None, tokenizer: VLMTokenizer | None = None,
+                 cfg: VLMConfig | None = None,
+                 files: Sequence[Path] | None = None) -> VisionLanguageModel:
     """A nanoVLM checkpoint directory (`config.json` + `model.safetensors`) as our model.
 
     The config is mapped field by field with image_mean=(0,0,0), image_std=(1,1,1) (nanoVLM
@@ -151,14 +153,14 @@ def load_nanovlm(checkpoint_dir: str | Path, tokenizer_dir: str | Path | None = 
     tokenizer nanoVLM starts from, e.g. SmolLM2's, which gains our tokens when it lacks them, as
     nanoVLM adds them at run time), the special tokens must get the ids the model uses; a
     `tokenizer` already loaded from it (a Processor's) is checked the same way without reading
-    the directory again.
+    the directory again. `cfg` and `files`: its config and weight files, when already read.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    cfg = nanovlm_config(checkpoint_dir)
+    cfg = nanovlm_config(checkpoint_dir) if cfg is None else cfg
     what = f"nanoVLM weights in {checkpoint_dir}"
     if tokenizer is None and tokenizer_dir is not None:
         tokenizer = load_tokenizer(tokenizer_dir, grid_side=cfg.grid_side)
     if tokenizer is not None:  # before any weight is read
         check_tokenizer_ids(tokenizer, cfg, tokenizer_dir or "the tokenizer")
-    tensors = convert_nanovlm(read_safetensors(checkpoint_dir), cfg, what)
+    tensors = convert_nanovlm(read_safetensors(checkpoint_dir, files=files), cfg, what)
     return assemble(cfg, tensors, what, dtype)

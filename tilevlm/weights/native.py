@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -39,10 +39,11 @@ def save_pretrained(model: VisionLanguageModel, directory: str | Path,
     return directory
 
 
-def load_config(directory: str | Path) -> VLMConfig:
-    """The VLMConfig of a directory written by `save_pretrained` (validated; no weights read)."""
+def load_config(directory: str | Path, data: dict[str, Any] | None = None) -> VLMConfig:
+    """The VLMConfig of a directory written by `save_pretrained` (validated; no weights read);
+    `data`: its config.json, when already read."""
     directory = Path(directory)
-    data = read_json_object(directory / CONFIG_FILE)
+    data = read_json_object(directory / CONFIG_FILE) if data is None else data
     if is_nanovlm_config(data):
         raise ValueError(f"{directory}: this is a nanoVLM checkpoint; load it with load_nanovlm()")
     try:
@@ -52,14 +53,17 @@ def load_config(directory: str | Path) -> VLMConfig:
 
 
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> VisionLanguageModel:
-    """Load a directory written by `save_pretrained` (dtype None: as stored).
+                    dtype: torch.dtype | None = None, cfg: VLMConfig | None = None,
+                    files: Sequence[Path] | None = None) -> VisionLanguageModel:
+    """Load a directory written by `save_pretrained` (dtype None: as stored); `cfg` and `files`:
+    its config and weight files, when already read (`weights.loading`).
 
     The config, and the tensor names and shapes in the safetensors headers, are checked before
     any tensor is read."""
     directory = Path(directory)
-    cfg = load_config(directory)
+    cfg = load_config(directory) if cfg is None else cfg
     with torch.device("meta"):
-        check_shapes(VisionLanguageModel(cfg), read_shapes(directory), f"{directory / WEIGHTS_FILE}")
-    tensors = read_safetensors(directory, device=device)
+        check_shapes(VisionLanguageModel(cfg), read_shapes(directory, files),
+                     f"{directory / WEIGHTS_FILE}")
+    tensors = read_safetensors(directory, device=device, files=files)
     return assemble(cfg, tensors, f"{directory / WEIGHTS_FILE}", dtype)

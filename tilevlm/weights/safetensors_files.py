@@ -5,7 +5,7 @@ never read."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -58,11 +58,13 @@ def _shards(directory: Path) -> list[Path]:
 
 def _each_tensor(directory: str | Path, read: Callable[[Any, str], Any],
                  keep: Callable[[str], bool] = lambda key: True,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
-    """`read(file, key)` for every key that passes `keep`, over all files of the directory; a
-    truncated or corrupt file is a ValueError naming it."""
+                 device: str | torch.device = "cpu",
+                 files: Sequence[Path] | None = None) -> dict[str, Any]:
+    """`read(file, key)` for every key that passes `keep`, over all files of the directory
+    (`files`, when `weight_files` already listed them); a truncated or corrupt file is a
+    ValueError naming it."""
     out: dict[str, Any] = {}
-    for path in weight_files(directory):
+    for path in weight_files(directory) if files is None else files:
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for key in f.keys():
@@ -92,11 +94,14 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def read_safetensors(directory: str | Path, keep: Callable[[str], bool] = lambda key: True,
-                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+                     device: str | torch.device = "cpu",
+                     files: Sequence[Path] | None = None) -> dict[str, torch.Tensor]:
     """All tensors (those whose key passes `keep`) of a checkpoint directory."""
-    return _each_tensor(directory, lambda f, key: f.get_tensor(key), keep, device)
+    return _each_tensor(directory, lambda f, key: f.get_tensor(key), keep, device, files)
 
 
-def read_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+def read_shapes(directory: str | Path,
+                files: Sequence[Path] | None = None) -> dict[str, tuple[int, ...]]:
     """Key -> shape of every tensor of a checkpoint directory, from the safetensors headers only."""
-    return _each_tensor(directory, lambda f, key: tuple(f.get_slice(key).get_shape()))
+    return _each_tensor(directory, lambda f, key: tuple(f.get_slice(key).get_shape()),
+                        files=files)

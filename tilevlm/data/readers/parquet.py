@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, Sample, make_sample, safe_image_path
+from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, safe_image_path
+from tilevlm.data.sample import Sample, conversation_sample
 from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
 
 TEXT_COLUMN = "texts"
@@ -58,7 +59,7 @@ def cauldron_sample(row: dict[str, Any], image_column: str | None, root: Path,
                      {"role": "assistant", "content": turn["assistant"]}]
     raw = row.get(image_column) if image_column else None
     raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
-    return make_sample(messages, [image_source(x, root) for x in raw], where)
+    return conversation_sample(messages, [image_source(x, root) for x in raw], where)
 
 
 def image_source(value: Any, root: Path) -> bytes | Path:

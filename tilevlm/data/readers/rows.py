@@ -1,10 +1,7 @@
 """What every dataset reader shares: the raw-sample form, sharding, skip counting, safe paths.
 
-A raw sample (what `tilevlm.data.collate` and the Processor take):
-
-    {"messages": [{"role": "user" | "assistant", "content": "...<image>..."}, ...],
-     "images": [bytes | path | PIL image, ...],   # one per `<image>`, in text order
-     "source": "file:row"}                        # where it came from, for error messages
+Every reader yields raw samples (`tilevlm.data.sample`), made by `conversation_sample`, with a
+`source` ("file:row") for error messages.
 
 Sharding: global row i (counted over all files, in sorted order) belongs to rank
 `i % world_size`; inside a rank, DataLoader worker w of n takes the rank's k-th row when
@@ -25,14 +22,12 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from tilevlm.preprocessing.chat_template import (PlaceholderMismatch, check_message,
-                                                 place_image_placeholders)
-from tilevlm.data.skips import MALFORMED, PATH_ESCAPE, PLACEHOLDERS, SkipCounter, SkipSample
+from tilevlm.data.sample import Sample
+from tilevlm.data.skips import MALFORMED, PATH_ESCAPE, SkipCounter, SkipSample
 from tilevlm.files import confined
 
-Sample = dict[str, Any]
 Keep = Callable[[int], bool]  # global row index -> whether this process reads the row
-Block = dict[int, "Sample | SkipSample"]  # stream position -> sample (or why it was dropped)
+RowBlock = dict[int, "Sample | SkipSample"]  # stream position -> sample (or why it was dropped)
 
 
 class RowFormat(Protocol):
@@ -74,7 +69,7 @@ class RowReader:
         return lambda i: i % world == rank and (i // world) % n_workers == worker
 
     def blocks(self, block_size: int, seed: int, epoch: int, start: int = 0,
-               shuffle: bool = True) -> Iterator[tuple[int, Block]]:
+               shuffle: bool = True) -> Iterator[tuple[int, RowBlock]]:
         """One epoch of this rank's stream, block by block: `(block, {position: sample or
         SkipSample})` for every block of the data, including blocks where this rank has no row.
 
@@ -150,27 +145,6 @@ def _worker_split() -> tuple[int, int]:
 
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def make_sample(messages: list[dict[str, str]], images: list[Any], where: str) -> Sample:
-    """A raw sample, checked: roles, string contents, one `<image>` per image.
-
-    Without any `<image>` in the text, the images go at the start of the first user turn.
-    """
-    for m in messages:
-        try:
-            check_message(m)
-        except ValueError:
-            raise SkipSample(MALFORMED, f"bad message {m!r:.120}") from None
-    if not any(m["role"] == "assistant" for m in messages):
-        raise SkipSample(MALFORMED, "no assistant turn (nothing to learn from)")
-    try:
-        messages = place_image_placeholders(messages, len(images))
-    except PlaceholderMismatch as e:
-        raise SkipSample(PLACEHOLDERS, str(e)) from None
-    except ValueError as e:
-        raise SkipSample(MALFORMED, str(e)) from None
-    return {"messages": messages, "images": images, "source": where}
 
 
 def safe_image_path(root: str | Path, name: str) -> Path:

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 from tilevlm.data.readers.parquet import (BATCH_ROWS, cauldron_sample, find_columns, require_pyarrow,
                                   take_rows)
-from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, Sample
+from tilevlm.data.readers.rows import Keep, RowFormat, RowReader
+from tilevlm.data.sample import Sample
 from tilevlm.data.skips import MALFORMED, SkipCounter
 from tilevlm.files import confined, read_json_object
 
