@@ -5,6 +5,7 @@ import inside a function or under `if TYPE_CHECKING:` is an arrow too."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tilevlm"
@@ -123,3 +124,18 @@ def test_every_import_goes_down_the_data_flow():
                     for target in targets
                     if ROOMS.index(room(target)) > ROOMS.index(room(module)))
     assert upward == []
+
+
+def test_readme_layout_names_every_module():
+    """README's Layout is the map of the house: every package and module file is in it."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    missing = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        folder = path.parent.name + "/"
+        named = path.name in layout or re.search(rf"\b{path.stem}\b", layout)  # commands by name
+        if not named or (path.parent != PACKAGE and folder not in layout):
+            missing.append(str(path.relative_to(PACKAGE)))
+    assert missing == [], f"README's Layout does not name {missing}"
