@@ -105,7 +105,7 @@ def test_bad_lora_options_are_one_line(tmp_path):
 
 
 def test_a_lora_checkpoint_as_model_says_what_to_use(setup, tmp_path):
-    from tilevlm.training.final_model import resolve_model
+    from tilevlm.weights.run_folder import resolve_model
 
     config, processor, data = setup
     train(make_model(config), processor, data, None, quick(tmp_path, steps=2, save_every=2, **LORA))

@@ -97,6 +97,7 @@ def test_loading_for_inference_reads_the_tokenizer_once(nano, monkeypatch):
     """load_for_inference checks a nanoVLM model's special-token ids on the Processor's tokenizer
     instead of loading the tokenizer directory a second time."""
     import tilevlm.preprocessing.tokenizer as tokenizer_module
+    import tilevlm.weights.loading as loading_module
     import tilevlm.weights.nanovlm as nanovlm_module
     from tilevlm.weights.loading import load_for_inference
 
@@ -109,5 +110,6 @@ def test_loading_for_inference_reads_the_tokenizer_once(nano, monkeypatch):
 
     monkeypatch.setattr(tokenizer_module, "load_tokenizer", counting)
     monkeypatch.setattr(nanovlm_module, "load_tokenizer", counting)
+    monkeypatch.setattr(loading_module, "load_tokenizer", counting)
     model, processor = load_for_inference(nano / "ckpt", device="cpu", tokenizer_dir=nano / "tok")
     assert len(loads) == 1 and processor.tokenizer.image_token_id == model.cfg.image_token_id
