@@ -49,15 +49,19 @@ def test_anls_threshold():
     assert metrics.anls("hello", ["hello"]) == 1.0
     assert metrics.anls("hallo", ["hello"]) == pytest.approx(0.8)  # 1 edit in 5
     assert metrics.anls("abc", ["xbz"]) == 0.0  # distance 2/3 >= 0.5
-    assert metrics.anls("ab", ["ax"]) == 0.0  # exactly 0.5: below the threshold only counts
+    assert metrics.anls("ab", ["ax"]) == 0.5  # exactly 0.5 counts (lmms-eval: < 0.5 is 0)
+    assert metrics.anls("helo", ["  hello  "]) == pytest.approx(1 - 1 / 9)  # raw lengths divide
     assert metrics.anls("Hello  World", ["x", "hello world"]) == 1.0  # best answer, case, spaces
 
 
 def test_relaxed_accuracy_five_percent():
     assert metrics.relaxed_accuracy("10.4", "10") == 1.0
     assert metrics.relaxed_accuracy("10.6", "10") == 0.0
-    assert metrics.relaxed_accuracy("12%", "12") == 1.0
+    assert metrics.relaxed_accuracy("12%", "12") == 0.0  # lmms-eval: 12% is 0.12
+    assert metrics.relaxed_accuracy("12%", "12.5%") == 1.0
+    assert metrics.relaxed_accuracy("1,000", "1000") == 0.0  # no thousands separators: text
     assert metrics.relaxed_accuracy("0", "0") == 1.0 and metrics.relaxed_accuracy("0.01", "0") == 0.0
+    assert metrics.relaxed_accuracy("0.0", "0") == 0.0  # a zero target is matched as text
     assert metrics.relaxed_accuracy("Yes", "yes") == 1.0 and metrics.relaxed_accuracy("no", "yes") == 0.0
 
 
@@ -69,6 +73,34 @@ def test_relaxed_accuracy_five_percent():
 ])
 def test_choice_letter(text, letter):
     assert metrics.choice_letter(text, 4) == letter
+
+
+@pytest.mark.parametrize("text, mmstar, ai2d, scienceqa", [
+    # the letter MMStar reads, and whether AI2D / ScienceQA score it right when the answer is B
+    ("B", "B", 1, 1), ("b", "", 1, 1), ("(B)", "B", 1, 0), ("B.", "B", 1, 1),
+    ("**B**", "B", 1, 0), ("The answer is B", "B", 0, 0), ("B. green", "B", 1, 1),
+    ("Answer: B) green", "B", 0, 0), ("option b", "", 0, 0), ("A and B", "A", 0, 0),
+    ("green", "", 0, 0), ("Definitely", "D", 0, 0), ("<think>A</think> B", "B", 1, 1),
+    ("", "", 0, 0),
+])
+def test_lmms_eval_letter_readers(text, mmstar, ai2d, scienceqa):
+    """lmms-eval's own reading per task (tests/test_metrics_lmms_eval.py compares them with
+    lmms-eval itself over a generated battery)."""
+    assert metrics.mmstar_letter(metrics.lmms_eval_response(text)) == mmstar
+    assert metrics.ai2d_correct(text, "B") == ai2d
+    assert metrics.scienceqa_correct(text, "B") == scienceqa
+
+
+def test_lmms_eval_answer_handling():
+    assert metrics.strip_reasoning("<think>7</think> 12 ") == "12"
+    assert metrics.strip_reasoning("7</think>12") == "12"  # the opening tag was in the prompt
+    assert metrics.normalize_textvqa("a,b") == "ab" and metrics.normalize_vqa("a,b") == "b"
+    assert metrics.normalize_textvqa("Dog's") == "dog 's"
+    assert metrics.normalize_vqa("shed") == "shed"  # not in lmms-eval's contractions
+    assert metrics.vqa_accuracy("a,b", ["ab"] * 10, metrics.normalize_textvqa) == 1.0
+    assert metrics.lmms_eval_score("chartqa", " 12.5 ", "12") == 1.0  # stripped; within 5 %
+    assert metrics.lmms_eval_score("chartqa", "<think>1</think> Yes", "yes") == 1.0
+    assert metrics.lmms_eval_score("docvqa", "<think>no</think>Hello", ["hello"]) == 1.0
 
 
 # ----------------------------------------------------------------------------- data

@@ -7,7 +7,9 @@ TASKS; `tilevlm eval --task NAME` picks one.
     # each sample: messages (prompt + reference), images, reference, n_choices, category
 
 The column names and prompts follow the Hugging Face copies of the benchmarks (lmms-lab/*) and
-lmms-eval's prompts, so scores are comparable with what people report.
+lmms-eval's prompts, and a task named after an lmms-eval task scores an answer the way that task
+does (`Task.scorer`: its filters, answer parser and metric), so scores are comparable with what
+people report.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 METRICS = ("multiple_choice", "vqa_accuracy", "anls", "relaxed_accuracy", "exact_match")
 LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
 SHORT_PROMPT = "Answer the question using a single word or phrase."
+MMSTAR_PROMPT = "Answer with the option's letter from the given choices directly"  # mmstar's yaml
+CHARTQA_PROMPT = "Answer the question with a single word."  # chartqa.yaml's post_prompt
 
 
 @dataclass(frozen=True)
@@ -39,11 +43,21 @@ class Task:
     category: str | None = None  # results per value of this column too
     instruction: str = SHORT_PROMPT  # the line after the question (and the options)
     max_new_tokens: int = 16
+    # which lmms-eval task's chain from raw answer to score applies (a key of
+    # metrics.LMMS_EVAL: its filters, answer parser and metric variant); None: tilevlm's own
+    # rule for `metric`
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ValueError(f"task {self.name}: unknown metric {self.metric!r}; "
                              f"choose one of {', '.join(METRICS)}")
+        if self.scorer is not None and self.scorer not in metrics.LMMS_EVAL:
+            raise ValueError(f"task {self.name}: unknown scorer {self.scorer!r}; "
+                             f"choose one of {', '.join(metrics.LMMS_EVAL)}")
+        if self.scorer is not None and metrics.LMMS_EVAL[self.scorer][0] != self.metric:
+            raise ValueError(f"task {self.name}: scorer {self.scorer!r} scores "
+                             f"{metrics.LMMS_EVAL[self.scorer][0]}, not {self.metric}")
 
     def columns(self) -> list[str]:
         named = (self.question, self.answer, self.image, self.choices, self.category)
@@ -53,17 +67,18 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("multiple_choice", "multiple_choice", choices="choices", category="category",
          instruction=LETTER_PROMPT, max_new_tokens=8),
-    Task("mmstar", "multiple_choice", category="category", instruction=LETTER_PROMPT,
-         max_new_tokens=8),  # options are written in the question
+    Task("mmstar", "multiple_choice", category="category", instruction=MMSTAR_PROMPT,
+         max_new_tokens=8, scorer="mmstar"),  # options are written in the question
     Task("ai2d", "multiple_choice", choices="options", instruction=LETTER_PROMPT,
-         max_new_tokens=8),
+         max_new_tokens=8, scorer="ai2d"),
     Task("scienceqa", "multiple_choice", choices="choices", category="subject",
-         instruction=LETTER_PROMPT, max_new_tokens=8),
-    Task("vqa", "vqa_accuracy", answer="answers"),
-    Task("textvqa", "vqa_accuracy", answer="answers"),
-    Task("vqav2", "vqa_accuracy", answer="answers", category="question_type"),
-    Task("docvqa", "anls", answer="answers", max_new_tokens=32),
-    Task("chartqa", "relaxed_accuracy", question="query", answer="label", category="type"),
+         instruction=LETTER_PROMPT, max_new_tokens=8, scorer="scienceqa"),
+    Task("vqa", "vqa_accuracy", answer="answers", scorer="vqav2"),
+    Task("textvqa", "vqa_accuracy", answer="answers", scorer="textvqa"),
+    Task("vqav2", "vqa_accuracy", answer="answers", category="question_type", scorer="vqav2"),
+    Task("docvqa", "anls", answer="answers", max_new_tokens=32, scorer="docvqa"),
+    Task("chartqa", "relaxed_accuracy", question="query", answer="label", category="type",
+         instruction=CHARTQA_PROMPT, scorer="chartqa"),
     Task("exact_match", "exact_match"),
 )}
 
@@ -175,8 +190,11 @@ def _first(reference: str | list[str]) -> str:
 
 
 def score(task: Task, prediction: str, sample: Sample) -> float:
-    """The task's metric for one prediction against a sample's reference."""
+    """The task's metric for one prediction against a sample's reference: the lmms-eval task's
+    own chain where the task names one (`scorer`), else tilevlm's rule for the metric."""
     reference = sample["reference"]
+    if task.scorer is not None:
+        return metrics.lmms_eval_score(task.scorer, prediction, reference)
     if task.metric == "multiple_choice":
         return metrics.multiple_choice(prediction, reference, sample["n_choices"])
     if task.metric == "vqa_accuracy":
