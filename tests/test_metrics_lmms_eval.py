@@ -35,8 +35,8 @@ from lmms_eval.api.reasoning import parse_reasoning_tags_config, strip_reasoning
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.utils import load_yaml_config
 
-from tilevlm.benchmarks import metrics
-from tilevlm.benchmarks.tasks import TASKS, TaskRows, score
+from tilevlm.evaluation import metrics
+from tilevlm.evaluation.tasks import TASKS, TaskRows, score
 
 TASK_DIR = Path(lmms_eval.tasks.__file__).parent
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -329,7 +329,7 @@ def test_prompts_are_lmms_eval_s(lmms, name, doc):
 
 
 def test_a_scorer_must_fit_its_metric():
-    from tilevlm.benchmarks.tasks import Task
+    from tilevlm.evaluation.tasks import Task
 
     with pytest.raises(ValueError, match="scores multiple_choice, not anls"):
         Task("x", "anls", scorer="ai2d")

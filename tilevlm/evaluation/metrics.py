@@ -12,7 +12,7 @@ the way lmms-eval 0.7.3 scores them.
 
 `LMMS_EVAL` names, per lmms-eval task, the whole chain lmms-eval runs from a model's raw text to
 the number: its filters, the reasoning blocks its CLI strips, the strip every generated answer
-gets, the task's answer parser and its metric. `tilevlm/benchmarks/tasks.py` picks one per task
+gets, the task's answer parser and its metric. `tilevlm/evaluation/tasks.py` picks one per task
 (`Task.scorer`); `tests/test_metrics_lmms_eval.py` compares each with lmms-eval's own functions.
 """
 
