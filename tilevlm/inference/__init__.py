@@ -1,1 +1,2 @@
-"""Inference: load a model directory, store its weights for speed, sample, generate."""
+"""Inference: store a loaded model's weights for speed (quantize), sample, generate (prefill +
+cached decode). Loading a model is `tilevlm.weights.loading`'s."""

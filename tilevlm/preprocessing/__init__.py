@@ -1,1 +1,2 @@
-"""Preprocessing: image files -> tiles, text -> tokens (with the chat template), both -> a batch."""
+"""Preprocessing: image files -> tiles (and the tiles as a figure), text -> tokens (with the chat
+template), both -> a batch."""
