@@ -64,7 +64,8 @@ class Processor:
     """
 
     def __init__(self, config: VLMConfig, tokenizer: VLMTokenizer,
-                 image_threads: int | None = None, jpeg_draft: bool = False) -> None:
+                 image_threads: int | None = None, jpeg_draft: bool = False,
+                 fast_resize: bool = False) -> None:
         if tokenizer.grid_side < config.max_tiles_per_side:
             raise ValueError(f"the tokenizer's {tokenizer.grid_side}x{tokenizer.grid_side} grid "
                              f"tokens cannot name the {config.max_tiles_per_side}-tile sides that "
@@ -85,7 +86,8 @@ class Processor:
                              f"{config.image_token_id} in the config)")
         self.config = config
         self.tokenizer = tokenizer
-        self.transform = image_transform(config, jpeg_draft=jpeg_draft)  # the config's image rule
+        # the config's image rule (jpeg_draft, fast_resize: opt-in speed, not the peer's pixels)
+        self.transform = image_transform(config, jpeg_draft=jpeg_draft, fast_resize=fast_resize)
         # A batch's images are decoded on this many threads (None: `default_image_threads()`).
         self.image_threads = image_threads
 
