@@ -124,6 +124,38 @@ def test_the_export_carries_the_chat_template_where_transformers_reads_it(export
     assert transformers.AutoProcessor.from_pretrained(out).chat_template == DEFAULT_CHAT_TEMPLATE
 
 
+# A template that reads only a list's text parts (the third form tilevlm's processor serves)
+TEXT_PARTS_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for p in m['content'] %}"
+                       "{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}\n"
+                       "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, TEXT_PARTS_TEMPLATE])
+def test_the_written_template_renders_in_transformers_what_ours_renders(template):
+    """For templates that do not read image parts themselves (ChatML: a string; the one above:
+    text parts only), transformers renders the written template over its parts as tilevlm's
+    processor renders the original over the text with `<image>` placeholders."""
+    from types import SimpleNamespace
+
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from tilevlm.preprocessing.tokenizer import VLMTokenizer
+    from tilevlm.weights.export_idefics3 import processor_chat_template
+
+    holder = SimpleNamespace(chat_template=template, bos_token=None, eos_token="<|im_end|>")
+    written = processor_chat_template(holder)
+    for conversation in CONVERSATIONS.values():
+        parts = [{"role": m["role"], "content": [{k: v for k, v in c.items() if k != "image"}
+                                                 for c in m["content"]]} for m in conversation]
+        (theirs,), _ = render_jinja_template(conversations=[parts], chat_template=written,
+                                             add_generation_prompt=True)
+        messages, _ = _as_tilevlm(conversation)
+        ours = "".join(text for text, _ in VLMTokenizer.chat_segments(
+            SimpleNamespace(chat_template=template, bos_token=None, eos_token="<|im_end|>"),
+            messages, True))
+        assert theirs == ours
+
+
 # ----------------------------------------------------------------------------- llama.cpp
 
 # The architectures convert_hf_to_gguf.py registers for the two halves (llama.py's LlamaModel,

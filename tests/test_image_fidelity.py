@@ -73,7 +73,8 @@ def test_nanovlm_pixels_with_resize_to_max_side_len():
         assert_same_pixels(ImageTransform(config)(img)[0], expected)
 
 
-def test_fast_resize_is_opt_in_keeps_the_grid_and_moves_pixels_only_past_a_6x_shrink():
+def test_fast_resize_is_opt_in_keeps_the_grid_and_moves_pixels_only_past_a_6x_shrink(
+        tiny_tokenizer):
     config = _plain("tiny")  # 32-px tiles, at most 96 px: a 1200x900 image shrinks 12x
     plain, fast = ImageTransform(config), ImageTransform(config, fast_resize=True)
     big = make_fine_detail(1200, 900)
@@ -84,6 +85,13 @@ def test_fast_resize_is_opt_in_keeps_the_grid_and_moves_pixels_only_past_a_6x_sh
     small = make_fine_detail(500, 400)  # under FAST_RESIZE_GAP * 2 = 6x: no box pre-shrink
     assert 500 / 96 < 2 * FAST_RESIZE_GAP
     assert torch.equal(fast(small)[0], plain(small)[0])
+    # the Processor's switch is the same one, off by default
+    from tilevlm.preprocessing.processor import Processor
+
+    config = config.replace(lm_base_vocab_size=tiny_tokenizer.base_vocab_size)
+    assert torch.equal(Processor(config, tiny_tokenizer).transform(big)[0], exact)
+    assert torch.equal(Processor(config, tiny_tokenizer, fast_resize=True).transform(big)[0],
+                       quick)
 
 
 # ----------------------------------------------------------------------------- Idefics3

@@ -26,8 +26,8 @@ from tilevlm.data.skips import IMAGE_ERROR, SkipCounter
 from tilevlm.evaluation.aggregation import aggregate, mean
 from tilevlm.evaluation.answering import chunks, greedy_outputs, split_prompt
 from tilevlm.evaluation.report import EvalReport, by_category
-from tilevlm.inference.generation import GenerationStats
 from tilevlm.evaluation.tasks import Task, TaskRows, score
+from tilevlm.inference.generation import GenerationStats
 
 log = logging.getLogger(__name__)
 
