@@ -88,6 +88,19 @@ def make_photo(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
+def make_fine_detail(width: int, height: int, seed: int = 0) -> Image.Image:
+    """An RGB image of pixel-sized detail (1-3 px stripes, a 2 px checkerboard, noise): what
+    text and edges look like, where two resize methods differ most (a smooth photo hides it)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.ogrid[0:height, 0:width]
+    img = np.empty((height, width, 3), dtype=np.uint8)
+    img[..., 0] = np.where(x % 3 == 0, 230, 20)
+    img[..., 1] = np.where((x // 2 + y // 2) % 2 == 1, 220, 30)
+    img[..., 2] = np.where(y % 5 < 2, 200, 40)
+    noise = rng.integers(0, 40, size=img.shape, dtype=np.uint8)
+    return Image.fromarray(img + noise)  # at most 230 + 39: no wrap-around
+
+
 def png(width: int, height: int, seed: int = 0) -> bytes:
     """`make_photo(width, height, seed)` encoded as PNG."""
     buf = io.BytesIO()

@@ -33,12 +33,21 @@ def nanovlm_resized_size(width: int, height: int, tile: int, max_side: int,
     return (target_long, target_short) if width >= height else (target_short, target_long)
 
 
-def nanovlm_tiles(img: Image.Image, tile: int, max_side: int) -> torch.Tensor:
-    """nanoVLM's image pipeline in plain torch: DynamicResize (PIL bicubic, as torchvision does
-    for a PIL image), ToTensor, then GlobalAndSplitImages (the global patch a bilinear,
-    antialiased resize of the float tensor, as torchvision's tensor resize does; none for 1x1).
-    -> [N, 3, tile, tile] in [0, 1], global first."""
-    size = nanovlm_resized_size(img.width, img.height, tile, max_side)
+def nanovlm_tiles(img: Image.Image, tile: int, max_side: int,
+                  resize_to_max_side_len: bool = False) -> torch.Tensor:
+    """nanoVLM's image pipeline (data/processors.py get_image_processor, 4e0c096), in what each
+    step does rather than in its code -> [N, 3, tile, tile] in [0, 1], global tile first:
+
+    1. DynamicResize: torchvision's `resize(pil_image, [h, w], BICUBIC)`. For a PIL image
+       torchvision calls Pillow's `Image.resize((w, h), BICUBIC)` and nothing else (no
+       `reducing_gap`, no box pre-shrink; Pillow's bicubic is antialiased on downscales).
+    2. ToTensor: the 8-bit pixels as float32 / 255, channels first.
+    3. GlobalAndSplitImages: the tensor cut into row-major tiles; unless the grid is 1x1, the
+       global tile first: torchvision's `resize(tensor, [tile, tile])`, whose defaults are
+       bilinear with antialiasing, i.e. `F.interpolate(..., "bilinear", align_corners=False,
+       antialias=True)` on the float tensor, not rounded to 8 bits.
+    """
+    size = nanovlm_resized_size(img.width, img.height, tile, max_side, resize_to_max_side_len)
     x = to_tensor(img.resize(size, Image.Resampling.BICUBIC))  # (3, H, W)
     tiles = split_tiles(x, tile)
     if tiles.shape[0] == 1:

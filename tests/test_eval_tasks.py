@@ -194,6 +194,37 @@ def test_a_trained_model_scores_above_chance_and_counts_add_up(tmp_path, tiny_to
     assert sum(c["n"] for c in report.per_category.values()) == report.n
 
 
+def test_mmstar_reports_the_mean_of_its_subcategory_means(tmp_path, processor, monkeypatch):
+    """MMStar's number is lmms-eval's: each l2_category weighs the same (mean of the group
+    means), per category too; the plain mean over samples stays in the report beside it."""
+    from tilevlm.inference.generation import GenerationOutput, GenerationStats
+
+    image = {"bytes": png(32, 32), "path": None}
+    # (category, l2_category, answer letter): the model always says "A"
+    layout = [("math", "geometry", "A")] * 3 + [("math", "numeric", "B")] + \
+        [("perception", "scene", "A"), ("perception", "scene", "C")]
+    rows = [{"question": "Which?\nOptions: A: x, B: y, C: z, D: w", "answer": letter,
+             "category": category, "l2_category": l2, "image": image, "index": i}
+            for i, (category, l2, letter) in enumerate(layout)]
+    monkeypatch.setattr("tilevlm.evaluation.task_run.greedy_outputs",
+                        lambda model, proc, prompts, images, n: GenerationOutput(
+                            [[]] * len(prompts), ["A"] * len(prompts), ["eos"] * len(prompts),
+                            GenerationStats(prompt_tokens=10 * len(prompts))))
+    task = get_task("mmstar")
+    samples, skips = task_samples(task, write_rows(tmp_path / "mmstar.parquet", rows), processor)
+    report, predictions = run_task(make_model(processor.config), processor, samples, task, skips,
+                                   batch_size=4, progress=False)
+    assert report.mean == pytest.approx(4 / 6)  # the plain mean
+    assert report.score == pytest.approx((1.0 + 0.0 + 0.5) / 3)  # geometry, numeric, scene
+    assert report.per_category["math"] == {"n": 4, "score": pytest.approx(0.5)}
+    assert report.per_category["perception"] == {"n": 2, "score": pytest.approx(0.5)}
+    assert report.aggregation == "mean_of_group_means" and report.prompt_tokens == 60
+    assert [p["group"] for p in predictions] == [row["l2_category"] for row in rows]
+    no_group = [{k: v for k, v in r.items() if k != "l2_category"} for r in rows]
+    with pytest.raises(ValueError, match="needs the column.*l2_category"):
+        task_samples(task, write_rows(tmp_path / "no_l2.parquet", no_group), processor)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
 - any size (1 px to strips), mode and aspect ratio: the grid follows `tile_grid`, the tiles
   reassemble the resized image exactly, and the processor's token count equals the contract,
-  `count_image_tokens`, and the length the data pipeline measures from headers;
+  `image_prompt_tokens`, and the length the data pipeline measures from headers;
 - any byte string, and mutated valid PNG / JPEG / GIF / WebP / TIFF files: `load_image` returns an
   RGB image or raises ValueError, nothing else (no other exception, no hang);
 - real JPEG / PNG / WebP / TIFF files with EXIF whose header or EXIF bytes are mutated: the
@@ -35,7 +35,7 @@ from tilevlm.data.lengths import SampleMeter, image_size
 from tilevlm.data.skips import SkipSample
 from tilevlm.preprocessing.decoding import ImageLoadError
 from tilevlm.preprocessing.image import ImageTransform, load_image, tile_grid, tiles_per_image
-from tilevlm.preprocessing.processor import Processor, count_image_tokens
+from tilevlm.preprocessing.processor import Processor, count_image_tokens, image_prompt_tokens
 
 from helpers import SMALL, assert_refused, records, run_tilevlm
 from reference import normalize, reassemble_tiles, to_tensor
@@ -125,11 +125,13 @@ def test_processor_token_count_is_the_contract(processors, images, name, text, s
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]
     batch = processor([messages], [pil])
     ids = batch["input_ids"][0].tolist()
-    tokens_per_image = [count_image_tokens(img.width, img.height, config) for img in pil]
+    tokens_per_image = [image_prompt_tokens(img.width, img.height, config) for img in pil]
     tiles = batch["n_tiles"][0]
     assert tiles == sum(tiles_per_image(g, config.use_global_tile) for g in batch["grids"][0])
     assert sum(tokens_per_image) == tiles * (1 + config.mp_image_token_length)
     assert ids.count(processor.tokenizer.image_token_id) == tiles * config.mp_image_token_length
+    assert ids.count(processor.tokenizer.image_token_id) == sum(
+        count_image_tokens(img.width, img.height, config) for img in pil)
     markers = [i for i in ids if i == processor.tokenizer.global_image_token_id
                or processor.tokenizer.grid_token_id(1, 1) <= i
                < processor.tokenizer.grid_token_id(1, 1) + config.grid_side ** 2]

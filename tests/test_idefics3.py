@@ -22,7 +22,7 @@ from PIL import Image
 from helpers import idefics3_processor, make_idefics3, make_photo, write_idefics3_tokenizer
 from tilevlm.inference.generation import generate
 from tilevlm.weights.loading import load_for_inference, load_processor
-from tilevlm.preprocessing.processor import count_image_tokens
+from tilevlm.preprocessing.processor import image_prompt_tokens
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def test_length_meter_counts_the_layouts_text(saved, tok_dir):
 
     processor = load_processor(saved("p16_s2_untied_sharded")[0])
     img = make_photo(1000, 600, 7)
-    assert count_image_tokens(1000, 600, processor.config, processor.tokenizer) == len(
+    assert image_prompt_tokens(1000, 600, processor.config, processor.tokenizer) == len(
         processor.encode_texts(["<image>"], [[img]])["input_ids"][0])
     sample = {"messages": [{"role": "user", "content": "<image>Look.\n\n"},
                            {"role": "assistant", "content": "A photo."}], "images": [img]}

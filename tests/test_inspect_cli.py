@@ -14,7 +14,8 @@ def test_inspect_prints_the_tiling_and_saves_a_png(tmp_path, photo, capsys):
     assert "resized:      96x64" in out
     assert "grid:         2x3" in out
     assert "tiles:        7 (incl. 1 global thumbnail)" in out
-    assert "image tokens: 35 " in out  # 7 tiles x (1 marker + 4)
+    assert "image tokens: 28 (7 tiles x 4" in out  # the placeholders: tiles x tokens per tile
+    assert "prompt tokens: 35 (the image tokens + 7 of the tilevlm layout's markers" in out
     with Image.open(out_png) as fig:
         assert fig.format == "PNG" and fig.width > 96 * 2
 
@@ -24,7 +25,7 @@ def test_inspect_default_preset_single_tile(tmp_path, photo, capsys):
     photo(200, 150).save(path)
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "grid:         1x1" in out and "tiles:        1\n" in out and "image tokens: 50" in out
+    assert "grid:         1x1" in out and "tiles:        1\n" in out and "image tokens: 49 " in out
 
 
 @pytest.mark.parametrize("content", [b"", b"GIF89a garbage", None])

@@ -36,13 +36,16 @@ from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.utils import load_yaml_config
 
 from tilevlm.evaluation import metrics
+from tilevlm.evaluation.aggregation import aggregate
+from tilevlm.evaluation.report import by_category
 from tilevlm.evaluation.tasks import TASKS, TaskRows, score
 
 TASK_DIR = Path(lmms_eval.tasks.__file__).parent
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
-# tilevlm task -> (lmms-eval yaml, the process_results key that holds its score)
+# tilevlm task -> (lmms-eval yaml, the process_results key that holds its score); the key is
+# also the metric whose `aggregation` (the yaml's) makes the task's reported number
 LMMS_TASKS = {
     "textvqa": ("textvqa/textvqa_val.yaml", lambda out: out["exact_match"]),
     "vqav2": ("vqav2/vqav2_val.yaml", lambda out: out["exact_match"]),
@@ -120,7 +123,8 @@ class LmmsEval:
             self.tasks[name] = type("Local", (_LocalTask,), {"DOC": doc})(config=config)
         return self.tasks[name]
 
-    def score(self, name: str, prediction: str, doc: dict) -> float:
+    def results(self, name: str, prediction: str, doc: dict) -> dict:
+        """What the task's process_results makes of the answer after its filters."""
         task = self.task(name, doc)
         (ensemble,) = task._filters
         request = SimpleNamespace(resps=[prediction], filtered_resps={})
@@ -128,8 +132,10 @@ class LmmsEval:
         response = request.filtered_resps[ensemble.name]
         if self.tags is not None:
             response = strip_reasoning_tags(response, self.tags)
-        out = task.process_results(_fresh(doc), [response])
-        return float(LMMS_TASKS[name][1](out))
+        return task.process_results(_fresh(doc), [response])
+
+    def score(self, name: str, prediction: str, doc: dict) -> float:
+        return float(LMMS_TASKS[name][1](self.results(name, prediction, doc)))
 
 
 def _fresh(doc: dict) -> dict:
@@ -311,6 +317,82 @@ def test_fuzzed_chartqa_matches_lmms_eval(lmms, prediction, target):
        task=st.sampled_from(["mmstar", "ai2d", "scienceqa"]))
 def test_fuzzed_letters_match_lmms_eval(lmms, prediction, answer, task):
     compare(lmms, task, [(prediction, mc_doc(task, OPTION_SETS[0][:4], answer))])
+
+
+# ----------------------------------------------------------------------------- aggregation
+# The task's one number: lmms-eval's own aggregation (the task's yaml: "mean", or MMStar's
+# mmstar_aggregate_results) over its own process_results, against tilevlm's `Task.aggregation`
+# over tilevlm's scores, on batteries of samples in uneven groups.
+
+METRIC_KEYS = {"textvqa": "exact_match", "vqav2": "exact_match", "docvqa": "anls",
+               "chartqa": "relaxed_overall", "mmstar": "average", "ai2d": "exact_match",
+               "scienceqa": "exact_match"}
+MMSTAR_GROUPS = {"coarse perception": ["image scene and topic", "image style & quality"],
+                 "math": ["geometry", "numeric commonsense", "statistical reasoning"],
+                 "instance reasoning": ["single-instance reasoning"]}
+
+
+def battery_docs(name: str, n: int, seed: int) -> list[tuple[str, dict]]:
+    """(prediction, doc) pairs: uneven group sizes, right and wrong answers."""
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        if name in ("mmstar", "ai2d", "scienceqa"):
+            doc = mc_doc(name, OPTION_SETS[0][:4], rng.randrange(4))
+            if name == "mmstar":  # skewed: the first group of each category is the largest
+                category = rng.choice(list(MMSTAR_GROUPS))
+                groups = MMSTAR_GROUPS[category]
+                l2 = groups[min(int(rng.expovariate(1.5)), len(groups) - 1)]
+                doc = {**doc, "category": category, "l2_category": l2, "index": i}
+            prediction = rng.choice(["A", "B", "C", "D", "The answer is C", "x"])
+        elif name == "chartqa":
+            doc = chartqa_doc(rng.choice(NUMBERS[:20]))
+            prediction = rng.choice(NUMBERS[:20])
+        else:
+            answers = rng.choice(answer_sets())
+            doc = vqav2_doc(answers) if name == "vqav2" else vqa_doc(answers)
+            prediction = rng.choice(ANSWERS)
+        cases.append((prediction, doc))
+    return cases
+
+
+def lmms_aggregate(lmms: LmmsEval, name: str, cases) -> tuple[float, list]:
+    """lmms-eval's reported number (its aggregation over its process_results), and the raw
+    process_results outputs."""
+    task = lmms.task(name, cases[0][1])
+    outs = [lmms.results(name, prediction, doc) for prediction, doc in cases]
+    key = METRIC_KEYS[name]
+    return task.aggregation()[key]([out[key] for out in outs]), outs
+
+
+@pytest.mark.parametrize("name", list(LMMS_TASKS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_task_score_is_lmms_eval_s_aggregate(lmms, name, seed):
+    cases = battery_docs(name, 120, seed)
+    theirs, _ = lmms_aggregate(lmms, name, cases)
+    samples = [TaskRows(TASKS[name]).to_sample(doc, Path("."), "agg") for _, doc in cases]
+    scores = [score(TASKS[name], p, s) for (p, _), s in zip(cases, samples)]
+    ours = aggregate(TASKS[name].aggregation, scores, [s.get("group") for s in samples])
+    assert ours == theirs
+
+
+def test_mmstar_categories_are_lmms_eval_s_per_category_metrics(lmms):
+    """MMStar reports each category as mmstar_aggregate_results over that category's samples:
+    the mean of its subcategories' means; so does the report's per_category."""
+    cases = battery_docs("mmstar", 200, 7)
+    task = lmms.task("mmstar", cases[0][1])
+    _, outs = lmms_aggregate(lmms, "mmstar", cases)
+    samples = [TaskRows(TASKS["mmstar"]).to_sample(doc, Path("."), "agg") for _, doc in cases]
+    scores = [score(TASKS["mmstar"], p, s) for (p, _), s in zip(cases, samples)]
+    ours = by_category(((s["category"], v) for s, v in zip(samples, scores)),
+                       TASKS["mmstar"].aggregation, [s["group"] for s in samples])
+    for category in MMSTAR_GROUPS:
+        theirs = task.aggregation()[category]([o[category] for o in outs if category in o])
+        assert ours[category]["score"] == theirs, category
+    plain = sum(scores) / len(scores)
+    assert aggregate("mean_of_group_means", scores, [s["group"] for s in samples]) != plain
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -8,7 +8,8 @@ from tilevlm import PRESETS, preset
 from tilevlm.special_tokens import GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, grid_token
 from tilevlm.preprocessing.image import resize_to_tiles
 from tilevlm.config import IGNORE_INDEX
-from tilevlm.preprocessing.processor import Processor, count_image_tokens, image_string
+from tilevlm.preprocessing.processor import (Processor, count_image_tokens, image_prompt_tokens,
+                                             image_string)
 from tilevlm.preprocessing.tokenizer import train_bpe_tokenizer
 
 from reference import chatml, reassemble_tiles, to_tensor
@@ -70,17 +71,24 @@ def test_count_image_tokens_matches_processor_for_each_preset(name, tiny_tokeniz
     images = [Image.new("RGB", size, (90, 30, 200)) for size in SIZES]
     batch = processor([_chat("<image>")] * len(images), [[img] for img in images])
     for b, (w, h) in enumerate(SIZES):
-        expected = count_image_tokens(w, h, config)
+        expected = image_prompt_tokens(w, h, config)
         assert _vlm_token_count(tiny_tokenizer, batch["input_ids"][b]) == expected
         assert expected == batch["n_tiles"][b] * (1 + config.mp_image_token_length)
+        # image tokens: the placeholders alone, the markers are text
+        assert count_image_tokens(w, h, config) == batch["n_tiles"][b] * config.mp_image_token_length
+        assert count_image_tokens(w, h, config) == int(
+            (batch["input_ids"][b] == tiny_tokenizer.image_token_id).sum())
     assert batch["pixel_values"].shape[0] == sum(batch["n_tiles"])
 
 
 def test_original_small_is_one_tile_of_50_tokens():
-    assert count_image_tokens(640, 480, preset("original_small")) == 50
-    assert count_image_tokens(640, 360, preset("split_448")) == 5 * 50  # 2x2 grid + global
-    assert count_image_tokens(640, 224, preset("split_448")) == 3 * 50  # 1x2 grid + global
-    assert count_image_tokens(640, 480, preset("split_448")) == 5 * 50  # 2x2 grid + global
+    assert image_prompt_tokens(640, 480, preset("original_small")) == 50
+    assert image_prompt_tokens(640, 360, preset("split_448")) == 5 * 50  # 2x2 grid + global
+    assert image_prompt_tokens(640, 224, preset("split_448")) == 3 * 50  # 1x2 grid + global
+    assert image_prompt_tokens(640, 480, preset("split_448")) == 5 * 50  # 2x2 grid + global
+    # of which image tokens (the placeholders): 49 a tile, the marker is text
+    assert count_image_tokens(640, 480, preset("original_small")) == 49
+    assert count_image_tokens(640, 360, preset("split_448")) == 5 * 49
 
 
 @settings(max_examples=30, deadline=None,
@@ -91,7 +99,8 @@ def test_count_image_tokens_property(tiny_config, tiny_tokenizer, width, height,
     batch = Processor(config, tiny_tokenizer)([_chat("look: <image>", "ok")],
                                               [[Image.new("RGB", (width, height), (1, 2, 3))]])
     n_vlm = _vlm_token_count(tiny_tokenizer, batch["input_ids"][0])
-    assert n_vlm == count_image_tokens(width, height, config)
+    assert n_vlm == image_prompt_tokens(width, height, config)
+    assert count_image_tokens(width, height, config) == batch["n_tiles"][0] * config.mp_image_token_length
     assert batch["pixel_values"].shape[0] == batch["n_tiles"][0]
 
 

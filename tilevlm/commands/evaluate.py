@@ -117,9 +117,13 @@ def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task,
                                    args.max_new_tokens, args.limit)
     report.model, report.data = str(model_dir), str(args.data)
     per_category = ", ".join(f"{c} {100 * v['score']:.1f}%" for c, v in report.per_category.items())
-    log.info("%s on %s (%s): %s %.1f%% over %d samples%s; skipped %s", model_dir, args.data,
-             task.name, task.metric, 100 * report.score, report.n,
+    aggregate = "" if report.aggregation == "mean" else (
+        f" ({report.aggregation} over {task.group}; plain mean {100 * report.mean:.1f}%)")
+    log.info("%s on %s (%s): %s %.1f%%%s over %d samples%s; skipped %s", model_dir, args.data,
+             task.name, task.metric, 100 * report.score, aggregate, report.n,
              f" ({per_category})" if per_category else "", report.skipped or "none")
+    log.info("prompts: %d tokens, of which %d image tokens", report.prompt_tokens,
+             report.image_tokens)
     preds = args.predictions or (Path(args.out).with_suffix(".predictions.jsonl")
                                  if args.out else None)
     if preds:

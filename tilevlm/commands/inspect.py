@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     img = load_image(args.image, max_pixels=config.max_image_pixels)
     resized, thumb, grid = image_transform(config).resize(img)
     n_tiles = tiles_per_image(grid, config.use_global_tile)
-    n_tokens = count_image_tokens(img.width, img.height, config, tokenizer)
+    n_tokens = count_image_tokens(img.width, img.height, config)
     global_note = " (incl. 1 global thumbnail)" if thumb is not None else ""
     print(f"image:        {args.image}")
     source = f"model:        {args.model}" if args.model else f"preset:       {config.name}"
@@ -52,13 +52,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"resized:      {resized.width}x{resized.height}")
     print(f"grid:         {grid[0]}x{grid[1]} (rows x cols)")
     print(f"tiles:        {n_tiles}{global_note}")
-    print(f"image tokens: {n_tokens} ({n_tiles} x {config.mp_image_token_length} image tokens, "
-          f"plus the {config.image_token_layout} layout's markers)")
+    print(f"image tokens: {n_tokens} ({n_tiles} tiles x {config.mp_image_token_length}, as "
+          "generate, chat and eval count them)")
+    print(_prompt_line(img.width, img.height, config, tokenizer, n_tokens))
     if args.save_png:
         _save_png(args.save_png, img, resized, grid, config.vit_img_size, thumb,
                   f"{args.image}: {img.width}x{img.height} -> {resized.width}x{resized.height}, "
-                  f"{grid[0]}x{grid[1]} tiles, {n_tokens} tokens")
+                  f"{grid[0]}x{grid[1]} tiles, {n_tokens} image tokens")
     return 0
+
+
+def _prompt_line(width: int, height: int, config: VLMConfig, tokenizer: Any,
+                 n_tokens: int) -> str:
+    """Every prompt token the image takes: its image tokens and the layout's markers (text)."""
+    from tilevlm.preprocessing.processor import image_prompt_tokens
+
+    layout = config.image_token_layout
+    try:
+        total = image_prompt_tokens(width, height, config, tokenizer)
+    except ValueError:  # the layout writes text (Idefics3's row breaks): its tokenizer counts it
+        return (f"prompt tokens: the {n_tokens} image tokens + the {layout} layout's markers and "
+                "row breaks (give --model to count them with its tokenizer)")
+    return (f"prompt tokens: {total} (the image tokens + {total - n_tokens} of the {layout} "
+            "layout's markers, counted as text)")
 
 
 def _config(args: argparse.Namespace) -> tuple[VLMConfig, Any]:

@@ -1,6 +1,6 @@
 """Sample lengths known before any pixel is decoded: image sizes from headers, exact token counts.
 
-The Processor's token count is text tokens plus, per image, `count_image_tokens` of its size, and
+The Processor's token count is text tokens plus, per image, `image_prompt_tokens` of its size, and
 the text around `<image>` is tokenized in pieces (special tokens split the text the same way), so
 `measure` equals `len(processor(...)["input_ids"][0])` exactly while reading only image headers
 (`PIL.Image.open` parses the header; pixels are decoded later, in the collator).
@@ -22,7 +22,7 @@ from tilevlm.data.skips import IMAGE_ERROR, TOO_LONG, SkipCounter, SkipSample
 from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
 from tilevlm.preprocessing.image import displayed_size
 from tilevlm.preprocessing.image_rule import image_tiles
-from tilevlm.preprocessing.processor import count_image_tokens
+from tilevlm.preprocessing.processor import image_prompt_tokens
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 from tilevlm.special_tokens import image_label
 
@@ -67,7 +67,7 @@ class SampleMeter:
         cfg = self.config
         sizes = [image_size(s, cfg.max_image_pixels) for s in sample["images"]]
         n_tiles = sum(image_tiles(w, h, cfg) for w, h in sizes)
-        image_tokens = sum(count_image_tokens(w, h, cfg, self.tokenizer) for w, h in sizes)
+        image_tokens = sum(image_prompt_tokens(w, h, cfg, self.tokenizer) for w, h in sizes)
         return self.text_tokens(sample["messages"]) + image_tokens, n_tiles
 
     def text_tokens(self, messages: list[dict[str, str]]) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import torch
 from torch import nn
 
-from tilevlm.inference.generation import generate
+from tilevlm.inference.generation import GenerationOutput, generate
 
 T = TypeVar("T")
 # (model, processor, conversations, images per conversation, max_new_tokens) -> answers
@@ -25,11 +25,18 @@ def split_prompt(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], 
 
 
 @torch.no_grad()
+def greedy_outputs(model: nn.Module, processor: Any, conversations: list[list[dict[str, str]]],
+                   images: list[list[Any]], max_new_tokens: int) -> GenerationOutput:
+    """`generate`'s output (answers and stats: prompt and image tokens) for prompts that end
+    with a user turn."""
+    batch = processor(conversations, images, padding_side="left", add_generation_prompt=True)
+    return generate(model, batch, max_new_tokens, tokenizer=processor.tokenizer)
+
+
 def greedy_answers(model: nn.Module, processor: Any, conversations: list[list[dict[str, str]]],
                    images: list[list[Any]], max_new_tokens: int) -> list[str]:
     """Greedy answers for prompts that end with a user turn (an AnswerFn)."""
-    batch = processor(conversations, images, padding_side="left", add_generation_prompt=True)
-    return generate(model, batch, max_new_tokens, tokenizer=processor.tokenizer).texts
+    return greedy_outputs(model, processor, conversations, images, max_new_tokens).texts
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -77,4 +77,5 @@ def _report(scored: list[_Scored], loss: float, n_examples: int) -> EvalReport:
                 for s in scored[:n_examples]]
     score = sum(s.hit for s in scored) / max(len(scored), 1)
     return EvalReport("exact_match", "exact_match", score, len(scored),
-                      by_category((s.qtype, s.hit) for s in scored), loss, examples=examples)
+                      by_category((s.qtype, s.hit) for s in scored), loss, examples=examples,
+                      mean=score)

@@ -1,5 +1,6 @@
 """Score a model on a task over a local data set: batched KV-cached greedy answers, the task's
-metric per answer, a report (overall, per category, skips, timings) and every prediction.
+metric per answer, a report (the task's aggregate and the plain mean, per category, skips,
+timings, the prompt and image tokens read) and every prediction.
 
     samples, skips = task_samples(get_task("ai2d"), "ai2d/test.parquet", processor)
     report, predictions = run_task(model, processor, samples, task, skips=skips, limit=500)
@@ -22,9 +23,11 @@ from tilevlm.data.lengths import LengthFilter
 from tilevlm.data.readers.dataset import open_dataset
 from tilevlm.data.sample import Sample
 from tilevlm.data.skips import IMAGE_ERROR, SkipCounter
-from tilevlm.evaluation.answering import chunks, greedy_answers, split_prompt
+from tilevlm.evaluation.aggregation import aggregate, mean
+from tilevlm.evaluation.answering import chunks, greedy_outputs, split_prompt
 from tilevlm.evaluation.report import EvalReport, by_category
 from tilevlm.evaluation.tasks import Task, TaskRows, score
+from tilevlm.inference.generation import GenerationStats
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: 
     image that does not decode) is counted as skipped, never a crash."""
     skips = skips if skips is not None else SkipCounter()
     max_new_tokens = max_new_tokens or task.max_new_tokens
-    start, predictions = time.perf_counter(), []
+    start, predictions, read = time.perf_counter(), [], GenerationStats()
     stream = itertools.islice(samples, limit) if limit else iter(samples)
     drawn = progress and sys.stderr.isatty()  # a log file gets no \r frames
     bar = tqdm(total=limit, desc=f"eval {task.name}", unit="sample", disable=not drawn,
@@ -68,13 +71,14 @@ def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: 
     model.eval()
     try:
         for chunk in chunks(stream, batch_size):
-            for sample, answer in _answer_chunk(model, processor, chunk, max_new_tokens, skips):
+            for sample, answer in _answer_chunk(model, processor, chunk, max_new_tokens, skips,
+                                                read):
                 predictions.append(_record(task, sample, answer))
             bar.update(len(chunk))
     finally:
         model.train(was_training)
         bar.close()
-    report = _report(task, predictions, skips, time.perf_counter() - start)
+    report = _report(task, predictions, skips, time.perf_counter() - start, read)
     if report.n == 0:
         raise ValueError(f"no sample of the data could be scored with task {task.name} "
                          f"(skipped: {skips.as_dict() or 'none; the data set is empty'})")
@@ -82,35 +86,48 @@ def run_task(model: nn.Module, processor: Any, samples: Iterable[Sample], task: 
 
 
 def _answer_chunk(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int,
-                  skips: SkipCounter) -> list[tuple[Sample, str]]:
-    """Greedy answers for a chunk; when the batch fails, one by one, counting the bad ones."""
+                  skips: SkipCounter, read: GenerationStats) -> list[tuple[Sample, str]]:
+    """Greedy answers for a chunk; when the batch fails, one by one, counting the bad ones.
+    The prompt and image tokens of what was answered are added to `read`."""
     try:
-        return list(zip(chunk, _answers(model, processor, chunk, max_new_tokens)))
+        return list(zip(chunk, _answers(model, processor, chunk, max_new_tokens, read)))
     except ValueError:
         good = []
         for sample in chunk:
             try:
-                good += zip([sample], _answers(model, processor, [sample], max_new_tokens))
+                good += zip([sample], _answers(model, processor, [sample], max_new_tokens, read))
             except ValueError as e:
                 skips.add(IMAGE_ERROR, sample.get("source", ""), str(e))
         return good
 
 
-def _answers(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int
-             ) -> list[str]:
+def _answers(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int,
+             read: GenerationStats) -> list[str]:
     prompts = [split_prompt(s["messages"])[0] for s in chunk]
-    return greedy_answers(model, processor, prompts, [s["images"] for s in chunk], max_new_tokens)
+    out = greedy_outputs(model, processor, prompts, [s["images"] for s in chunk], max_new_tokens)
+    read.prompt_tokens += out.stats.prompt_tokens
+    read.image_tokens += out.stats.image_tokens
+    return out.texts
 
 
 def _record(task: Task, sample: Sample, prediction: str) -> dict[str, Any]:
-    return {"source": sample.get("source", ""), "prompt": sample["messages"][-2]["content"],
-            "prediction": prediction, "reference": sample["reference"],
-            "score": score(task, prediction, sample), "category": sample.get("category")}
+    record = {"source": sample.get("source", ""), "prompt": sample["messages"][-2]["content"],
+              "prediction": prediction, "reference": sample["reference"],
+              "score": score(task, prediction, sample), "category": sample.get("category")}
+    if task.group is not None:
+        record["group"] = sample.get("group")
+    return record
 
 
 def _report(task: Task, predictions: list[dict[str, Any]], skips: SkipCounter,
-            seconds: float) -> EvalReport:
-    total = sum(p["score"] for p in predictions)
-    return EvalReport(task.name, task.metric, total / max(len(predictions), 1), len(predictions),
-                      by_category((p["category"], p["score"]) for p in predictions),
-                      skipped=skips.as_dict(), seconds=seconds)
+            seconds: float, read: GenerationStats) -> EvalReport:
+    """The task's aggregate of the scores (lmms-eval's), with the plain mean beside it."""
+    scores = [p["score"] for p in predictions]
+    groups = [p.get("group") for p in predictions]
+    return EvalReport(task.name, task.metric, aggregate(task.aggregation, scores, groups),
+                      len(predictions),
+                      by_category(((p["category"], p["score"]) for p in predictions),
+                                  task.aggregation, groups),
+                      skipped=skips.as_dict(), seconds=seconds, aggregation=task.aggregation,
+                      mean=mean(scores) if scores else 0.0, prompt_tokens=read.prompt_tokens,
+                      image_tokens=read.image_tokens)

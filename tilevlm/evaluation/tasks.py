@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tilevlm.evaluation import metrics
+from tilevlm.evaluation.aggregation import AGGREGATIONS
 from tilevlm.data.readers.parquet import image_source
 from tilevlm.data.sample import Sample, conversation_sample
 from tilevlm.data.skips import MALFORMED, SkipSample
@@ -47,6 +48,10 @@ class Task:
     # metrics.LMMS_EVAL: its filters, answer parser and metric variant); None: tilevlm's own
     # rule for `metric`
     scorer: str | None = None
+    # how the scores become the task's one number (`aggregation.AGGREGATIONS`: lmms-eval's
+    # aggregation for the task); "mean_of_group_means" averages per value of the `group` column
+    aggregation: str = "mean"
+    group: str | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -58,9 +63,15 @@ class Task:
         if self.scorer is not None and metrics.LMMS_EVAL[self.scorer][0] != self.metric:
             raise ValueError(f"task {self.name}: scorer {self.scorer!r} scores "
                              f"{metrics.LMMS_EVAL[self.scorer][0]}, not {self.metric}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"task {self.name}: unknown aggregation {self.aggregation!r}; "
+                             f"choose one of {', '.join(AGGREGATIONS)}")
+        if (self.aggregation == "mean_of_group_means") != (self.group is not None):
+            raise ValueError(f"task {self.name}: a group column goes with, and only with, "
+                             "aggregation mean_of_group_means")
 
     def columns(self) -> list[str]:
-        named = (self.question, self.answer, self.image, self.choices, self.category)
+        named = (self.question, self.answer, self.image, self.choices, self.category, self.group)
         return [c for c in named if c is not None]
 
 
@@ -68,7 +79,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("multiple_choice", "multiple_choice", choices="choices", category="category",
          instruction=LETTER_PROMPT, max_new_tokens=8),
     Task("mmstar", "multiple_choice", category="category", instruction=MMSTAR_PROMPT,
-         max_new_tokens=8, scorer="mmstar"),  # options are written in the question
+         max_new_tokens=8, scorer="mmstar",  # options are written in the question
+         aggregation="mean_of_group_means", group="l2_category"),
     Task("ai2d", "multiple_choice", choices="options", instruction=LETTER_PROMPT,
          max_new_tokens=8, scorer="ai2d"),
     Task("scienceqa", "multiple_choice", choices="choices", category="subject",
@@ -125,8 +137,10 @@ class TaskRows:
                     {"role": "assistant", "content": _first(reference)}]
         sample = conversation_sample(messages, images, where)
         category = row.get(task.category) if task.category else None
+        group = row.get(task.group) if task.group else None
         sample.update(reference=reference, n_choices=n_choices,
-                      category=None if category is None else str(category))
+                      category=None if category is None else str(category),
+                      group=None if group is None else str(group))
         return sample
 
     def _prompt_and_reference(self, row: dict[str, Any], question: str

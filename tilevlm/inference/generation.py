@@ -32,7 +32,7 @@ from tilevlm.model.language import KVCache
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0  # real (non-pad) prompt tokens over the batch
-    image_tokens: int = 0  # of which the images' (markers + placeholders: count_image_tokens)
+    image_tokens: int = 0  # of which image tokens: the placeholders (count_image_tokens)
     tiles: int = 0
     new_tokens: int = 0  # generated tokens kept in the outputs, over the batch
     steps: int = 0  # decode steps run
@@ -278,14 +278,17 @@ def generate_ids(
 
 
 def _batch_stats(model: Any, batch: dict[str, Any]) -> GenerationStats:
+    """Prompt tokens and, of them, image tokens: the placeholders the tiles' features replace
+    (the model's image token id), whatever the layout; its markers count as text."""
     mask = batch.get("attention_mask")
     ids = batch["input_ids"]
     real = int(mask.sum()) if mask is not None else ids.numel()
-    first = model.image_token_id  # the special tokens: image, global, grid cells (an image's own)
-    image = int(((ids >= first) & (ids < first + model.cfg.n_special_tokens)).sum())
-    placeholders = int((ids == first).sum())
+    placeholders = ids == model.image_token_id  # (B, T)
+    if mask is not None:
+        placeholders &= mask.bool()
+    image = int(placeholders.sum())
     pixels = batch.get("pixel_values")
-    tiles = 0 if pixels is None else placeholders // model.cfg.mp_image_token_length
+    tiles = 0 if pixels is None else image // model.cfg.mp_image_token_length
     return GenerationStats(prompt_tokens=real, image_tokens=image, tiles=tiles,
                            batch_rows=ids.shape[0])
 

@@ -84,8 +84,9 @@ class Idefics3ImageTransform:
     """PIL image -> normalized tiles [N, 3, T, T] and the grid (n_h, n_w), the global tile where
     the layout puts it (last for Idefics3). The same methods as `ImageTransform`."""
 
-    def __init__(self, config: VLMConfig, jpeg_draft: bool = False) -> None:
-        del jpeg_draft  # the rule's pixels come from a full decode
+    def __init__(self, config: VLMConfig, jpeg_draft: bool = False,
+                 fast_resize: bool = False) -> None:
+        del jpeg_draft, fast_resize  # transformers' pixels: a full decode, plain Lanczos resizes
         self.config = config
         self.tile_size = config.vit_img_size
         self.global_first = get_layout(config.image_token_layout).global_first

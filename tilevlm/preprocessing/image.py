@@ -7,9 +7,10 @@ Resize rule (`tile_grid`), nanoVLM's DynamicResize, which the seed describes: th
 becomes `max_img_size` with `resize_to_max_side_len`, else its length rounded *up* to a multiple of
 the tile size, at most `max_img_size`; the short side keeps the aspect ratio and is rounded *up*
 to a multiple of the tile size too, at least one tile. So a 1280x720 photo is a 2x2 grid at
-`max_img_size` 448, and a 100x60 image one whole tile. The image is resized once, bicubic, from
-its 8-bit pixels; the global thumbnail is a bilinear (antialiased) resize of the resized image's
-float [0, 1] pixels to one tile, as nanoVLM's GlobalAndSplitImages does.
+`max_img_size` 448, and a 100x60 image one whole tile. The image is resized once, Pillow's plain
+bicubic from its 8-bit pixels (what torchvision's resize of a PIL image, nanoVLM's, calls); the
+global thumbnail is a bilinear (antialiased) resize of the resized image's float [0, 1] pixels to
+one tile, as nanoVLM's GlobalAndSplitImages does. Both are nanoVLM's pixels exactly, at any scale.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ _RESAMPLE = Image.Resampling.BICUBIC
 _ORIENTATION = 0x0112  # the EXIF orientation tag
 _TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
 _DRAFT_SCALES = (8, 4, 2)  # the reduced scales libjpeg decodes at directly
+FAST_RESIZE_GAP = 3.0  # `fast_resize`'s Pillow reducing_gap
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
@@ -222,14 +224,19 @@ def tiles_per_image(grid: tuple[int, int], use_global: bool) -> int:
 
 
 def resize_to_tiles(img: Image.Image, tile_size: int, max_img_size: int,
-                    resize_to_max_side_len: bool = False) -> Image.Image:
-    """Resize once (bicubic, antialiased) to the tile-multiple size `tile_grid` gives."""
+                    resize_to_max_side_len: bool = False,
+                    reducing_gap: float | None = None) -> Image.Image:
+    """Resize once (bicubic, antialiased) to the tile-multiple size `tile_grid` gives.
+
+    `reducing_gap` (speed, off by default): Pillow first box-shrinks the image by a whole factor
+    while it stays `reducing_gap` times larger than the target, which is faster for several-fold
+    shrinks but is not nanoVLM's plain bicubic resize (`FAST_RESIZE_GAP`, `ImageTransform`).
+    """
     n_h, n_w = tile_grid(img.width, img.height, tile_size, max_img_size, resize_to_max_side_len)
     size = (n_w * tile_size, n_h * tile_size)
     if img.size == size:
         return img
-    # reducing_gap: a fast box pre-shrink for huge inputs, visually identical at 3.0.
-    return img.resize(size, _RESAMPLE, reducing_gap=3.0)
+    return img.resize(size, _RESAMPLE, reducing_gap=reducing_gap)
 
 
 # ----------------------------------------------------------------------------- several at once
@@ -271,13 +278,19 @@ class ImageTransform:
 
     Speed (`tilevlm bench`, preprocessing): the image is resized once; the uint8 pixels are
     converted to float, cut into tiles and normalized in one preallocated [N, 3, T, T] tensor
-    (each tile a view of it). `jpeg_draft=True` also lets `load` decode a large JPEG at a reduced
-    scale (`draft_scale`): faster, the same grid, but pixels a few 8-bit levels away from a full
-    decode and resize (what nanoVLM feeds its models), so it is off unless asked for.
+    (each tile a view of it). Two opt-in shortcuts trade nanoVLM's exact pixels for speed on
+    large images, so both are off unless asked for (docs/performance.md has their cost and
+    pixel difference): `jpeg_draft=True` lets `load` decode a large JPEG at a reduced scale
+    (`draft_scale`; the same grid, pixels a few 8-bit levels away from a full decode and
+    resize), `fast_resize=True` lets Pillow box-shrink before the bicubic resize
+    (`FAST_RESIZE_GAP`; the same grid, pixels up to about 20 levels away on fine detail shrunk
+    several-fold, identical below a 6x shrink).
     """
 
-    def __init__(self, config: VLMConfig, jpeg_draft: bool = False) -> None:
+    def __init__(self, config: VLMConfig, jpeg_draft: bool = False,
+                 fast_resize: bool = False) -> None:
         self.jpeg_draft = jpeg_draft
+        self.reducing_gap = FAST_RESIZE_GAP if fast_resize else None
         self.tile_size = config.vit_img_size
         self.max_img_size = config.max_img_size
         self.resize_to_max_side_len = config.resize_to_max_side_len
@@ -345,7 +358,7 @@ class ImageTransform:
 
     def _resized(self, img: Image.Image) -> tuple[Image.Image, tuple[int, int]]:
         resized = resize_to_tiles(img, self.tile_size, self.max_img_size,
-                                  self.resize_to_max_side_len)
+                                  self.resize_to_max_side_len, self.reducing_gap)
         return resized, (resized.height // self.tile_size, resized.width // self.tile_size)
 
     def _has_thumbnail(self, grid: tuple[int, int]) -> bool:

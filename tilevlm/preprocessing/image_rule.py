@@ -22,9 +22,10 @@ def image_tiles(width: int, height: int, config: VLMConfig) -> int:
     return tiles_per_image(image_grid(width, height, config), config.use_global_tile)
 
 
-def image_transform(config: VLMConfig, jpeg_draft: bool = False
+def image_transform(config: VLMConfig, jpeg_draft: bool = False, fast_resize: bool = False
                     ) -> ImageTransform | Idefics3ImageTransform:
-    """The transform (load, resize, __call__) of the config's image rule."""
+    """The transform (load, resize, __call__) of the config's image rule; `jpeg_draft` and
+    `fast_resize` are `ImageTransform`'s opt-in shortcuts (the Idefics3 rule takes neither)."""
     if config.image_rule == "idefics3":
-        return Idefics3ImageTransform(config, jpeg_draft=jpeg_draft)
-    return ImageTransform(config, jpeg_draft=jpeg_draft)
+        return Idefics3ImageTransform(config, jpeg_draft=jpeg_draft, fast_resize=fast_resize)
+    return ImageTransform(config, jpeg_draft=jpeg_draft, fast_resize=fast_resize)

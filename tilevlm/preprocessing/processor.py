@@ -15,7 +15,7 @@ from PIL import Image
 
 from tilevlm.config import IGNORE_INDEX, VLMConfig
 from tilevlm.preprocessing.image import ImageLike, default_image_threads, thread_map
-from tilevlm.preprocessing.image_rule import image_grid, image_transform
+from tilevlm.preprocessing.image_rule import image_grid, image_tiles, image_transform
 from tilevlm.preprocessing.chat_template import (IMAGE_PLACEHOLDER, PlaceholderMismatch,
                                                  check_message, fill_placeholders,
                                                  place_image_placeholders)
@@ -35,10 +35,19 @@ def image_string(tokenizer: VLMTokenizer, grid: tuple[int, int], mp_image_token_
     return "".join(image_tokens(grid, mp_image_token_length, use_global, layout))
 
 
-def count_image_tokens(width: int, height: int, config: VLMConfig,
-                       tokenizer: VLMTokenizer | None = None) -> int:
-    """Tokens (markers + image tokens, and the tokens of any text the layout writes, which
-    needs the tokenizer) a width x height image takes, without reading pixels."""
+def count_image_tokens(width: int, height: int, config: VLMConfig) -> int:
+    """Image tokens of a width x height image, without reading pixels: the placeholders its
+    tiles' features replace, tiles x `mp_image_token_length`, in every layout. The one
+    definition `generate`, `chat`, `eval` and `inspect` report (README: "image tokens"); the
+    markers a layout writes around them are text tokens (`image_prompt_tokens` adds them)."""
+    return image_tiles(width, height, config) * config.mp_image_token_length
+
+
+def image_prompt_tokens(width: int, height: int, config: VLMConfig,
+                        tokenizer: VLMTokenizer | None = None) -> int:
+    """Every prompt token a width x height image takes: its image tokens plus the layout's
+    markers and any text the layout writes between them (Idefics3's row breaks, which need the
+    tokenizer to count), without reading pixels."""
     pieces = image_pieces(image_grid(width, height, config), config.mp_image_token_length,
                           config.use_global_tile, config.image_token_layout)
     n_special, runs = text_runs(pieces)
@@ -64,7 +73,8 @@ class Processor:
     """
 
     def __init__(self, config: VLMConfig, tokenizer: VLMTokenizer,
-                 image_threads: int | None = None, jpeg_draft: bool = False) -> None:
+                 image_threads: int | None = None, jpeg_draft: bool = False,
+                 fast_resize: bool = False) -> None:
         if tokenizer.grid_side < config.max_tiles_per_side:
             raise ValueError(f"the tokenizer's {tokenizer.grid_side}x{tokenizer.grid_side} grid "
                              f"tokens cannot name the {config.max_tiles_per_side}-tile sides that "
@@ -85,7 +95,8 @@ class Processor:
                              f"{config.image_token_id} in the config)")
         self.config = config
         self.tokenizer = tokenizer
-        self.transform = image_transform(config, jpeg_draft=jpeg_draft)  # the config's image rule
+        # the config's image rule (jpeg_draft, fast_resize: opt-in speed, not the peer's pixels)
+        self.transform = image_transform(config, jpeg_draft=jpeg_draft, fast_resize=fast_resize)
         # A batch's images are decoded on this many threads (None: `default_image_threads()`).
         self.image_threads = image_threads
 
