@@ -12,13 +12,15 @@ Rules every reader follows (docs/reliability.md, "Files that name other files"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # Deeper JSON is refused: no file tilevlm reads nests anywhere near this.
 MAX_JSON_DEPTH = 64
@@ -102,6 +104,17 @@ def confined(root: str | Path, name: Any, what: str = "path",
     return Path(path)
 
 
+def path_overlap(output: str | Path, source: str | Path) -> str | None:
+    """How writing `output` would touch `source` (symlinks resolved): "is" (the same file or
+    directory), "holds" (a directory above it), or None."""
+    out, src = os.path.realpath(output), os.path.realpath(source)
+    if out == src:
+        return "is"
+    if os.path.commonpath([out, src]) == out:
+        return "holds"
+    return None
+
+
 def make_output_dir(path: Path, what: str = "output directory") -> Path:
     """`path` as a directory (created with its parents); a ValueError when it, or a parent,
     exists and is not a directory (an input mistake, not a machine failure)."""
@@ -123,7 +136,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        with rust_io_errors(path):
+            write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
         _fsync_file(Path(tmp))
         os.replace(tmp, path)
@@ -140,30 +154,61 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_directory(final: Path, write: Callable[[Path], None], prefix: str = ".tmp-") -> Path:
     """Run `write(tmp_dir)` in a temporary directory `prefix*` beside `final`, fsync every file,
-    rename it to `final` (replacing it): a kill leaves the old `final`, or the new one, never half
-    of one; a failed `write` leaves nothing behind."""
+    rename it to `final` (replacing it whole: none of the old directory's files is kept): a kill
+    leaves the old `final`, or the new one, never half of one; a failed `write` (a full disk
+    included) leaves nothing behind and the old `final` as it was."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
-        write(tmp)
+        with rust_io_errors(final):
+            write(tmp)
         _fsync_tree(tmp)
+        _replace_dir(tmp, final, prefix)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, final, prefix)
     return final
 
 
 def _replace_dir(src: Path, dst: Path, prefix: str) -> None:
-    """`os.replace` for directories; an existing `dst` is moved aside first and deleted after."""
+    """`os.replace` for directories; an existing `dst` is moved aside first and deleted after
+    (put back when the rename fails)."""
     old = None
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
         os.replace(dst, old / dst.name)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old / dst.name, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     _fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Rust writers (safetensors, tokenizers) raise their own exception types for a failed write,
+# with the OS error in the message: "... No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def rust_io_errors(path: str | Path) -> Iterator[None]:
+    """A failed write inside safetensors' or tokenizers' Rust code (a full disk, ...) as the
+    OSError it reports, naming `path`: a machine failure like any other (one line, exit 1 on
+    the command line), not an unknown exception type."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only those that carry an OS error are converted
+        found = _RUST_OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def _fsync_tree(directory: Path) -> None:

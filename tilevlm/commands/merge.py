@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from tilevlm.commands.options import (add_model_argument, add_new_out_arguments,
-                                      add_threads_argument, check_new_out, model_source)
+                                      add_threads_argument, check_new_out, check_outputs,
+                                      model_source, write_new_out)
 
 HELP = "merge a LoRA adapter (from `tilevlm train --lora`) into its base model"
 
@@ -37,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
     check_new_out(args)
     adapter = _adapter_dir(Path(args.adapter))
     base = model_source(args)
+    check_outputs({"--out": args.out}, {"--model": base.directory, "--adapter": adapter})
     processor = load_processor(base)
     model = load_model(base, processor, "cpu", torch.float32)
     merge_lora(load_adapter(model, adapter))
-    save_pretrained(model, args.out, tokenizer=processor.tokenizer)
+    write_new_out(args.out, lambda tmp: save_pretrained(model, tmp, tokenizer=processor.tokenizer))
     log.info("merged %s into %s: wrote %s (%s parameters)", adapter, base.directory, args.out,
              f"{model.num_parameters():,}")
     return 0

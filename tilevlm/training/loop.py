@@ -64,6 +64,7 @@ from tilevlm.training.fsdp import (
 from tilevlm.training.lora import apply_lora
 from tilevlm.training.master_weights import MasterWeights
 from tilevlm.training.run_io import MetricsLog, NoMetrics, SigintFlag, progress_bar
+from tilevlm.training.run_lock import clear_run
 from tilevlm.training.train_config import TrainConfig
 from tilevlm.weights.native import save_pretrained
 from tilevlm.weights.run_folder import (
@@ -166,12 +167,15 @@ class _StepFigures:
 # ---------------------------------------------------------------- entry point
 def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]] | Any,
           val_data: Iterable[dict[str, Any]] | None = None, config: TrainConfig | None = None,
-          resume_from: str | Path | None = None) -> TrainResult:
+          resume_from: str | Path | None = None, overwrite: bool = False) -> TrainResult:
     """Train `model` on `train_data`; see the module docstring. Ctrl-C saves and returns.
+    `overwrite`: a previous run's files in the run folder are deleted first, once every
+    option is checked (`run_lock.clear_run`); `run_lock.claim_run_dir` is what checks and
+    locks the folder before any work (the command line calls it).
 
     Under torchrun, call it inside `distributed.process_group(device)` (the CLI does)."""
     cfg = config or TrainConfig()
-    run = _setup(model, processor, train_data, val_data, cfg, resume_from)
+    run = _setup(model, processor, train_data, val_data, cfg, resume_from, overwrite)
     interrupted = False
     try:
         with SigintFlag() as stop:
@@ -219,7 +223,7 @@ def _periodic(run: _Run) -> None:
 # ---------------------------------------------------------------- setup
 def _setup(model: nn.Module, processor: Any, train_data: Any,
            val_data: Iterable[dict[str, Any]] | None, cfg: TrainConfig,
-           resume_from: str | Path | None) -> _Run:
+           resume_from: str | Path | None, overwrite: bool = False) -> _Run:
     _check_options(cfg, model)
     rank, world = distributed.rank(), distributed.world_size()
     sharded = cfg.fsdp and world > 1
@@ -250,6 +254,8 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
                                       over=master.groups if master else None)
     out_dir = make_output_dir(Path(cfg.out_dir), "run directory (--out)")
     if distributed.is_main():
+        if overwrite:
+            clear_run(out_dir)
         checkpoints.check_pointer(out_dir)
         checkpoints.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \

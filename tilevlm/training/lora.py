@@ -24,13 +24,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tilevlm.files import read_json_object
+from tilevlm.weights.run_folder import ADAPTER_DIR  # noqa: F401  (OUT/adapter/ of a LoRA run)
 
 ADAPTED_PARTS = ("vision_encoder", "decoder")
 TARGETS = {"vision_encoder": ("qkv", "proj", "fc1", "fc2"),
            "decoder": ("qkv", "out", "gate_up", "down")}
 ADAPTER_TENSORS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_DIR = "adapter"  # OUT/adapter/ of a LoRA run
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@
     OUT/checkpoint-{step}/     a checkpoint: the model + optimizer, RNG and trainer state
     OUT/latest                 the newest checkpoint's directory name
     OUT/metrics.jsonl          the run's log
+    OUT/tilevlm.lock           held while a run writes here (`training/run_lock.py`)
 
 The names, the trainer state's form (`TrainState`), which checkpoint is intact (headers and JSON
 only, no tensor read), which one to resume from (`checkpoint_to_resume`) and which model a
@@ -35,7 +36,22 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 TMP_PREFIX = ".tmp-ckpt-"
+LOCK_FILE = "tilevlm.lock"
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_DIR = "adapter"  # OUT/adapter/ of a LoRA run
+# What a run writes in its folder (besides the lock): a folder holding any of these holds a run.
+RUN_NAMES = (FINAL_MODEL, ADAPTER_DIR, LATEST, METRICS_FILE, "tensorboard")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def run_entries(directory: Path) -> list[str]:
+    """The names in `directory` that a run wrote there (checkpoints, half-written ones included,
+    `latest`, `model/`, `adapter/`, metrics), sorted; [] for a folder that holds no run."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name in RUN_NAMES or _CHECKPOINT_RE.match(p.name)
+                  or p.name.startswith(TMP_PREFIX))
 
 
 @dataclass
