@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # heavy modules are imported when a command runs
     from torch import nn
@@ -102,6 +102,17 @@ def write_new_out(out: str | Path, write: Callable[[Path], None]) -> Path:
     return atomic_directory(out, write, prefix=f".{out.name}.tmp-")
 
 
+def check_output_file(path: str | Path, name: str) -> None:
+    """A ValueError, before any work, when the output file `path` is a directory or lies under
+    a file (it could not be written at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a directory; give a file name")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{name} {path} lies under the file {parent}; give another path")
+
+
 def check_outputs(outputs: dict[str, str | Path | None],
                   inputs: dict[str, str | Path | None]) -> None:
     """Output paths checked before any work (`files.path_overlap`): no output is an input or
@@ -176,6 +187,15 @@ def check_generation_arguments(args: argparse.Namespace) -> None:
     sampling_params(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
+def check_max_new_tokens(max_new_tokens: int, config: Any) -> None:
+    """A ValueError, before the weights load, when --max-new-tokens alone fills the model's
+    positions (no prompt could go with it)."""
+    limit = config.lm_max_position_embeddings
+    if max_new_tokens >= limit:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {limit} positions (lm_max_position_embeddings)")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
