@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -89,6 +90,57 @@ def read_json_object(path: Path, missing_ok: bool = False) -> dict[str, Any]:
 def _json_type(value: Any) -> str:
     names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
     return names.get(type(value), "number")
+
+
+REQUIRED = object()  # `json_field`'s default: the field must be there
+_KINDS = {  # a field's kind -> (test, what it must be)
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v), "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def json_field(data: dict[str, Any], key: str, kind: str, where: str | Path,
+               default: Any = REQUIRED, low: float | None = None, high: float | None = None,
+               nullable: bool = False, prefix: str = "") -> Any:
+    """`data[key]` of a JSON object read from a file we did not write, checked before use: of
+    `kind` (one of int, number, bool, str, object, list), within [low, high] for numbers; a
+    missing key (or null, when `nullable`) gives `default`. A ValueError names the file and the
+    field (`where: prefix+key must be ...`) otherwise."""
+    name = f"{prefix}{key}"
+    value = data.get(key) if isinstance(data, dict) else None
+    if value is None and (key not in data or nullable):
+        if default is REQUIRED:
+            raise ValueError(f"{where}: {name} is missing")
+        return default
+    test, what = _KINDS[kind]
+    if not test(value):
+        raise ValueError(f"{where}: {name} must be {what}, got {value!r:.60}")
+    if low is not None and value < low:
+        raise ValueError(f"{where}: {name} must be >= {low:g}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{where}: {name} must be <= {high:g}, got {value}")
+    return value
+
+
+def json_numbers(data: dict[str, Any], key: str, where: str | Path, count: int,
+                 default: Any = REQUIRED, low: float | None = None, prefix: str = "") -> Any:
+    """A list of `count` finite numbers (each >= `low` when given) at `data[key]`, as a tuple
+    of floats; `default` when missing; a ValueError naming the file and the field otherwise."""
+    value = json_field(data, key, "list", where, default, prefix=prefix)
+    if value is default:
+        return default
+    ok = len(value) == count and all(_KINDS["number"][0](v) and (low is None or v >= low)
+                                     for v in value)
+    if not ok:
+        bound = f" >= {low:g}" if low is not None else ""
+        raise ValueError(f"{where}: {prefix}{key} must be a list of {count} finite numbers"
+                         f"{bound}, got {value!r:.60}")
+    return tuple(float(v) for v in value)
 
 
 def confined(root: str | Path, name: Any, what: str = "path",

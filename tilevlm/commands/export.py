@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
                                           write_new_out)
     from tilevlm.weights.export_idefics3 import check_exportable, export_idefics3
     from tilevlm.weights.loading import load_model, load_processor
+    from tilevlm.weights.safetensors_files import check_finite
 
     check_new_out(args, "OUT")
     source = model_source(args)  # a model directory, a checkpoint or a run folder
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     check_exportable(source.config)  # before anything heavy
     processor = load_processor(source, args.tokenizer)
     model = load_model(source, processor, "cpu")
+    check_finite(model.state_dict(), f"{source.directory}")  # never written out silently
     write_new_out(args.out, lambda tmp: export_idefics3(model, processor.tokenizer, tmp))
     print(f"wrote {args.out}: Idefics3ForConditionalGeneration, {model.num_parameters():,} "
           f"parameters, {processor.config.mp_image_token_length} tokens per tile")

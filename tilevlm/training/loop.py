@@ -76,6 +76,10 @@ from tilevlm.weights.run_folder import (
 
 log = logging.getLogger(__name__)
 
+# With on_nonfinite="skip", this many non-finite steps in a row stop the run (a NaN model or
+# data that is all bad: nothing can be learned).
+MAX_NONFINITE_IN_A_ROW = 20
+
 # Skip reasons summed over ranks each step; anything else (e.g. a map-style sample that failed
 # to read) is counted as OTHER.
 SKIP_REASONS = (MALFORMED, PLACEHOLDERS, PATH_ESCAPE, IMAGE_ERROR, TOO_LONG, TOO_MANY_TILES,
@@ -115,6 +119,8 @@ class _Run:
     last_val: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
     validates: bool = False  # the same on every rank: whether rank 0 has validation samples
+    finite_steps: int = 0  # steps of this session whose update was applied
+    nonfinite_in_a_row: int = 0
     master: "MasterWeights | None" = None  # bf16_mode "weights": the optimizer's fp32 copies
 
     @property
@@ -204,7 +210,14 @@ def _loop(run: _Run, stop: "SigintFlag") -> bool:
 
 
 def _finish(run: _Run) -> None:
-    """Final checkpoint, then validation: the save comes before anything that can still fail."""
+    """Final checkpoint, then validation: the save comes before anything that can still fail.
+    A run none of whose steps was finite ends in an error instead: it learned nothing."""
+    ran = run.finite_steps + run.nonfinite_in_a_row
+    if ran and not run.finite_steps:
+        raise ValueError(f"every one of the {ran} steps of this run was non-finite (NaN or inf "
+                         "loss or gradients; --on-nonfinite skip dropped them all): nothing was "
+                         "learned and no model is written; check the data, the learning rates "
+                         "and the model")
     _log_epoch(run, final=True)
     _save(run)
     if run.validates:
@@ -366,6 +379,8 @@ def _train_step(run: _Run, bar: Any, stop: "SigintFlag") -> bool:
         run.optimizer.step()
         if run.master is not None:
             run.master.masters_to_weights()
+        run.finite_steps += 1
+        run.nonfinite_in_a_row = 0
     else:
         _nonfinite(run, loss_value, norm_value)
     run.optimizer.zero_grad(set_to_none=True)
@@ -416,6 +431,11 @@ def _nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
     if run.cfg.on_nonfinite == "stop":
         raise ValueError(f"{what} at step {step}; set on_nonfinite='skip' to drop such steps")
     run.state.nonfinite_steps += 1
+    run.nonfinite_in_a_row += 1
+    if run.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise ValueError(f"{what} at step {step}: {run.nonfinite_in_a_row} steps in a row were "
+                         "non-finite, so the run stops (nothing is learned, and the weights may "
+                         "already be NaN); check the data, the learning rates and the model")
     log.warning("%s at step %d: update skipped (%d so far)", what, step,
                 run.state.nonfinite_steps)
 
