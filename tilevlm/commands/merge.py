@@ -31,12 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tilevlm.training.lora import load_adapter, merge_lora
+    from tilevlm.training.lora import load_adapter, merge_lora, read_adapter_config
     from tilevlm.weights.loading import load_model, load_processor
     from tilevlm.weights.native import save_pretrained
 
     check_new_out(args)
     adapter = _adapter_dir(Path(args.adapter))
+    read_adapter_config(adapter)  # a bad adapter config fails before the base weights load
     base = model_source(args)
     check_outputs({"--out": args.out}, {"--model": base.directory, "--adapter": adapter})
     processor = load_processor(base)

@@ -115,8 +115,8 @@ def _train(args: argparse.Namespace, cfg: Any) -> int:
 
 
 def _claim_out(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """--out checked (no input inside it, no run there unless resumed or overwritten) and
-    locked by rank 0 for the whole run (`training/run_lock.py`)."""
+    """--out checked (not an input nor holding one, no run there unless resumed or
+    overwritten) and locked by rank 0 for the whole run (`training/run_lock.py`)."""
     from tilevlm.commands.options import check_outputs
     from tilevlm.training import distributed
     from tilevlm.training.run_lock import claim_run_dir
@@ -125,9 +125,9 @@ def _claim_out(args: argparse.Namespace) -> contextlib.AbstractContextManager:
     check_outputs({"--out": args.out}, {"--data": data, "--val-data": args.val_data,
                                         "--image-root": args.image_root, "--config": args.config,
                                         "--tokenizer": args.tokenizer, "--model": args.model})
-    lock = claim_run_dir(args.out, args.resume, args.overwrite,
-                         lock=distributed.env_rank_world()[0] == 0)
-    return lock or contextlib.nullcontext()
+    if distributed.env_rank_world()[0] != 0:  # rank 0 claims the folder for the whole job
+        return contextlib.nullcontext()
+    return claim_run_dir(args.out, args.resume, args.overwrite)
 
 
 def _train_in(args: argparse.Namespace, cfg: Any) -> int:

@@ -155,13 +155,18 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def read_adapter_config(directory: str | Path) -> LoRASpec:
+    """The LoRASpec of an adapter directory's adapter_config.json, checked (`from_dict`)."""
+    config = Path(directory) / ADAPTER_CONFIG
+    return LoRASpec.from_dict(read_json_object(config), config)
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Apply the adapter saved in `directory` to a base `model` (in place); returns it. The
     config, then the tensors' names and shapes (from the header, before any adapter is made),
     then their values (finite) are checked: a ValueError naming the file otherwise."""
     directory = Path(directory)
-    config = directory / ADAPTER_CONFIG
-    spec = LoRASpec.from_dict(read_json_object(config), config)
+    spec = read_adapter_config(directory)
     path = directory / ADAPTER_TENSORS
     _check_adapter_shapes(model, spec, read_shapes(directory, files=[path]), path)
     tensors = read_safetensors(directory, files=[path])

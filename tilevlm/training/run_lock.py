@@ -133,19 +133,18 @@ def _alive(pid: Any) -> bool:
 
 
 def claim_run_dir(out: str | Path, resume: str | Path | None = None,
-                  overwrite: bool = False, lock: bool = True) -> RunLock | None:
-    """The run folder `out`, checked and locked before any work (see the module docstring).
+                  overwrite: bool = False) -> RunLock:
+    """The run folder `out`, checked and locked before any work (see the module docstring);
+    under torchrun rank 0 alone claims it (the job fails with it).
 
     `resume`: the checkpoint or run folder the run continues from; `overwrite`: a run already in
-    `out` is to be replaced. `lock` False (the other ranks of a torchrun job: rank 0 holds it)
-    checks without locking and returns None."""
+    `out` is to be replaced."""
     out = make_output_dir(Path(out), "run directory (--out)")
-    held = lock_run_dir(out) if lock else None
+    held = lock_run_dir(out)
     try:
         _check_claim(out, resume, overwrite)
     except BaseException:
-        if held is not None:
-            held.release()
+        held.release()
         raise
     return held
 
