@@ -171,11 +171,9 @@ def llama_fields(data: dict[str, Any], where: str | Path, prefix: str = "") -> d
 
 def _rope(data: dict[str, Any], where: str | Path, prefix: str) -> dict[str, Any]:
     """The RoPE parameters object (transformers 5's rope_parameters, or rope_scaling), or {}."""
-    for key in ("rope_parameters", "rope_scaling"):
-        value = json_field(data, key, "object", where, None, nullable=True, prefix=prefix)
-        if value:
-            return value
-    return {}
+    found = [json_field(data, key, "object", where, None, nullable=True, prefix=prefix)
+             for key in ("rope_parameters", "rope_scaling")]  # both checked
+    return next((value for value in found if value), {})
 
 
 def _siglip_ignored(key: str) -> bool:
