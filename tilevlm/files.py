@@ -1,6 +1,8 @@
 """Small file helpers shared by every reader and writer: the one JSON reader (objects, lists,
-single lines), regular-file checks, confinement of named files, atomic (fsynced) writes of files
-and whole directories.
+single lines) and its typed field reader (`json_field`, for files we did not write), regular-file
+checks, confinement of named files, how an output path overlaps an input (`path_overlap`), atomic
+(fsynced) writes of files and whole directories, and a full disk inside a Rust writer as an
+OSError (`rust_io_errors`).
 
 Rules every reader follows (docs/reliability.md, "Files that name other files"):
 - a file is read only when it is a regular file (a FIFO or a device would block or never end);
