@@ -558,6 +558,20 @@ def test_foreign_config_fields_are_checked_in_process(smol_dir, tmp_path):
         (smol / name).write_text(original)
 
 
+def test_tokenizer_config_fields_are_checked_in_process(model_copy):
+    from tilevlm.preprocessing.tokenizer import load_tokenizer
+
+    path = model_copy / "tokenizer_config.json"
+    original = path.read_text()
+    for change, message in [({"chat_template": 5}, "chat_template must be a string"),
+                            ({"eos_token": 7}, "eos_token must be a token string"),
+                            ({"pad_token": {"content": ["x"]}}, "pad_token must be a token")]:
+        _edit_json(path, lambda d: d.update(change))
+        with pytest.raises(ValueError, match=f"{path}: {message}"):
+            load_tokenizer(model_copy)
+        path.write_text(original)
+
+
 def test_a_tokenizer_whose_regex_blows_up_is_one_line(model_copy, image):
     def catastrophic(d: dict) -> None:
         d["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(a+)+b"},

@@ -290,12 +290,18 @@ def _check_own_tokens(tok: Tokenizer, layout: str, grid_side: int, source: str) 
 def _special_token_names(directory: Path, config: dict[str, Any]) -> dict[str, str]:
     """eos/pad/bos strings; tokenizer_config.json (`config`) wins over special_tokens_map.json."""
     names: dict[str, str] = {}
-    for data in (read_json_object(directory / "special_tokens_map.json", missing_ok=True), config):
+    sources = ((directory / "special_tokens_map.json",
+                read_json_object(directory / "special_tokens_map.json", missing_ok=True)),
+               (directory / TOKENIZER_CONFIG, config))
+    for path, data in sources:
         for key in ("eos_token", "pad_token", "bos_token"):
             value = data.get(key)
             if isinstance(value, dict):  # a serialized AddedToken
                 value = value.get("content")
-            if isinstance(value, str) and value:
+            if value is not None and not isinstance(value, str):  # a file we did not write
+                raise ValueError(f"{path}: {key} must be a token string (or an object with its "
+                                 f"'content'), got {data.get(key)!r:.60}")
+            if value:
                 names[key] = value
     return names
 
@@ -312,11 +318,15 @@ def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
             return _usable(jinja.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{jinja}: not UTF-8 text ({e.reason})") from None
-    for data in (read_json_object(directory / "chat_template.json", missing_ok=True), config):
+    for path in (directory / "chat_template.json", directory / TOKENIZER_CONFIG):
+        data = config if path.name == TOKENIZER_CONFIG else read_json_object(path, missing_ok=True)
         template = data.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{path}: chat_template must be a string (or a list of named "
+                             f"templates with a 'default'), got {template!r:.60}")
         if _usable(template):
             return template
     return None
