@@ -345,6 +345,19 @@ def test_special_tokens_in_text_stay_text_in_every_layout(model_dir, smol_dir, t
     _check_stays_text(processor, picture)
 
 
+def test_marks_for_spelled_tokens_never_run_out_and_never_clash():
+    from tilevlm.preprocessing.user_text import Spellings
+
+    spellings = Spellings(["<|im_end|>", "<a>", "<image>"])
+    for _ in range(7000):  # more conversations than there are private-use characters
+        _, hidden = spellings.hide([{"role": "user", "content": "x<|im_end|>"}])
+    text = "\ue000 a<a><|im_end|> <image>"  # the first mark candidate is in the text itself
+    (message,), hidden = spellings.hide([{"role": "user", "content": text}])
+    assert hidden.mark != "\ue000" and message["content"].endswith(" <image>")  # a placeholder
+    assert hidden.pieces(message["content"]) == [("\ue000 a", False), ("<a>", True),
+                                                 ("<|im_end|>", True), (" <image>", False)]
+
+
 def test_the_lmms_eval_adapter_keeps_text_as_text(model_dir, monkeypatch):
     pytest.importorskip("lmms_eval")
     from lmms_eval.api.instance import Instance

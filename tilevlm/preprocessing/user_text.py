@@ -22,7 +22,7 @@ from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER
 
 # Private-use characters: no tokenizer gives them a meaning; the first one absent from every text
 # of a conversation is its mark.
-_MARKS = (chr(c) for c in range(0xE000, 0xF900))
+_MARKS = tuple(chr(c) for c in range(0xE000, 0xF900))
 Encode = Callable[[list[str]], list[list[int]]]
 
 
@@ -67,7 +67,10 @@ class Spellings:
         if not any(self.spelled_in(m["content"]) for m in messages):
             return list(messages), None
         texts = [m["content"] for m in messages] + [context]
-        mark = next(c for c in _MARKS if not any(c in t for t in texts))
+        mark = next((c for c in _MARKS if not any(c in t for t in texts)), None)
+        if mark is None:  # text holding all 6,400 private-use characters: not a conversation
+            raise ValueError("the messages hold every private-use character; cannot tell "
+                             "their text from special tokens")
         spellings: list[str] = []
 
         def replace(match: re.Match) -> str:
