@@ -457,20 +457,23 @@ def test_a_run_whose_steps_are_all_non_finite_stops_without_a_model(model_copy, 
     assert not (out / "model").exists()
 
 
-def test_twenty_non_finite_steps_in_a_row_stop_a_run(tiny_tokenizer, tmp_path):
+def test_non_finite_steps_in_a_row_stop_a_run(tiny_tokenizer, tmp_path, monkeypatch):
     from helpers import make_model, quick
     from tilevlm.data.sources import named_dataset
     from tilevlm.preprocessing.processor import Processor
-    from tilevlm.training.loop import MAX_NONFINITE_IN_A_ROW, train
+    from tilevlm.training import loop
+    from tilevlm.training.loop import train
+
+    monkeypatch.setattr(loop, "MAX_NONFINITE_IN_A_ROW", 4)  # 20 in a run; fewer steps here
 
     tokenizer = tiny_tokenizer
     config = preset("tiny", **SMALL, lm_base_vocab_size=tokenizer.base_vocab_size)
     model = make_model(config)
     with torch.no_grad():
         model.decoder.norm.weight.fill_(float("nan"))
-    with pytest.raises(ValueError, match=f"{MAX_NONFINITE_IN_A_ROW} steps in a row"):
+    with pytest.raises(ValueError, match="at step 4: 4 steps in a row"):
         train(model, Processor(config, tokenizer), named_dataset("synthetic", "train", 20, config),
-              None, quick(tmp_path, steps=30, batch_size=2, on_nonfinite="skip"))
+              None, quick(tmp_path, steps=10, batch_size=2, on_nonfinite="skip"))
     assert not (tmp_path / "model").exists()
 
 
