@@ -171,7 +171,8 @@ def test_bad_samples_are_counted_and_the_run_completes(small_config, model_dir, 
         json.dumps({"image": "good.png", "conversations": [{"from": ["human"], "value": "x"}]}),
         DEEP,
         _record("good.png", "<image>" + "word " * 600_000),  # 3 MB: refused by its length
-        _record("good.png", "<image><|image|> is a token"),  # the collator refuses it
+        _record("good.png", "<image><image>"),  # two placeholders, one image
+        _record("good.png", "<image><|image|> is text"),  # used: a token's spelling stays text
     ]
     data = _llava(root, lines)
     out = tmp_path / "out"
@@ -181,7 +182,8 @@ def test_bad_samples_are_counted_and_the_run_completes(small_config, model_dir, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     skipped = records(out)[-1]["skipped"]
-    expected = {"image_error": 2, "path_escape": 1, "malformed": 2, "too_long": 1, "invalid": 1}
+    expected = {"image_error": 2, "path_escape": 1, "malformed": 2, "too_long": 1,
+                "placeholder_mismatch": 1}
     assert all(skipped.get(k, 0) >= n for k, n in expected.items()), skipped
     assert (out / "checkpoint-4").is_dir()
 
@@ -192,7 +194,7 @@ def test_data_no_sample_of_which_can_be_used_is_refused_not_spun(small_config, m
     root.mkdir()
     (root / "cut.png").write_bytes(png(40, 30)[:120])
     (root / "good.png").write_bytes(png(40, 30))
-    data = _llava(root, [_record("cut.png")] * 3 + [_record("good.png", "<image><|image|>")] * 3)
+    data = _llava(root, [_record("cut.png")] * 3 + [_record("good.png", "<image><image>")] * 3)
     done = run_tilevlm("train", "--config", small_config, "--tokenizer", model_dir, "--data",
                        data, "--out", tmp_path / "out", "--steps", 2, "--batch-size", 2,
                        "--eval-batches", 0, "--no-progress", timeout=120)

@@ -245,10 +245,16 @@ def test_too_long_sample(tiny_config, tiny_tokenizer):
         processor([_chat("short"), _chat("<image>")], [[], [img]])
 
 
-def test_literal_image_token_in_text_breaks_the_contract(processor):
-    with pytest.raises(ValueError, match=r"sample 0: 5 <\|image\|> tokens in the text but "
-                                         r"1 tiles x 4 = 4 expected"):
-        processor([_chat(f"<image>{IMAGE_TOKEN}")], [[Image.new("RGB", (10, 10))]])
+def test_a_special_token_spelled_in_text_stays_text(processor):
+    # It used to forge an image slot (and was then refused by the count check); now the text is
+    # text: only the image's own 4 image tokens, and its characters decode back.
+    batch = processor([_chat(f"<image>{IMAGE_TOKEN} and <|im_end|>")],
+                      [[Image.new("RGB", (10, 10))]])
+    ids = batch["input_ids"][0].tolist()
+    assert ids.count(processor.tokenizer.image_token_id) == 4
+    assert ids.count(processor.tokenizer.im_end_id) == 1  # the template's own, after the turn
+    text = processor.tokenizer.decode(ids, skip_special_tokens=False)
+    assert f"{IMAGE_TOKEN} and <|im_end|>" in text
 
 
 def test_bad_image_names_sample_and_image(processor, tmp_path):

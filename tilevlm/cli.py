@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 from tilevlm import __version__
 from tilevlm.commands.options import apply_threads
@@ -39,8 +39,17 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its errors as one line, `tilevlm COMMAND: error: MESSAGE`, exit
+    code 2 (argparse prints its usage block first; `--help` still shows the usage). Subcommand
+    parsers are of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tilevlm",
         description="tilevlm: a small tile-based vision-language model toolkit "
         "(train, run, evaluate and inspect).",

@@ -28,14 +28,15 @@ from tilevlm.data.synthetic import SyntheticVQA
 from tilevlm.evaluation.answering import greedy_answers
 from tilevlm.evaluation.quiz import evaluate
 from tilevlm.evaluation.report import write_report
-from tilevlm.files import read_json_object
+from tilevlm.files import make_output_dir, read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.image import ImageTransform
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.preprocessing.tile_figure import draw_tiles
+from tilevlm.training.final_model import write_final_model
 from tilevlm.training.loop import train
+from tilevlm.training.run_lock import lock_run_dir
 from tilevlm.training.train_config import TrainConfig
-from tilevlm.weights.native import save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -133,21 +134,26 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    out = make_output_dir(Path(cfg.out_dir), "demo's output directory (--out)")
+    with lock_run_dir(out):  # one demo at a time in a folder; a rerun replaces the last one
+        return _run_demo(cfg, out)
+
+
+def _run_demo(cfg: DemoConfig, out: Path) -> DemoResult:
     start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model, processor = build_model(cfg)
     data = demo_data(model.cfg, cfg)
     log.info("demo: %s parameters, %d steps of batch %d on %d CPU threads; outputs in %s",
              f"{model.num_parameters():,}", cfg.steps, cfg.batch_size, torch.get_num_threads(), out)
-    result = train(model, processor, data["train"], data["val"], cfg.train_config())
+    result = train(model, processor, data["train"], data["val"], cfg.train_config(),
+                   overwrite=True)
     if result.interrupted:
         raise KeyboardInterrupt
     train_seconds = time.perf_counter() - start
     log.info("evaluating on %d held-out test questions ...", len(data["test"]))
     report = evaluate(model, processor, data["test"], batch_size=64, max_new_tokens=8,
                       n_examples=cfg.show)
-    model_dir = save_pretrained(model, out / "model", tokenizer=processor.tokenizer)
+    model_dir = write_final_model(model, processor.tokenizer, out)
     report_path = write_report(report, out / "report.json")
     seconds = time.perf_counter() - start
     _add_timing(report_path, train_seconds, seconds, cfg)

@@ -1,6 +1,8 @@
 """Small file helpers shared by every reader and writer: the one JSON reader (objects, lists,
-single lines), regular-file checks, confinement of named files, atomic (fsynced) writes of files
-and whole directories.
+single lines) and its typed field reader (`json_field`, for files we did not write), regular-file
+checks, confinement of named files, how an output path overlaps an input (`path_overlap`), atomic
+(fsynced) writes of files and whole directories, and a full disk inside a Rust writer as an
+OSError (`rust_io_errors`).
 
 Rules every reader follows (docs/reliability.md, "Files that name other files"):
 - a file is read only when it is a regular file (a FIFO or a device would block or never end);
@@ -12,13 +14,16 @@ Rules every reader follows (docs/reliability.md, "Files that name other files"):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # Deeper JSON is refused: no file tilevlm reads nests anywhere near this.
 MAX_JSON_DEPTH = 64
@@ -89,6 +94,57 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "number")
 
 
+REQUIRED = object()  # `json_field`'s default: the field must be there
+_KINDS = {  # a field's kind -> (test, what it must be)
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v), "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+}
+
+
+def json_field(data: dict[str, Any], key: str, kind: str, where: str | Path,
+               default: Any = REQUIRED, low: float | None = None, high: float | None = None,
+               nullable: bool = False, prefix: str = "") -> Any:
+    """`data[key]` of a JSON object read from a file we did not write, checked before use: of
+    `kind` (one of int, number, bool, str, object, list), within [low, high] for numbers; a
+    missing key (or null, when `nullable`) gives `default`. A ValueError names the file and the
+    field (`where: prefix+key must be ...`) otherwise."""
+    name = f"{prefix}{key}"
+    value = data.get(key) if isinstance(data, dict) else None
+    if value is None and (key not in data or nullable):
+        if default is REQUIRED:
+            raise ValueError(f"{where}: {name} is missing")
+        return default
+    test, what = _KINDS[kind]
+    if not test(value):
+        raise ValueError(f"{where}: {name} must be {what}, got {value!r:.60}")
+    if low is not None and value < low:
+        raise ValueError(f"{where}: {name} must be >= {low:g}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{where}: {name} must be <= {high:g}, got {value}")
+    return value
+
+
+def json_numbers(data: dict[str, Any], key: str, where: str | Path, count: int,
+                 default: Any = REQUIRED, low: float | None = None, prefix: str = "") -> Any:
+    """A list of `count` finite numbers (each >= `low` when given) at `data[key]`, as a tuple
+    of floats; `default` when missing; a ValueError naming the file and the field otherwise."""
+    value = json_field(data, key, "list", where, default, prefix=prefix)
+    if value is default:
+        return default
+    ok = len(value) == count and all(_KINDS["number"][0](v) and (low is None or v >= low)
+                                     for v in value)
+    if not ok:
+        bound = f" >= {low:g}" if low is not None else ""
+        raise ValueError(f"{where}: {prefix}{key} must be a list of {count} finite numbers"
+                         f"{bound}, got {value!r:.60}")
+    return tuple(float(v) for v in value)
+
+
 def confined(root: str | Path, name: Any, what: str = "path",
              root_name: str = "the directory") -> Path:
     """`root / name`, refused (ValueError) unless `name` is a non-empty string whose target,
@@ -100,6 +156,17 @@ def confined(root: str | Path, name: Any, what: str = "path",
     if os.path.commonpath([base, path]) != base:
         raise ValueError(f"{what} {name!r:.200} is outside {root_name} {base}")
     return Path(path)
+
+
+def path_overlap(output: str | Path, source: str | Path) -> str | None:
+    """How writing `output` would touch `source` (symlinks resolved): "is" (the same file or
+    directory), "holds" (a directory above it), or None."""
+    out, src = os.path.realpath(output), os.path.realpath(source)
+    if out == src:
+        return "is"
+    if os.path.commonpath([out, src]) == out:
+        return "holds"
+    return None
 
 
 def make_output_dir(path: Path, what: str = "output directory") -> Path:
@@ -123,7 +190,8 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        with rust_io_errors(path):
+            write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide the file from the user's group
         _fsync_file(Path(tmp))
         os.replace(tmp, path)
@@ -140,30 +208,61 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_directory(final: Path, write: Callable[[Path], None], prefix: str = ".tmp-") -> Path:
     """Run `write(tmp_dir)` in a temporary directory `prefix*` beside `final`, fsync every file,
-    rename it to `final` (replacing it): a kill leaves the old `final`, or the new one, never half
-    of one; a failed `write` leaves nothing behind."""
+    rename it to `final` (replacing it whole: none of the old directory's files is kept): a kill
+    leaves the old `final`, or the new one, never half of one; a failed `write` (a full disk
+    included) leaves nothing behind and the old `final` as it was."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
-        write(tmp)
+        with rust_io_errors(final):
+            write(tmp)
         _fsync_tree(tmp)
+        _replace_dir(tmp, final, prefix)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, final, prefix)
     return final
 
 
 def _replace_dir(src: Path, dst: Path, prefix: str) -> None:
-    """`os.replace` for directories; an existing `dst` is moved aside first and deleted after."""
+    """`os.replace` for directories; an existing `dst` is moved aside first and deleted after
+    (put back when the rename fails)."""
     old = None
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=prefix, dir=dst.parent))
         os.replace(dst, old / dst.name)
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old / dst.name, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
     _fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Rust writers (safetensors, tokenizers) raise their own exception types for a failed write,
+# with the OS error in the message: "... No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def rust_io_errors(path: str | Path) -> Iterator[None]:
+    """A failed write inside safetensors' or tokenizers' Rust code (a full disk, ...) as the
+    OSError it reports, naming `path`: a machine failure like any other (one line, exit 1 on
+    the command line), not an unknown exception type."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only those that carry an OS error are converted
+        found = _RUST_OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -12,7 +12,8 @@ import argparse
 import logging
 from typing import Any
 
-from tilevlm.commands.options import add_new_out_arguments, check_new_out
+from tilevlm.commands.options import (add_new_out_arguments, check_new_out, check_outputs,
+                                      write_new_out)
 
 HELP = ("build a model directory from local HF SigLIP + SmolLM2 weights, a nanoVLM checkpoint "
         "or an Idefics3 / SmolVLM directory")
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.preprocessing.tokenizer import load_tokenizer
 
     check_new_out(args)
+    check_outputs({"--out": args.out}, {f"--{name}": getattr(args, name) for name in (
+        "siglip", "llm", "nanovlm", "idefics3", "tokenizer")})
     if args.idefics3:
         if args.siglip or args.llm or args.nanovlm:
             raise ValueError("give --idefics3 DIR alone (not with --siglip, --llm or --nanovlm)")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         raise ValueError("give --siglip DIR and --llm DIR (or --nanovlm DIR --tokenizer DIR)")
     Processor(model.cfg, tokenizer)  # model and tokenizer must agree before anything is written
-    save_pretrained(model, args.out, tokenizer=tokenizer)
+    write_new_out(args.out, lambda tmp: save_pretrained(model, tmp, tokenizer=tokenizer))
     cfg = model.cfg
     log.info("token layout %s, image rule %s", cfg.image_token_layout, cfg.image_rule)
     print(f"wrote {args.out}: {model.num_parameters():,} parameters, tile {cfg.vit_img_size} px, "

@@ -7,8 +7,7 @@ import sys
 
 from tilevlm.commands.answering import stream_answer
 from tilevlm.commands.options import (add_generation_arguments, check_generation_arguments,
-                                      model_source,
-                                      store_weights)
+                                      check_max_new_tokens, model_source, store_weights)
 
 HELP = "chat with a model interactively (/image PATH attaches an image, /reset, /quit)"
 
@@ -74,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_generation_arguments(args)
     source = model_source(args)
+    check_max_new_tokens(args.max_new_tokens, source.config)
     model, processor = load_for_inference(source, args.device, args.tokenizer)
     model = store_weights(model, args)
     conv = Conversation(args.system)

@@ -18,8 +18,9 @@ import logging
 from pathlib import Path
 
 from tilevlm.commands.options import (LOADED_DTYPE, add_device_argument, add_model_argument,
-                                      add_threads_argument, add_weights_argument, model_source,
-                                      store_weights)
+                                      add_threads_argument, add_weights_argument,
+                                      check_max_new_tokens, check_output_file, check_outputs,
+                                      model_source, store_weights)
 
 HELP = "evaluate a saved model: the synthetic quiz, or a benchmark task on a local data set"
 
@@ -72,13 +73,37 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--n, --limit, --batch-size and --max-new-tokens must be >= 1")
     source = model_source(args)
     model_dir = source.directory
+    _check_outputs(args, model_dir)  # before any work: not after the whole evaluation ran
     processor = load_processor(source, args.tokenizer)
+    if args.max_new_tokens is not None:
+        check_max_new_tokens(args.max_new_tokens, processor.config)
     on_task = args.data != "synthetic" or args.task is not None
     data = _task_data(args, processor) if on_task else None  # checked before the weights load
     model = store_weights(load_model(source, processor, args.device), args)
     if data is not None:
         return _run_task(args, model, processor, model_dir, *data)
     return _run_synthetic(args, model, processor, model_dir)
+
+
+def _predictions_path(args: argparse.Namespace) -> Path | None:
+    """--predictions, else beside --out (*.predictions.jsonl), else None."""
+    if args.predictions:
+        return Path(args.predictions)
+    return Path(args.out).with_suffix(".predictions.jsonl") if args.out else None
+
+
+def _check_outputs(args: argparse.Namespace, model_dir: Path) -> None:
+    """--out and the predictions file: files that can be written, none of them an input (the
+    data, the model) or the other."""
+    on_task = args.data != "synthetic" or args.task is not None
+    predictions = _predictions_path(args) if on_task else None
+    for name, path in (("--out", args.out), ("--predictions", predictions)):
+        if path is not None:
+            check_output_file(path, name)
+    data = None if args.data == "synthetic" else args.data
+    check_outputs({"--out": args.out, "--predictions": predictions},
+                  {"--data": data, "--image-root": args.image_root, "--model": model_dir,
+                   "--tokenizer": args.tokenizer})
 
 
 def _run_synthetic(args: argparse.Namespace, model, processor, model_dir: Path) -> int:
@@ -124,8 +149,7 @@ def _run_task(args: argparse.Namespace, model, processor, model_dir: Path, task,
              f" ({per_category})" if per_category else "", report.skipped or "none")
     log.info("prompts: %d tokens, of which %d image tokens", report.prompt_tokens,
              report.image_tokens)
-    preds = args.predictions or (Path(args.out).with_suffix(".predictions.jsonl")
-                                 if args.out else None)
+    preds = _predictions_path(args)
     if preds:
         log.info("predictions written to %s", write_predictions(predictions, Path(preds)))
     else:

@@ -6,8 +6,7 @@ import argparse
 
 from tilevlm.commands.answering import prepare_batch, stream_batch
 from tilevlm.commands.options import (add_generation_arguments, check_generation_arguments,
-                                      model_source,
-                                      store_weights)
+                                      check_max_new_tokens, model_source, store_weights)
 
 HELP = "answer a prompt about images with a trained model, streaming the answer"
 
@@ -28,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     # fail before the weights load or the vision encoder runs
     resolve_device(args.device)
     source = model_source(args)
+    check_max_new_tokens(args.max_new_tokens, source.config)
     processor = load_processor(source, args.tokenizer)
     messages = [{"role": "user", "content": args.prompt}]
     batch = prepare_batch(processor, messages, args.image, args.max_new_tokens)

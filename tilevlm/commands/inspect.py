@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import TYPE_CHECKING, Any
 
-from tilevlm.commands.options import MODEL_HELP, add_model_argument, model_source
+from tilevlm.commands.options import MODEL_HELP, add_model_argument, check_outputs, model_source
 
 if TYPE_CHECKING:  # heavy modules are imported in run() only
     from PIL import Image
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from tilevlm.preprocessing.image_rule import image_transform
     from tilevlm.preprocessing.processor import count_image_tokens
 
+    check_outputs({"--save-png": args.save_png}, {"IMAGE": args.image, "--model": args.model,
+                                                  "--tokenizer": args.tokenizer})
     config, tokenizer = _config(args)
     img = load_image(args.image, max_pixels=config.max_image_pixels)
     resized, thumb, grid = image_transform(config).resize(img)
@@ -96,13 +98,14 @@ def _save_png(path: str, original: Image.Image, resized: Image.Image, grid: tupl
               tile_size: int, thumb: Image.Image | None, title: str) -> None:
     from pathlib import Path
 
-    from tilevlm.files import make_output_dir
+    from tilevlm.files import atomic_write, make_output_dir
     from tilevlm.preprocessing.tile_figure import draw_tiles
 
     out = Path(path)
     make_output_dir(out.parent, "directory of --save-png")
-    try:
-        draw_tiles(resized, grid, tile_size, thumb, title, original).save(out, format="PNG")
+    figure = draw_tiles(resized, grid, tile_size, thumb, title, original)
+    try:  # whole or not at all
+        atomic_write(out, lambda tmp: figure.save(tmp, format="PNG"))
     except OSError as e:
         raise ValueError(f"cannot write {out}: {e}") from None
     logger.info("wrote the tile figure to %s", out)

@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 
 from tilevlm.commands.options import (add_model_argument, add_new_out_arguments,
-                                      add_threads_argument, check_new_out, model_source)
+                                      add_threads_argument, check_new_out, check_outputs,
+                                      model_source, write_new_out)
 
 HELP = "merge a LoRA adapter (from `tilevlm train --lora`) into its base model"
 
@@ -30,17 +31,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tilevlm.training.lora import load_adapter, merge_lora
+    from tilevlm.training.lora import load_adapter, merge_lora, read_adapter_config
     from tilevlm.weights.loading import load_model, load_processor
     from tilevlm.weights.native import save_pretrained
 
     check_new_out(args)
     adapter = _adapter_dir(Path(args.adapter))
+    read_adapter_config(adapter)  # a bad adapter config fails before the base weights load
     base = model_source(args)
+    check_outputs({"--out": args.out}, {"--model": base.directory, "--adapter": adapter})
     processor = load_processor(base)
     model = load_model(base, processor, "cpu", torch.float32)
     merge_lora(load_adapter(model, adapter))
-    save_pretrained(model, args.out, tokenizer=processor.tokenizer)
+    write_new_out(args.out, lambda tmp: save_pretrained(model, tmp, tokenizer=processor.tokenizer))
     log.info("merged %s into %s: wrote %s (%s parameters)", adapter, base.directory, args.out,
              f"{model.num_parameters():,}")
     return 0

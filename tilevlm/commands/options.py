@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:  # heavy modules are imported when a command runs
     from torch import nn
@@ -66,21 +66,74 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 
 
 def add_new_out_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--out DIR` for a new model directory, and `--force` (`check_new_out`)."""
+    """`--out DIR` for a new model directory, and `--force` (`check_new_out`, `write_new_out`)."""
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="where to write the model (a new or empty directory)")
+    add_force_argument(parser)
+
+
+def add_force_argument(parser: argparse.ArgumentParser, what: str = "--out") -> None:
     parser.add_argument("--force", action="store_true",
-                        help="write into --out even when it already holds files")
+                        help=f"replace {what} when it already holds files (it is replaced whole: "
+                        "none of its old files is kept)")
 
 
-def check_new_out(args: argparse.Namespace) -> None:
-    """A ValueError when --out holds anything, unless --force: nothing is overwritten unasked."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: a file, not a directory; give a new directory")
+def check_new_out(args: argparse.Namespace, name: str = "--out", dest: str = "out") -> None:
+    """A ValueError, before any work, when the output directory is a file, lies under a file, or
+    holds anything and --force is not given: nothing is overwritten unasked."""
+    out = Path(getattr(args, dest))
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            what = "is a file" if parent == out else f"lies under the file {parent}"
+            raise ValueError(f"{name} {out} {what}; give a new directory")
     if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise ValueError(f"--out {out} already holds files; give a new directory, or --force to "
-                         "write over them")
+        raise ValueError(f"{name} {out} already holds files; give a new directory, or --force to "
+                         "replace it whole")
+
+
+def write_new_out(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """The output directory `out` written whole (`files.atomic_directory`): `write(tmp)` fills a
+    temporary directory beside it, which then replaces `out`. A kill or a full disk leaves the
+    old `out` (or none), never a mix of old and new files or half a model."""
+    from tilevlm.files import atomic_directory, make_output_dir
+
+    out = Path(out)
+    make_output_dir(out.parent, "parent of the output directory")
+    return atomic_directory(out, write, prefix=f".{out.name}.tmp-")
+
+
+def check_output_file(path: str | Path, name: str) -> None:
+    """A ValueError, before any work, when the output file `path` is a directory or lies under
+    a file (it could not be written at the end)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a directory; give a file name")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{name} {path} lies under the file {parent}; give another path")
+
+
+def check_outputs(outputs: dict[str, str | Path | None],
+                  inputs: dict[str, str | Path | None]) -> None:
+    """Output paths checked before any work (`files.path_overlap`): no output is an input or
+    holds one (writing or replacing it would lose the input), no two outputs are the same. The
+    dicts map an option's name to its path (None: not given)."""
+    from tilevlm.files import path_overlap
+
+    given = {k: Path(v) for k, v in outputs.items() if v is not None}
+    sources = {k: Path(v) for k, v in inputs.items() if v is not None}
+    for name, out in given.items():
+        for source_name, source in sources.items():
+            how = path_overlap(out, source)
+            if how is not None:
+                raise ValueError(f"{name} {out} {how} {source_name} {source}: an output may not "
+                                 "be an input or hold one; give another path")
+    names = list(given)
+    for i, name in enumerate(names):
+        for other in names[i + 1:]:
+            if path_overlap(given[name], given[other]) == "is":
+                raise ValueError(f"{name} and {other} name the same path {given[name]}; give "
+                                 "each output its own")
 
 
 def add_device_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -134,6 +187,15 @@ def check_generation_arguments(args: argparse.Namespace) -> None:
     sampling_params(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
+def check_max_new_tokens(max_new_tokens: int, config: Any) -> None:
+    """A ValueError, before the weights load, when --max-new-tokens alone fills the model's
+    positions (no prompt could go with it)."""
+    limit = config.lm_max_position_embeddings
+    if max_new_tokens >= limit:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {limit} positions (lm_max_position_embeddings)")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:

@@ -15,6 +15,7 @@ TrainConfig's default; `--out` is `out_dir`. See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -49,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "looked up (default: the data file's directory)")
     parser.add_argument("--val-data", metavar="PATH", help="validation dataset path (same "
                         "format and image root as --data); default for real data: none")
-    parser.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="run directory (a new "
+                        "folder, or the run folder --resume continues); held by the run while "
+                        "it writes there, so a second writer is refused")
+    parser.add_argument("--overwrite", action="store_true", help="start a new run in a --out "
+                        "that holds one: its checkpoints, latest, model/, adapter/ and metrics "
+                        "are deleted before step 1 (other files are left alone)")
     parser.add_argument("--tokenizer", metavar="DIR", help="Hugging Face tokenizer directory "
                         "(needed for real data unless --model/--resume bring one; default for "
                         "synthetic data: a BPE trained on its corpus)")
@@ -104,6 +110,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, cfg: Any) -> int:
+    with _claim_out(args):  # before any work: a second writer or an old run refused here
+        return _train_in(args, cfg)
+
+
+def _claim_out(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """--out checked (not an input nor holding one, no run there unless resumed or
+    overwritten) and locked by rank 0 for the whole run (`training/run_lock.py`)."""
+    from tilevlm.commands.options import check_outputs
+    from tilevlm.training import distributed
+    from tilevlm.training.run_lock import claim_run_dir
+
+    data = None if args.data == "synthetic" else args.data
+    check_outputs({"--out": args.out}, {"--data": data, "--val-data": args.val_data,
+                                        "--image-root": args.image_root, "--config": args.config,
+                                        "--tokenizer": args.tokenizer, "--model": args.model})
+    if distributed.env_rank_world()[0] != 0:  # rank 0 claims the folder for the whole job
+        return contextlib.nullcontext()
+    return claim_run_dir(args.out, args.resume, args.overwrite)
+
+
+def _train_in(args: argparse.Namespace, cfg: Any) -> int:
     from tilevlm.data.sources import training_data
     from tilevlm.preprocessing.processor import Processor
     from tilevlm.training.loop import train
@@ -114,7 +141,7 @@ def _train(args: argparse.Namespace, cfg: Any) -> int:
     train_data = training_data(args.data, "train", args.train_size, model.cfg, args.data_format,
                                args.image_root)
     result = train(model, processor, train_data, _val_data(args, model.cfg, processor, cfg), cfg,
-                   resume_from=ckpt)
+                   resume_from=ckpt, overwrite=args.overwrite)
     if result.interrupted:
         log.info("interrupted at step %d; to continue, run the same command with --resume %s",
                  result.step, args.out)

@@ -73,7 +73,8 @@ class SampleMeter:
     def text_tokens(self, messages: list[dict[str, str]]) -> int:
         """Chat-format tokens of the messages with every `<image>` replaced by its text label
         (the layout's, often none) and no special tokens (no generation prompt). The label joins
-        the text before it, as in the processor, where special tokens split the text."""
+        the text before it, as in the processor, where special tokens split the text; special
+        tokens spelled in the messages count as the text they are (`user_text`)."""
         n_chars = sum(len(m["content"]) for m in messages)
         if n_chars > self.max_chars:
             raise SkipSample(TOO_LONG, f"{n_chars} characters of text, more than "
@@ -83,10 +84,11 @@ class SampleMeter:
         n_images = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         index = itertools.count()
         pieces: list[str] = []
-        for text, _ in self.tokenizer.chat_segments(messages):
+        segments, hidden = self.tokenizer.marked_segments(messages)  # as the Processor does
+        for text, _ in segments:
             *before, last = text.split(IMAGE_PLACEHOLDER)
             pieces += [p + image_label(layout, next(index), n_images) for p in before] + [last]
-        return sum(len(ids) for ids in self.tokenizer.encode_batch(pieces))
+        return sum(len(ids) for ids in self.tokenizer.encode_marked(pieces, hidden))
 
 
 class LengthFilter:

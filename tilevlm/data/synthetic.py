@@ -326,14 +326,18 @@ def _ask_extra(rng: np.random.Generator, qtype: str, objects: list[TileObject],
     return TEMPLATES[qtype].format(colour=colour, shape=shape), answer, qtype
 
 
+MAX_SAMPLES = 100_000_000  # the largest synthetic split (its shuffled order takes 800 MB)
+
+
 class SyntheticVQA:
     """`length` samples of one split, indexable (`ds[i]`) and iterable; `iter_from(start)` resumes
     a data position. Works with `torch.utils.data.DataLoader` (map-style)."""
 
     def __init__(self, split: str, length: int, spec: SyntheticSpec = SyntheticSpec()) -> None:
         sample_rng(split, 0, spec.seed)  # validates the split name
-        if length < 0:
-            raise ValueError(f"dataset length must be >= 0, got {length}")
+        if not 0 <= length <= MAX_SAMPLES:  # a training order holds 8 bytes per sample
+            raise ValueError(f"the synthetic data's size (--train-size, --val-size, --n) must be "
+                             f"in 0..{MAX_SAMPLES}, got {length}")
         self.split, self.length, self.spec = split, length, spec
 
     def __len__(self) -> int:

@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tilevlm.data.lengths import LengthFilter
 from tilevlm.data.readers.dataset import open_dataset
 from tilevlm.data.sample import Sample
-from tilevlm.data.skips import IMAGE_ERROR, SkipCounter
+from tilevlm.data.skips import IMAGE_ERROR, MALFORMED, TOO_LONG, SkipCounter, SkipSample
 from tilevlm.evaluation.aggregation import aggregate, mean
 from tilevlm.evaluation.answering import chunks, greedy_outputs, split_prompt
 from tilevlm.evaluation.report import EvalReport, by_category
@@ -30,6 +30,8 @@ from tilevlm.evaluation.tasks import Task, TaskRows, score
 from tilevlm.inference.generation import GenerationStats
 
 log = logging.getLogger(__name__)
+
+OTHER_ERROR = "answer_error"  # generation refused a sample for another reason
 
 
 def task_samples(task: Task, data: str | Path, processor: Any, data_format: str | None = None,
@@ -42,15 +44,21 @@ def task_samples(task: Task, data: str | Path, processor: Any, data_format: str 
     row_format = None if task.metric == "exact_match" else TaskRows(task)
     reader = open_dataset(data, data_format, image_root, split=split, skips=skips,
                           row_format=row_format)
-    samples = reader if row_format is not None else (_as_reference(s) for s in reader)
+    samples = reader if row_format is not None else _as_references(reader, skips)
     return LengthFilter(samples, processor, skips=skips), skips
 
 
-def _as_reference(sample: Sample) -> Sample:
-    """A conversation sample with its final assistant message as the reference."""
-    _, reference = split_prompt(sample["messages"])
-    return {**sample, "reference": reference, "n_choices": 0,
-            "category": sample.get("qtype")}
+def _as_references(samples: Iterable[Sample], skips: SkipCounter) -> Iterator[Sample]:
+    """Conversation samples with their final assistant message as the reference; one that
+    ends with another turn (nothing to compare with) is skipped and counted."""
+    for sample in samples:
+        try:
+            _, reference = split_prompt(sample["messages"])
+        except ValueError as e:
+            skips.add(MALFORMED, sample.get("source", ""), str(e))
+            continue
+        yield {**sample, "reference": reference, "n_choices": 0,
+               "category": sample.get("qtype")}
 
 
 @torch.no_grad()
@@ -94,11 +102,30 @@ def _answer_chunk(model: nn.Module, processor: Any, chunk: list[Sample], max_new
     except ValueError:
         good = []
         for sample in chunk:
+            reason = _unanswerable(processor, sample, max_new_tokens)
+            if reason is not None:
+                skips.skip(reason, sample.get("source", ""))
+                continue
             try:
                 good += zip([sample], _answers(model, processor, [sample], max_new_tokens, read))
             except ValueError as e:
-                skips.add(IMAGE_ERROR, sample.get("source", ""), str(e))
+                skips.add(OTHER_ERROR, sample.get("source", ""), str(e))
         return good
+
+
+def _unanswerable(processor: Any, sample: Sample, max_new_tokens: int) -> SkipSample | None:
+    """Why one sample cannot be answered: its pixels do not decode (image_error), or its prompt
+    leaves fewer than `max_new_tokens` of the model's positions (too_long); else None."""
+    try:
+        batch = processor([split_prompt(sample["messages"])[0]], [sample["images"]],
+                          padding_side="left", add_generation_prompt=True)
+    except ValueError as e:
+        return SkipSample(IMAGE_ERROR, str(e))
+    prompt, limit = batch["input_ids"].shape[1], processor.config.lm_max_position_embeddings
+    if prompt + max_new_tokens > limit:
+        return SkipSample(TOO_LONG, f"the prompt ({prompt} tokens) + max_new_tokens "
+                                    f"({max_new_tokens}) exceed the model's {limit} positions")
+    return None
 
 
 def _answers(model: nn.Module, processor: Any, chunk: list[Sample], max_new_tokens: int,

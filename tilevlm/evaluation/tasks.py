@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tilevlm.evaluation import metrics
+from tilevlm.data.readers.rows import image_source
 from tilevlm.evaluation.aggregation import AGGREGATIONS
-from tilevlm.data.readers.parquet import image_source
 from tilevlm.data.sample import Sample, conversation_sample
 from tilevlm.data.skips import MALFORMED, SkipSample
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER

@@ -87,6 +87,9 @@ def image_file(source: str | Path | bytes, name: str) -> Path | io.BytesIO:
     """A regular, non-empty file (never a FIFO or a device, which could block forever), or the
     bytes wrapped in a file object; an ImageLoadError otherwise."""
     if not isinstance(source, (str, Path)):
+        if not isinstance(source, (bytes, bytearray, memoryview)):
+            raise ImageLoadError(f"{name}: expected a path or encoded bytes, got a "
+                                 f"{type(source).__name__}")
         if len(source) == 0:
             raise ImageLoadError(f"{name}: empty data, not an image")
         return io.BytesIO(bytes(source))

@@ -7,32 +7,146 @@ The cut comes from renders of growing prefixes of the conversation: an assistant
 segment is what its message adds after the generation prompt (its content and whatever the
 template closes it with), everything else is context. A template whose render of a prefix is
 not a prefix of the longer render cannot be cut so, and is refused with a ValueError.
+
+Templates are files we did not write: they render in Jinja's immutable sandbox with a bound on
+their work (loop iterations, time, the size of values they build: `MAX_LOOP_STEPS`, ...); a
+template over it, or one that raises, is a ValueError (one line on the command line), never a
+hang or a traceback.
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 from tilevlm.preprocessing.chat_template import IMAGE_PLACEHOLDER, check_message, content_parts
 
 Render = Callable[[list[dict[str, str]], bool], str]
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled(template: str) -> Any:
+# The bound on a template's work in one render (a chat template loops over messages and their
+# parts: a few thousand steps at most): loop iterations of all its loops together, wall-clock
+# time (checked at each iteration), and the size of a value `*`, `+`, `~` or `**` may make.
+MAX_LOOP_STEPS = 200_000
+MAX_RENDER_SECONDS = 5.0
+MAX_VALUE_SIZE = 1 << 24  # characters of a string, items of a list, bits of an integer
+
+
+class TemplateTooCostly(ValueError):
+    """A chat template that did more work than the bound allows."""
+
+
+_budget: contextvars.ContextVar["_Budget"] = contextvars.ContextVar("tilevlm_template_budget")
+
+
+class _Budget:
+    """What one render may still do."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.deadline = time.monotonic() + MAX_RENDER_SECONDS
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_LOOP_STEPS:
+            raise TemplateTooCostly(f"the chat_template ran more than {MAX_LOOP_STEPS} loop "
+                                    "iterations in one render")
+        if time.monotonic() > self.deadline:
+            raise TemplateTooCostly(f"the chat_template took more than {MAX_RENDER_SECONDS:g} s "
+                                    "to render")
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
+    """Every loop of a template iterates through this: each item is a step of the budget."""
+    budget = _budget.get(None) or _Budget()
+    for item in iterable:
+        budget.step()
+        yield item
+
+
+def _checked_concat(*values: Any) -> str:
+    """`a ~ b ~ ...`, refused when the result would be too long."""
+    text = "".join(str(v) for v in values)
+    _check_size(len(text), "~")
+    return text
+
+
+def _check_size(size: int, what: str) -> None:
+    if size > MAX_VALUE_SIZE:
+        raise TemplateTooCostly(f"the chat_template builds a value of size {size} with {what}, "
+                                f"more than {MAX_VALUE_SIZE} (characters, items or bits)")
+
+
+def _sized(value: Any) -> bool:
+    return isinstance(value, (str, list, tuple))
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse `*`, `+` and `**` whose result would be huge, before it is computed."""
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (left, right))
+    if operator == "*" and (_sized(left) or _sized(right)):
+        seq, n = (left, right) if _sized(left) else (right, left)
+        if isinstance(n, int):
+            _check_size(len(seq) * max(n, 0), "*")
+    elif operator == "+" and _sized(left) and _sized(right):
+        _check_size(len(left) + len(right), "+")
+    elif operator == "**" and ints and right > 0 and abs(left) > 1:
+        _check_size(right * abs(left).bit_length(), "**")
+
+
+def _environment() -> Any:
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        """Jinja's immutable sandbox, with the size checks of `_check_binop`."""
+
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.tilevlm_loop = _counted
+    env.tilevlm_concat = _checked_concat
+    return env
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> Any:
+    from jinja2.exceptions import TemplateError
+
+    env = _environment()
     try:
-        return env.from_string(template)
+        return env.from_string(_bounded(env.parse(template)))
     except TemplateError as e:
         raise ValueError(f"the tokenizer's chat_template is not valid Jinja ({e})") from None
+
+
+def _bounded(tree: Any) -> Any:
+    """The parsed template with every loop's items counted (`_counted`) and every `~` checked
+    (`_checked_concat`), through attributes of the environment, which a template cannot
+    rebind. A recursive loop (`loop(...)` inside it) is refused: its inner calls would escape
+    the count."""
+    from jinja2 import nodes
+
+    for loop in list(tree.find_all(nodes.For)):
+        if loop.recursive:
+            raise ValueError("the tokenizer's chat_template uses a recursive for loop, which "
+                             "tilevlm does not render")
+        loop.iter = nodes.Call(nodes.EnvironmentAttribute("tilevlm_loop"), [loop.iter], [],
+                               None, None)
+    for concat in list(tree.find_all(nodes.Concat)):
+        concat.nodes = [nodes.Call(nodes.EnvironmentAttribute("tilevlm_concat"),
+                                   list(concat.nodes), [], None, None)]
+    return tree
 
 
 # How a message's content goes into a template (`content_form`): "parts", split at `<image>` into
@@ -58,11 +172,19 @@ def renderer(template: str, form: str = "string", **special_tokens: str | None) 
 
     def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         messages = [{**m, "content": shape(m["content"])} for m in messages]
+        reset = _budget.set(_Budget())
         try:
             return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                    **tokens)
+        except TemplateTooCostly as e:
+            raise TemplateTooCostly(f"{e}; refused (a chat template needs far less)") from None
         except TemplateError as e:
             raise ValueError(f"the tokenizer's chat_template failed: {e}") from None
+        except Exception as e:  # noqa: BLE001 - whatever the template's code raises
+            raise ValueError(f"the tokenizer's chat_template failed: {type(e).__name__}: "
+                             f"{e}") from None
+        finally:
+            _budget.reset(reset)
 
     return render
 
@@ -76,6 +198,8 @@ def _writes(render: Render, content: str, expected: str) -> bool:
     images, exactly as many `<image>`); any failure of the template: no."""
     try:
         text = render([{"role": "user", "content": content}], True)
+    except TemplateTooCostly:
+        raise  # not a form it rejects: a template that must be refused
     except Exception:  # noqa: BLE001 - a probe: a template that fails on this form rejects it
         return False
     images = content.count(IMAGE_PLACEHOLDER)

@@ -135,7 +135,9 @@ class Processor:
                      padding_side: str = "right") -> dict[str, Any]:
         """Prompt texts that are already templated, each `<image>` in them standing for the
         next image of its sample -> the batch `__call__` gives (labels all -100). The
-        tokenizer's post-processor applies (a BOS, say), as in transformers' processors."""
+        tokenizer's post-processor applies (a BOS, say), as in transformers' processors. The
+        caller wrote the template's markers, so special tokens in these texts are parsed, as
+        transformers does; user text belongs in messages (`__call__`), where it stays text."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         images = images if images is not None else [[] for _ in texts]
@@ -214,10 +216,12 @@ class Processor:
         """Token ids in the tokenizer's chat format, and labels that keep only the assistant
         replies (their content and closing marker). The template writes the messages with their
         `<image>` placeholders (as transformers' processors get them); each placeholder of the
-        written text then becomes its image's tokens (`images`, in order)."""
-        segments = self.tokenizer.chat_segments(messages, add_generation_prompt)
+        written text then becomes its image's tokens (`images`, in order). A special token
+        spelled in a message is encoded as text (`user_text`)."""
+        # User text stays text: special tokens come from the template and the images only.
+        segments, hidden = self.tokenizer.marked_segments(messages, add_generation_prompt)
         texts = fill_placeholders([text for text, _ in segments], list(images))
-        encoded = self.tokenizer.encode_batch(texts)
+        encoded = self.tokenizer.encode_marked(texts, hidden)
         ids: list[int] = []
         labels: list[int] = []
         for seg_ids, (_, labelled) in zip(encoded, segments):

@@ -10,17 +10,22 @@ tokens must be there, at whatever ids the tokenizer gives them. Nothing here tou
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from tilevlm.files import check_regular_file, parse_json, read_json_object
-from tilevlm.preprocessing.chat_template import CHATML_JINJA, IM_END, IM_START, chat_segments
+from tilevlm.files import check_regular_file, parse_json, read_json_object, rust_io_errors
+from tilevlm.preprocessing.chat_template import (CHATML_JINJA, IM_END, IM_START, chat_segments,
+                                                 check_message)
 from tilevlm.preprocessing.jinja_chat import content_form, renderer, template_segments
+from tilevlm.preprocessing.user_text import Hidden, Spellings
 from tilevlm.special_tokens import (GLOBAL_IMAGE_TOKEN, IMAGE_TOKEN, get_layout, grid_token,
                                     required_tokens, special_tokens)
 
@@ -41,8 +46,9 @@ class VLMTokenizer:
     def __init__(self, tokenizer: Tokenizer, grid_side: int, base_vocab_size: int,
                  eos_token: str, pad_token: str | None = None,
                  bos_token: str | None = None, chat_template: str | None = None,
-                 layout: str = "tilevlm") -> None:
+                 layout: str = "tilevlm", source: str = "the tokenizer") -> None:
         self.tokenizer = tokenizer
+        self.source = source  # where it was read from, for error messages
         # The model's own Jinja chat template; None (or ChatML itself): the built-in ChatML.
         self.chat_template = None if chat_template == CHATML_JINJA else chat_template
         self.grid_side = grid_side
@@ -63,6 +69,13 @@ class VLMTokenizer:
             self._require_id(IM_START, "chat start")
             self._require_id(IM_END, "chat end")
         self.vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        # What user text may not spell as tokens (`user_text`): every special added token, and
+        # the layout's, the chat markers and eos/bos/pad whatever their flag.
+        self.spellings = Spellings([
+            *(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special),
+            *required_tokens(layout, grid_side), IM_START, IM_END, self.eos_token,
+            self.pad_token, *([bos_token] if bos_token else [])])
+        self._control_ids = {tokenizer.token_to_id(t) for t in self.spellings.tokens} - {None}
 
     def _require_id(self, token: str, what: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -97,15 +110,58 @@ class VLMTokenizer:
         render = renderer(self.chat_template, content_form(self.chat_template, **tokens), **tokens)
         return template_segments(render, messages, add_generation_prompt)
 
+    def marked_segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+                        ) -> tuple[list[tuple[str, bool]], Hidden | None]:
+        """`chat_segments` of the messages with every special-token spelling in their text
+        replaced by a mark (`user_text`), and what the marks stand for; `encode_marked` encodes
+        the segments (and anything put between them, such as the images' tokens)."""
+        for i, m in enumerate(messages):
+            check_message(m, i)
+        hidden_messages, hidden = self.spellings.hide(messages, self.chat_template or "")
+        return self.chat_segments(hidden_messages, add_generation_prompt), hidden
+
+    def encode_marked(self, texts: list[str], hidden: Hidden | None) -> list[list[int]]:
+        """Token ids of texts from `marked_segments`: special tokens parsed in the template's
+        text and the images' tokens, the marked spellings encoded as plain text."""
+        return Spellings.encode(texts, hidden, self.encode_batch, self._encode_plain)
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens in it are kept whole; no BOS/EOS is added."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Token ids of each text; `add_special_tokens`: what the tokenizer's own post-processor
-        adds (a BOS, say), as a transformers tokenizer does by default."""
-        encoded = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        adds (a BOS, say), as a transformers tokenizer does by default. Special tokens spelled in
+        the text are parsed: for text written by a chat template (user text goes through
+        `marked_segments` and `encode_marked`)."""
+        return self._encode(self.tokenizer, texts, add_special_tokens)
+
+    def _encode(self, tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool = False
+                ) -> list[list[int]]:
+        try:
+            encoded = tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+        except BaseException as e:  # noqa: BLE001 - a Rust panic (a regex that blows up) is a
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):  # BaseException
+                raise
+            raise ValueError(_encode_failure(self.source, texts, e)) from None
         return [e.ids for e in encoded]
+
+    @functools.cached_property
+    def _plain(self) -> Tokenizer:
+        """The same tokenizer with special tokens not parsed: their spellings are text."""
+        plain = Tokenizer.from_str(self.tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text with special tokens not parsed; a control token the tokenizer holds
+        as a plain (not special) added token is cut after its first character."""
+        out = self._encode(self._plain, texts)
+        for k, (text, ids) in enumerate(zip(texts, out)):
+            if self._control_ids.intersection(ids) and len(text) > 1:
+                out[k] = [i for part in self._encode(self._plain, [text[:1], text[1:]])
+                          for i in part]
+        return out
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -114,7 +170,8 @@ class VLMTokenizer:
         """Write tokenizer.json and tokenizer_config.json (read back by `load_tokenizer`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(directory / "tokenizer.json"))
+        with rust_io_errors(directory / "tokenizer.json"):  # a full disk: an OSError
+            self.tokenizer.save(str(directory / "tokenizer.json"))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                   "pad_token": self.pad_token, "bos_token": self.bos_token,
                   "chat_template": self.chat_template or CHATML_JINJA, "tilevlm_grid_side": self.grid_side,
@@ -164,8 +221,58 @@ def load_tokenizer(directory: str | Path, grid_side: int = 8,
             content_form(template, bos_token=names.get("bos_token"), eos_token=eos)
         except ValueError as e:
             raise ValueError(f"{directory}: {e}") from None
+    _probe(tok, path)
     return VLMTokenizer(tok, grid_side, base, eos, names.get("pad_token"), names.get("bos_token"),
-                        template, layout=layout)
+                        template, layout=layout, source=str(path))
+
+
+def _encode_failure(source: str, texts: list[str], error: BaseException) -> str:
+    """Why encoding failed: text that is not valid Unicode (a lone surrogate, as a command-line
+    argument that is not UTF-8 gives), or the tokenizer itself."""
+    for text in texts:
+        if not isinstance(text, str):
+            return f"text to tokenize must be a string, got a {type(text).__name__}"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"the text is not valid UTF-8: it holds {e.object[e.start:e.end]!r} "
+                    f"({e.reason}; bytes that are not UTF-8 read as such); give UTF-8 text")
+    return f"{source}: the tokenizer failed on the text ({type(error).__name__}: {error})"
+
+
+# Long runs of one kind of character that end in another: what makes a backtracking regex (a
+# pre-tokenizer's or normalizer's `Split` / `Replace` pattern) blow up.
+_PROBES = [c * 64 + end for c in ("a", "A", "0", " ", "\n", "é", "\u4e00", "!", "\t", "_")
+           for end in ("!", "a", " ", "")] + ["word " * 40 + "!", "a1" * 64 + "!"]
+
+
+def _probe(tok: Tokenizer, path: Path) -> None:
+    """Encode ordinary text once when the tokenizer is read: one whose regex blows up (an
+    Oniguruma retry-limit panic) is refused here in one line, not at a prompt; its panic
+    message, which Rust prints itself, is kept off stderr."""
+    try:
+        with _stderr_muted():
+            tok.encode_batch(_PROBES, add_special_tokens=False)
+    except BaseException as e:  # noqa: BLE001 - pyo3's PanicException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ValueError(f"{path}: the tokenizer fails on ordinary text "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); its "
+                         "pre-tokenizer or normalizer is broken") from None
+
+
+@contextlib.contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block (what Rust code prints goes there)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _check_own_tokens(tok: Tokenizer, layout: str, grid_side: int, source: str) -> int:
@@ -183,12 +290,18 @@ def _check_own_tokens(tok: Tokenizer, layout: str, grid_side: int, source: str) 
 def _special_token_names(directory: Path, config: dict[str, Any]) -> dict[str, str]:
     """eos/pad/bos strings; tokenizer_config.json (`config`) wins over special_tokens_map.json."""
     names: dict[str, str] = {}
-    for data in (read_json_object(directory / "special_tokens_map.json", missing_ok=True), config):
+    sources = ((directory / "special_tokens_map.json",
+                read_json_object(directory / "special_tokens_map.json", missing_ok=True)),
+               (directory / TOKENIZER_CONFIG, config))
+    for path, data in sources:
         for key in ("eos_token", "pad_token", "bos_token"):
             value = data.get(key)
             if isinstance(value, dict):  # a serialized AddedToken
                 value = value.get("content")
-            if isinstance(value, str) and value:
+            if value is not None and not isinstance(value, str):  # a file we did not write
+                raise ValueError(f"{path}: {key} must be a token string (or an object with its "
+                                 f"'content'), got {data.get(key)!r:.60}")
+            if value:
                 names[key] = value
     return names
 
@@ -205,11 +318,15 @@ def _chat_template(directory: Path, config: dict[str, Any]) -> str | None:
             return _usable(jinja.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"{jinja}: not UTF-8 text ({e.reason})") from None
-    for data in (read_json_object(directory / "chat_template.json", missing_ok=True), config):
+    for path in (directory / "chat_template.json", directory / TOKENIZER_CONFIG):
+        data = config if path.name == TOKENIZER_CONFIG else read_json_object(path, missing_ok=True)
         template = data.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{path}: chat_template must be a string (or a list of named "
+                             f"templates with a 'default'), got {template!r:.60}")
         if _usable(template):
             return template
     return None

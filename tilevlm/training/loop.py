@@ -64,6 +64,7 @@ from tilevlm.training.fsdp import (
 from tilevlm.training.lora import apply_lora
 from tilevlm.training.master_weights import MasterWeights
 from tilevlm.training.run_io import MetricsLog, NoMetrics, SigintFlag, progress_bar
+from tilevlm.training.run_lock import clear_run
 from tilevlm.training.train_config import TrainConfig
 from tilevlm.weights.native import save_pretrained
 from tilevlm.weights.run_folder import (
@@ -74,6 +75,10 @@ from tilevlm.weights.run_folder import (
 )
 
 log = logging.getLogger(__name__)
+
+# With on_nonfinite="skip", this many non-finite steps in a row stop the run (a NaN model or
+# data that is all bad: nothing can be learned).
+MAX_NONFINITE_IN_A_ROW = 20
 
 # Skip reasons summed over ranks each step; anything else (e.g. a map-style sample that failed
 # to read) is counted as OTHER.
@@ -114,6 +119,8 @@ class _Run:
     last_val: dict[str, Any] | None = None
     last_checkpoint: Path | None = None
     validates: bool = False  # the same on every rank: whether rank 0 has validation samples
+    finite_steps: int = 0  # steps of this session whose update was applied
+    nonfinite_in_a_row: int = 0
     master: "MasterWeights | None" = None  # bf16_mode "weights": the optimizer's fp32 copies
 
     @property
@@ -166,12 +173,15 @@ class _StepFigures:
 # ---------------------------------------------------------------- entry point
 def train(model: nn.Module, processor: Any, train_data: Sequence[dict[str, Any]] | Any,
           val_data: Iterable[dict[str, Any]] | None = None, config: TrainConfig | None = None,
-          resume_from: str | Path | None = None) -> TrainResult:
+          resume_from: str | Path | None = None, overwrite: bool = False) -> TrainResult:
     """Train `model` on `train_data`; see the module docstring. Ctrl-C saves and returns.
+    `overwrite`: a previous run's files in the run folder are deleted first, once every
+    option is checked (`run_lock.clear_run`); `run_lock.claim_run_dir` is what checks and
+    locks the folder before any work (the command line calls it).
 
     Under torchrun, call it inside `distributed.process_group(device)` (the CLI does)."""
     cfg = config or TrainConfig()
-    run = _setup(model, processor, train_data, val_data, cfg, resume_from)
+    run = _setup(model, processor, train_data, val_data, cfg, resume_from, overwrite)
     interrupted = False
     try:
         with SigintFlag() as stop:
@@ -200,7 +210,14 @@ def _loop(run: _Run, stop: "SigintFlag") -> bool:
 
 
 def _finish(run: _Run) -> None:
-    """Final checkpoint, then validation: the save comes before anything that can still fail."""
+    """Final checkpoint, then validation: the save comes before anything that can still fail.
+    A run none of whose steps was finite ends in an error instead: it learned nothing."""
+    ran = run.finite_steps + run.nonfinite_in_a_row
+    if ran and not run.finite_steps:
+        raise ValueError(f"every one of the {ran} steps of this run was non-finite (NaN or inf "
+                         "loss or gradients; --on-nonfinite skip dropped them all): nothing was "
+                         "learned and no model is written; check the data, the learning rates "
+                         "and the model")
     _log_epoch(run, final=True)
     _save(run)
     if run.validates:
@@ -219,7 +236,7 @@ def _periodic(run: _Run) -> None:
 # ---------------------------------------------------------------- setup
 def _setup(model: nn.Module, processor: Any, train_data: Any,
            val_data: Iterable[dict[str, Any]] | None, cfg: TrainConfig,
-           resume_from: str | Path | None) -> _Run:
+           resume_from: str | Path | None, overwrite: bool = False) -> _Run:
     _check_options(cfg, model)
     rank, world = distributed.rank(), distributed.world_size()
     sharded = cfg.fsdp and world > 1
@@ -250,6 +267,8 @@ def _setup(model: nn.Module, processor: Any, train_data: Any,
                                       over=master.groups if master else None)
     out_dir = make_output_dir(Path(cfg.out_dir), "run directory (--out)")
     if distributed.is_main():
+        if overwrite:
+            clear_run(out_dir)
         checkpoints.check_pointer(out_dir)
         checkpoints.remove_stale_tmp(out_dir)
     val_samples = list(itertools.islice(val_data, cfg.eval_batches * cfg.batch_size)) \
@@ -360,6 +379,8 @@ def _train_step(run: _Run, bar: Any, stop: "SigintFlag") -> bool:
         run.optimizer.step()
         if run.master is not None:
             run.master.masters_to_weights()
+        run.finite_steps += 1
+        run.nonfinite_in_a_row = 0
     else:
         _nonfinite(run, loss_value, norm_value)
     run.optimizer.zero_grad(set_to_none=True)
@@ -410,6 +431,11 @@ def _nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
     if run.cfg.on_nonfinite == "stop":
         raise ValueError(f"{what} at step {step}; set on_nonfinite='skip' to drop such steps")
     run.state.nonfinite_steps += 1
+    run.nonfinite_in_a_row += 1
+    if run.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+        raise ValueError(f"{what} at step {step}: {run.nonfinite_in_a_row} steps in a row were "
+                         "non-finite, so the run stops (nothing is learned, and the weights may "
+                         "already be NaN); check the data, the learning rates and the model")
     log.warning("%s at step %d: update skipped (%d so far)", what, step,
                 run.state.nonfinite_steps)
 

@@ -20,17 +20,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from tilevlm.files import read_json_object
+from tilevlm.files import json_field, read_json_object
+from tilevlm.weights.safetensors_files import read_safetensors, read_shapes
+from tilevlm.weights.run_folder import ADAPTER_DIR  # noqa: F401  (OUT/adapter/ of a LoRA run)
 
 ADAPTED_PARTS = ("vision_encoder", "decoder")
 TARGETS = {"vision_encoder": ("qkv", "proj", "fc1", "fc2"),
            "decoder": ("qkv", "out", "gate_up", "down")}
 ADAPTER_TENSORS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_DIR = "adapter"  # OUT/adapter/ of a LoRA run
+MAX_RANK = 65536  # far above any useful rank; a larger one is an error, not an allocation
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,10 @@ class LoRASpec:
     decoder: tuple[str, ...] = TARGETS["decoder"]
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"the LoRA rank must be >= 1, got {self.rank}")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"the LoRA rank must be in 1..{MAX_RANK}, got {self.rank}")
+        if not math.isfinite(self.alpha):  # NaN would merge into NaN weights
+            raise ValueError(f"--lora-alpha must be a finite number, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
         for part, names in (("vision_encoder", self.vision), ("decoder", self.decoder)):
@@ -60,9 +64,23 @@ class LoRASpec:
         return self.vision if part == "vision_encoder" else self.decoder
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LoRASpec":
-        return cls(int(data["rank"]), float(data["alpha"]), float(data["dropout"]),
-                   tuple(data["vision"]), tuple(data["decoder"]))
+    def from_dict(cls, data: dict, where: str | Path = ADAPTER_CONFIG) -> "LoRASpec":
+        """The spec of an adapter_config.json we may not have written: every field checked for
+        type and range, a ValueError naming the file and the field."""
+        rank = json_field(data, "rank", "int", where, low=1, high=MAX_RANK)
+        alpha = json_field(data, "alpha", "number", where)
+        dropout = json_field(data, "dropout", "number", where, 0.0, low=0)
+        names = {}
+        for part in ("vision", "decoder"):
+            value = json_field(data, part, "list", where)
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}: {part} must be a list of layer names, got "
+                                 f"{value!r:.60}")
+            names[part] = tuple(value)
+        try:
+            return cls(rank, float(alpha), float(dropout), names["vision"], names["decoder"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 class LoRA(nn.Module):
@@ -137,23 +155,60 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
+def read_adapter_config(directory: str | Path) -> LoRASpec:
+    """The LoRASpec of an adapter directory's adapter_config.json, checked (`from_dict`)."""
+    config = Path(directory) / ADAPTER_CONFIG
+    return LoRASpec.from_dict(read_json_object(config), config)
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Apply the adapter saved in `directory` to a base `model` (in place); returns it."""
+    """Apply the adapter saved in `directory` to a base `model` (in place); returns it. The
+    config, then the tensors' names and shapes (from the header, before any adapter is made),
+    then their values (finite) are checked: a ValueError naming the file otherwise."""
     directory = Path(directory)
-    try:
-        spec = LoRASpec.from_dict(read_json_object(directory / ADAPTER_CONFIG))
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{directory / ADAPTER_CONFIG}: not a LoRA adapter config ({e})") from None
+    spec = read_adapter_config(directory)
+    path = directory / ADAPTER_TENSORS
+    _check_adapter_shapes(model, spec, read_shapes(directory, files=[path]), path)
+    tensors = read_safetensors(directory, files=[path])
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: non-finite values (NaN or inf) in {', '.join(bad[:3])}")
     apply_lora(model, spec)
-    tensors = load_file(str(directory / ADAPTER_TENSORS))
     own = dict(model.named_parameters())
-    wrong = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
-    if wrong:
-        raise ValueError(f"{directory}: the adapter does not fit this model ({', '.join(wrong[:3])})")
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value)
     return model
+
+
+def _check_adapter_shapes(model: nn.Module, spec: LoRASpec, shapes: dict[str, tuple[int, ...]],
+                          path: Path) -> None:
+    """Every tensor of the file is an adapter the spec gives this model (with its rank) or one
+    of the model's own parameters, at its shape; every adapter of the spec is in the file."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    adapters = _adapter_shapes(model, spec)
+    expected.update(adapters)
+    wrong = [f"{k} {list(v)} (expected {list(expected[k])})" if k in expected else
+             f"{k} (not in this model)" for k, v in shapes.items() if expected.get(k) != tuple(v)]
+    missing = sorted(set(adapters) - set(shapes))
+    if wrong or missing:
+        raise ValueError(f"{path}: the adapter does not fit this model with rank {spec.rank}: "
+                         + "; ".join(x for x in (", ".join(wrong[:3]),
+                                                 f"missing {', '.join(missing[:3])}" if missing
+                                                 else "") if x))
+
+
+def _adapter_shapes(model: nn.Module, spec: LoRASpec) -> dict[str, tuple[int, ...]]:
+    """The parameter names and shapes the adapters of `spec` take in `model`."""
+    shapes = {}
+    for part in ADAPTED_PARTS:
+        names = spec.targets(part)
+        for name, module in getattr(model, part).blocks.named_modules():
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in names:
+                out, inp = module.weight.shape
+                shapes[f"{part}.blocks.{name}.lora.a"] = (spec.rank, inp)
+                shapes[f"{part}.blocks.{name}.lora.b"] = (out, spec.rank)
+    return shapes
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from tilevlm.training import distributed
 from tilevlm.training.train_config import TrainConfig
+from tilevlm.weights.run_folder import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class MetricsLog:
     installed."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_FILE
         self._file = open(self.path, "a")
         self._tb = _tensorboard_writer(out_dir)
 

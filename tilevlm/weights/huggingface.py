@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tilevlm.config import VLMConfig, preset
-from tilevlm.files import read_json_object
+from tilevlm.files import json_field, json_numbers, read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.weights.convert import assemble, convert, expand, grow_rows
 from tilevlm.weights.safetensors_files import CONFIG_FILE, read_safetensors
@@ -83,62 +83,97 @@ LLAMA_CONFIG = {
 }
 
 
-def _fields(src: dict[str, Any], table: dict[str, tuple[str, Any]]) -> dict[str, Any]:
-    return {ours: src.get(theirs, default) for ours, (theirs, default) in table.items()}
+def _fields(src: dict[str, Any], table: dict[str, tuple[str, Any]], where: str | Path,
+            prefix: str = "") -> dict[str, Any]:
+    """Our fields from `src` (a config we did not write), each checked: a positive integer, or
+    a positive finite number for the epsilons and a boolean for flags (`json_field`)."""
+    out = {}
+    for ours, (theirs, default) in table.items():
+        kind = "bool" if isinstance(default, bool) else "number" if isinstance(
+            default, float) else "int"
+        out[ours] = json_field(src, theirs, kind, where, default, low=None if kind == "bool" else
+                               (1 if kind == "int" else 0), nullable=default is None,
+                               prefix=prefix)
+        if kind == "number" and out[ours] <= 0:
+            raise ValueError(f"{where}: {prefix}{theirs} must be > 0, got {out[ours]}")
+    return out
 
 
 def siglip_fields(vision: dict[str, Any], where: str | Path,
-                  defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+                  defaults: dict[str, Any] | None = None, prefix: str = "") -> dict[str, Any]:
     """VLMConfig vision fields from a SigLIP vision config dict (`defaults`: ours -> value for
-    fields it omits, when they differ from SigLIP's)."""
-    act = vision.get("hidden_act", "gelu_pytorch_tanh")
+    fields it omits, when they differ from SigLIP's), each checked for type and range."""
+    act = json_field(vision, "hidden_act", "str", where, "gelu_pytorch_tanh", prefix=prefix)
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ValueError(f"{where}: unsupported SigLIP activation {act!r} (need GELU-tanh)")
     table = {ours: (theirs, (defaults or {}).get(ours, default))
              for ours, (theirs, default) in SIGLIP_CONFIG.items()}
-    return _fields(vision, table)
+    return _fields(vision, table, where, prefix)
 
 
 def siglip_config(siglip_dir: str | Path) -> dict[str, Any]:
     """VLMConfig vision fields (and image mean/std when a preprocessor config is present)."""
     siglip_dir = Path(siglip_dir)
-    data = read_json_object(siglip_dir / CONFIG_FILE)
-    fields = siglip_fields(data.get("vision_config", data), siglip_dir)
+    where = siglip_dir / CONFIG_FILE
+    data = read_json_object(where)
+    nested = "vision_config" in data
+    vision = json_field(data, "vision_config", "object", where) if nested else data
+    fields = siglip_fields(vision, where, prefix="vision_config." if nested else "")
     pre = siglip_dir / "preprocessor_config.json"
     if pre.is_file():
         pre_data = read_json_object(pre)
-        for ours, theirs in (("image_mean", "image_mean"), ("image_std", "image_std")):
-            if theirs in pre_data:
-                fields[ours] = tuple(pre_data[theirs])
+        for name in ("image_mean", "image_std"):
+            values = json_numbers(pre_data, name, pre, 3, None,
+                                  low=1e-12 if name == "image_std" else None)
+            if values is not None:
+                fields[name] = values
     return fields
 
 
 def llama_config(llama_dir: str | Path) -> dict[str, Any]:
     """VLMConfig decoder fields from a Llama/SmolLM2 config.json; unsupported variants refused."""
     llama_dir = Path(llama_dir)
-    return llama_fields(read_json_object(llama_dir / CONFIG_FILE), llama_dir)
+    return llama_fields(read_json_object(llama_dir / CONFIG_FILE), llama_dir / CONFIG_FILE)
 
 
-def llama_fields(data: dict[str, Any], where: str | Path) -> dict[str, Any]:
-    """VLMConfig decoder fields from a Llama config dict; unsupported variants refused."""
-    fields = _fields(data, LLAMA_CONFIG)
+def llama_fields(data: dict[str, Any], where: str | Path, prefix: str = "") -> dict[str, Any]:
+    """VLMConfig decoder fields from a Llama config dict, each checked for type and range;
+    unsupported variants refused."""
+    fields = _fields(data, LLAMA_CONFIG, where, prefix)
     if fields["lm_n_kv_heads"] is None:
         fields["lm_n_kv_heads"] = fields["lm_n_heads"]
-    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
-    fields["lm_re_base"] = float(data.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    rope = _rope(data, where, prefix)
+    theta = json_field(data, "rope_theta", "number", where, None, prefix=prefix, nullable=True)
+    if theta is None:
+        theta = json_field(rope, "rope_theta", "number", where, 10000.0,
+                           prefix=f"{prefix}rope_parameters.")
+    if theta <= 0:
+        raise ValueError(f"{where}: {prefix}rope_theta must be > 0, got {theta}")
+    fields["lm_re_base"] = float(theta)
     problems = []
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        problems.append(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
-    head_dim = data.get("head_dim")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        problems.append(f"RoPE scaling {kind!r:.40}")
+    head_dim = json_field(data, "head_dim", "int", where, None, low=1, nullable=True,
+                          prefix=prefix)
     if head_dim is not None and head_dim * fields["lm_n_heads"] != fields["lm_hidden_dim"]:
         problems.append(f"head_dim {head_dim} != hidden_size / num_attention_heads")
-    if data.get("attention_bias") or data.get("mlp_bias"):
+    if any(json_field(data, k, "bool", where, False, nullable=True, prefix=prefix)
+           for k in ("attention_bias", "mlp_bias")):
         problems.append("attention or MLP biases")
-    if data.get("hidden_act", "silu") != "silu":
-        problems.append(f"activation {data.get('hidden_act')!r}")
+    act = json_field(data, "hidden_act", "str", where, "silu", prefix=prefix)
+    if act != "silu":
+        problems.append(f"activation {act!r:.40}")
     if problems:
         raise ValueError(f"{where}: unsupported Llama variant: {'; '.join(problems)}")
     return fields
+
+
+def _rope(data: dict[str, Any], where: str | Path, prefix: str) -> dict[str, Any]:
+    """The RoPE parameters object (transformers 5's rope_parameters, or rope_scaling), or {}."""
+    found = [json_field(data, key, "object", where, None, nullable=True, prefix=prefix)
+             for key in ("rope_parameters", "rope_scaling")]  # both checked
+    return next((value for value in found if value), {})
 
 
 def _siglip_ignored(key: str) -> bool:
@@ -182,10 +217,14 @@ def hf_config(siglip_dir: str | Path, llama_dir: str | Path, base_config: VLMCon
     base = base_config if base_config is not None else preset("original_small")
     vision, decoder = siglip_config(siglip_dir), llama_config(llama_dir)
     side = vision["vit_img_size"] // vision["vit_patch_size"] // base.mp_pixel_shuffle_factor
-    return base.replace(
-        **vision, **decoder, grid_side=grid_side, mp_image_token_length=side * side,
-        max_img_size=_max_img_size(base, vision["vit_img_size"]),
-        lm_max_length=min(base.lm_max_length, decoder["lm_max_position_embeddings"]))
+    try:  # VLMConfig checks the sizes against each other and their bounds
+        return base.replace(
+            **vision, **decoder, grid_side=grid_side, mp_image_token_length=side * side,
+            max_img_size=_max_img_size(base, vision["vit_img_size"]),
+            lm_max_length=min(base.lm_max_length, decoder["lm_max_position_embeddings"]))
+    except ValueError as e:
+        raise ValueError(f"{Path(siglip_dir) / CONFIG_FILE} + {Path(llama_dir) / CONFIG_FILE}: "
+                         f"{e}") from None
 
 
 def _max_img_size(base: VLMConfig, tile: int) -> int:

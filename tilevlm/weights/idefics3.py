@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from tilevlm.config import VLMConfig
-from tilevlm.files import read_json_object
+from tilevlm.files import json_field, json_numbers, read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.weights.convert import assemble, check_tensors, listing
 from tilevlm.weights.huggingface import convert_llama, convert_siglip, llama_fields, siglip_fields
@@ -44,50 +44,56 @@ def is_idefics3_config(data: dict[str, Any]) -> bool:
     return data.get("model_type") in MODEL_TYPES
 
 
-def image_settings(model_dir: str | Path) -> dict[str, Any]:
+def image_settings(model_dir: str | Path) -> tuple[dict[str, Any], Path, str]:
     """The image processor's settings: `preprocessor_config.json`, else the `image_processor`
-    entry of `processor_config.json`."""
+    entry of `processor_config.json`; with the file they are in and their prefix there."""
     model_dir = Path(model_dir)
     if (model_dir / PREPROCESSOR_FILE).is_file():
-        return read_json_object(model_dir / PREPROCESSOR_FILE)
-    nested = read_json_object(model_dir / PROCESSOR_FILE, missing_ok=True).get("image_processor")
+        return read_json_object(model_dir / PREPROCESSOR_FILE), model_dir / PREPROCESSOR_FILE, ""
+    where = model_dir / PROCESSOR_FILE
+    nested = read_json_object(where, missing_ok=True).get("image_processor")
     if not isinstance(nested, dict):
         raise ValueError(f"{model_dir}: no {PREPROCESSOR_FILE} (nor an image_processor entry in "
                          f"{PROCESSOR_FILE}); the image settings of an Idefics3 model are needed")
-    return nested
+    return nested, where, "image_processor."
 
 
-def _edge(settings: dict[str, Any], key: str, where: Path) -> int:
-    value = settings.get(key)
-    edge = value.get("longest_edge") if isinstance(value, dict) else None
-    if not isinstance(edge, int) or isinstance(edge, bool) or edge <= 0:
-        raise ValueError(f"{where}: {key} must be {{\"longest_edge\": N}}, got {value!r:.60}")
-    return edge
+def _edge(settings: dict[str, Any], key: str, where: Path, prefix: str) -> int:
+    value = json_field(settings, key, "object", where, prefix=prefix)
+    return json_field(value, "longest_edge", "int", where, low=1, prefix=f"{prefix}{key}.")
 
 
 def image_fields(model_dir: Path, tile: int) -> dict[str, Any]:
-    """VLMConfig image fields from the image processor's settings, checked against the tile."""
-    settings, where = image_settings(model_dir), model_dir / PREPROCESSOR_FILE
-    if _edge(settings, "max_image_size", where) != tile:
-        raise ValueError(f"{where}: max_image_size.longest_edge "
-                         f"{settings['max_image_size']['longest_edge']} contradicts the vision "
-                         f"config's image_size {tile} (each tile is one vision input)")
+    """VLMConfig image fields from the image processor's settings, each checked for type and
+    range, and against the tile."""
+    settings, where, prefix = image_settings(model_dir)
+
+    def get(key: str, kind: str, default: Any, **bounds: Any) -> Any:
+        return json_field(settings, key, kind, where, default, prefix=prefix, **bounds)
+
+    edge = _edge(settings, "max_image_size", where, prefix)
+    if edge != tile:
+        raise ValueError(f"{where}: {prefix}max_image_size.longest_edge {edge} contradicts the "
+                         f"vision config's image_size {tile} (each tile is one vision input)")
     problems = [name for name, ok in (
-        ("resample must be 1 (Lanczos)", settings.get("resample", LANCZOS) == LANCZOS),
+        ("resample must be 1 (Lanczos)", get("resample", "int", LANCZOS) == LANCZOS),
         ("do_resize, do_rescale and do_normalize must be true",
-         all(settings.get(k, True) for k in ("do_resize", "do_rescale", "do_normalize"))),
+         all(get(k, "bool", True) for k in ("do_resize", "do_rescale", "do_normalize"))),
         ("rescale_factor must be 1/255",
-         math.isclose(settings.get("rescale_factor", 1 / 255), 1 / 255, rel_tol=1e-6)))
+         math.isclose(get("rescale_factor", "number", 1 / 255), 1 / 255, rel_tol=1e-6)))
         if not ok]
     if problems:
         raise ValueError(f"{where}: unsupported image settings: {'; '.join(problems)}")
-    longest = _edge(settings, "size", where)
+    longest = _edge(settings, "size", where, prefix)
     if longest < tile:
-        raise ValueError(f"{where}: size.longest_edge {longest} is smaller than one tile "
+        raise ValueError(f"{where}: {prefix}size.longest_edge {longest} is smaller than one tile "
                          f"({tile}); not supported")
-    return dict(max_img_size=longest, image_splitting=bool(
-        settings.get("do_image_splitting", True)), image_mean=settings.get("image_mean", (0.5,) * 3),
-        image_std=settings.get("image_std", (0.5,) * 3), image_rule="idefics3")
+    return dict(max_img_size=longest, image_splitting=get("do_image_splitting", "bool", True),
+                image_mean=json_numbers(settings, "image_mean", where, 3, (0.5,) * 3,
+                                        prefix=prefix),
+                image_std=json_numbers(settings, "image_std", where, 3, (0.5,) * 3, low=1e-12,
+                                       prefix=prefix),
+                image_rule="idefics3")
 
 
 def check_position_ids(side: int, where: Path) -> None:
@@ -108,23 +114,25 @@ def idefics3_config(model_dir: str | Path, data: dict[str, Any] | None = None) -
     where = model_dir / CONFIG_FILE
     data = read_json_object(where) if data is None else data
     if data.get("model_type") not in MODEL_TYPES:
-        raise ValueError(f"{where}: model_type {data.get('model_type')!r} is not one of "
+        raise ValueError(f"{where}: model_type {data.get('model_type')!r:.60} is not one of "
                          f"{', '.join(MODEL_TYPES)}")
-    vision = siglip_fields(data.get("vision_config") or {}, where, VISION_DEFAULTS)
-    text = data.get("text_config") or {}
-    decoder = llama_fields(text, where)
-    decoder["lm_tie_weights"] = bool(data.get("tie_word_embeddings",
-                                              text.get("tie_word_embeddings", False)))
-    factor = data.get("scale_factor", 2)
+    vision = siglip_fields(json_field(data, "vision_config", "object", where, {}, nullable=True),
+                           where, VISION_DEFAULTS, prefix="vision_config.")
+    text = json_field(data, "text_config", "object", where, {}, nullable=True)
+    decoder = llama_fields(text, where, prefix="text_config.")
+    decoder["lm_tie_weights"] = json_field(data, "tie_word_embeddings", "bool", where,
+                                           decoder["lm_tie_weights"], nullable=True)
+    factor = json_field(data, "scale_factor", "int", where, 2, low=1, high=64)
     side = vision["vit_img_size"] // vision["vit_patch_size"]
     check_position_ids(side, where)
     images = image_fields(model_dir, vision["vit_img_size"])
     vocab = decoder.pop("lm_base_vocab_size")
+    image_token = json_field(data, "image_token_id", "int", where, 128257, low=0)
     try:
         return VLMConfig(
             **vision, **decoder, **images, mp_pixel_shuffle_factor=factor,
-            mp_image_token_length=(side // max(factor, 1)) ** 2, lm_base_vocab_size=vocab,
-            lm_vocab_size=vocab, lm_image_token_id=data.get("image_token_id", 128257),
+            mp_image_token_length=(side // factor) ** 2, lm_base_vocab_size=vocab,
+            lm_vocab_size=vocab, lm_image_token_id=image_token,
             lm_max_length=decoder["lm_max_position_embeddings"], use_global_tile=True,
             image_token_layout="idefics3", grid_side=-(-images["max_img_size"] // vision[
                 "vit_img_size"]), name=f"{data['model_type']}:{model_dir.name}")

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 
 from tilevlm.config import VLMConfig
-from tilevlm.files import read_json_object
+from tilevlm.files import json_field, read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.tokenizer import VLMTokenizer, load_tokenizer
 from tilevlm.special_tokens import special_tokens
@@ -88,17 +88,21 @@ def nanovlm_config(checkpoint_dir: str | Path, data: dict[str, Any] | None = Non
     config.json, when already read."""
     where = Path(checkpoint_dir) / CONFIG_FILE
     data = read_json_object(where) if data is None else data
-    if data.get("vit_cls_flag"):
+    if json_field(data, "vit_cls_flag", "bool", where, False, nullable=True):
         raise ValueError(f"{where}: vit_cls_flag=true (a CLS token) is not supported")
-    if float(data.get("lm_attn_scaling", 1.0)) != 1.0:
+    if json_field(data, "lm_attn_scaling", "number", where, 1.0, nullable=True) != 1.0:
         raise ValueError(f"{where}: lm_attn_scaling != 1.0 is not supported")
     fields = {k: data[k] for k in NANOVLM_CONFIG_FIELDS if k in data}
     grid_side = _nanovlm_grid_side(data, where)
-    derived_vocab = fields.get("lm_base_vocab_size", 49152) + len(special_tokens(grid_side or 8))
-    vocab = max(int(data.get("lm_vocab_size", 0)), derived_vocab)
-    return VLMConfig(**fields, grid_side=grid_side, lm_vocab_size=vocab, image_mean=(0, 0, 0),
-                     image_std=(1, 1, 1), image_token_layout="nanovlm",
-                     name=f"nanovlm:{Path(checkpoint_dir).name}")
+    base = json_field(data, "lm_base_vocab_size", "int", where, 49152, low=1)
+    derived_vocab = base + len(special_tokens(grid_side or 8))
+    vocab = max(json_field(data, "lm_vocab_size", "int", where, 0, low=0), derived_vocab)
+    try:  # VLMConfig checks every other field's type and range
+        return VLMConfig(**fields, grid_side=grid_side, lm_vocab_size=vocab,
+                         image_mean=(0, 0, 0), image_std=(1, 1, 1), image_token_layout="nanovlm",
+                         name=f"nanovlm:{Path(checkpoint_dir).name}")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def convert_nanovlm(tensors: dict[str, torch.Tensor], cfg: VLMConfig,

@@ -17,7 +17,8 @@ from tilevlm.files import atomic_write, read_json_object
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.weights.convert import assemble, check_shapes
 from tilevlm.weights.nanovlm import is_nanovlm_config
-from tilevlm.weights.safetensors_files import CONFIG_FILE, WEIGHTS_FILE, read_safetensors, read_shapes
+from tilevlm.weights.safetensors_files import (CONFIG_FILE, WEIGHTS_FILE, check_finite,
+                                               read_safetensors, read_shapes)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ def save_pretrained(model: VisionLanguageModel, directory: str | Path,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    check_finite(tensors, f"the model to save in {directory}")
     atomic_write(directory / WEIGHTS_FILE,
                   lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     if tokenizer is not None:

@@ -4,6 +4,7 @@
     OUT/checkpoint-{step}/     a checkpoint: the model + optimizer, RNG and trainer state
     OUT/latest                 the newest checkpoint's directory name
     OUT/metrics.jsonl          the run's log
+    OUT/tilevlm.lock           held while a run writes here (`training/run_lock.py`)
 
 The names, the trainer state's form (`TrainState`), which checkpoint is intact (headers and JSON
 only, no tensor read), which one to resume from (`checkpoint_to_resume`) and which model a
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tilevlm.files import check_regular_file, confined, read_json_object
+from tilevlm.files import check_regular_file, confined, json_field, read_json_object
 from tilevlm.weights.safetensors_files import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -35,7 +36,22 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_META = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
 TMP_PREFIX = ".tmp-ckpt-"
+LOCK_FILE = "tilevlm.lock"
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_DIR = "adapter"  # OUT/adapter/ of a LoRA run
+# What a run writes in its folder (besides the lock): a folder holding any of these holds a run.
+RUN_NAMES = (FINAL_MODEL, ADAPTER_DIR, LATEST, METRICS_FILE, "tensorboard")
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def run_entries(directory: Path) -> list[str]:
+    """The names in `directory` that a run wrote there (checkpoints, half-written ones included,
+    `latest`, `model/`, `adapter/`, metrics), sorted; [] for a folder that holds no run."""
+    if not directory.is_dir():
+        return []
+    return sorted(p.name for p in directory.iterdir()
+                  if p.name in RUN_NAMES or _CHECKPOINT_RE.match(p.name)
+                  or p.name.startswith(TMP_PREFIX))
 
 
 @dataclass
@@ -52,7 +68,9 @@ class TrainState:
 
 
 def read_trainer_state(directory: Path) -> dict[str, Any]:
-    """`trainer_state.json`, checked: a `state` that makes a TrainState and an `rng` object."""
+    """`trainer_state.json`, checked before anything uses it (it may have been edited): a
+    `state` that makes a TrainState, an `rng` object, and the fields of `train_config` and
+    `data_layout` that a resumed run reads, each of its type and range."""
     path = directory / TRAINER_STATE
     data = read_json_object(path)
     for key in ("state", "rng"):
@@ -62,7 +80,51 @@ def read_trainer_state(directory: Path) -> dict[str, Any]:
         train_state(data["state"])
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    _check_saved_config(data, path)
+    _check_layout(data, path)
     return data
+
+
+# The train_config fields a resumed run reads (`training/loop.py`, `commands/train.py`).
+_SAVED_CONFIG = {"lora": ("int", 0), "batch_size": ("int", 1), "grad_accum": ("int", 1),
+                 "seed": ("int", None), "steps": ("int", 0), "warmup_steps": ("int", 0),
+                 "pack": ("int", 0), "shuffle_block": ("int", 0), "shuffle": ("bool", None)}
+_STREAM_LAYOUT = {"world_size": ("int", 1), "batch_size": ("int", 1), "pack": ("int", 0),
+                  "block_size": ("int", 1), "shuffle": ("bool", None), "seed": ("int", None)}
+
+
+def _check_saved_config(data: dict[str, Any], path: Path) -> None:
+    config = json_field(data, "train_config", "object", path, {})
+    for key, (kind, low) in _SAVED_CONFIG.items():
+        json_field(config, key, kind, path, None, low=low, prefix="train_config.")
+
+
+def _check_layout(data: dict[str, Any], path: Path) -> None:
+    """`data_layout` (what the saved data positions mean) and the positions themselves."""
+    layout = json_field(data, "data_layout", "object", path, {})
+    kind = json_field(layout, "kind", "str", path, "map", prefix="data_layout.")
+    if kind not in ("map", "stream"):
+        raise ValueError(f"{path}: data_layout.kind must be map or stream, got {kind!r:.40}")
+    json_field(layout, "world_size", "int", path, 1, low=1, prefix="data_layout.")
+    json_field(layout, "batch_size", "int", path, 1, low=1, prefix="data_layout.")
+    if kind == "stream":
+        unknown = sorted(set(layout) - set(_STREAM_LAYOUT) - {"kind"})
+        if unknown:
+            raise ValueError(f"{path}: unknown data_layout fields: {', '.join(unknown)}")
+        for key, (field_kind, low) in _STREAM_LAYOUT.items():
+            json_field(layout, key, field_kind, path, low=low, prefix="data_layout.")
+    for position in data["state"].get("data_positions", []):
+        ok = _is_count(position) if kind == "map" else (
+            isinstance(position, list) and len(position) == 3 and all(map(_is_count, position)))
+        if not ok:
+            raise ValueError(f"{path}: state.data_positions must hold "
+                             + ("sample counts (integers >= 0)" if kind == "map" else
+                                "[epoch, block, batches] lists of integers >= 0")
+                             + f", got {position!r:.60}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def train_state(data: dict[str, Any]) -> TrainState:
@@ -80,6 +142,10 @@ def train_state(data: dict[str, Any]) -> TrainState:
                 (kind is int and value < 0):
             raise ValueError(f"TrainState.{name} must be {_STATE_TYPE_NAMES[kind]}, "
                              f"got {value!r:.60}")
+    for name in ("skipped", "epoch"):  # counts by name
+        if not all(isinstance(k, str) and _is_count(v) for k, v in data.get(name, {}).items()):
+            raise ValueError(f"TrainState.{name} must map names to integers >= 0, got "
+                             f"{data[name]!r:.60}")
     return TrainState(**data)
 
 
@@ -189,7 +255,8 @@ def _not_lora(directory: Path) -> Path:
     """`directory`, unless it is a LoRA run's checkpoint (base weights and adapters side by
     side, which only `train --resume` reads): a ValueError saying what to use."""
     state = read_json_object(directory / TRAINER_STATE, missing_ok=True)
-    if state.get("train_config", {}).get("lora"):
+    config = state.get("train_config")
+    if isinstance(config, dict) and config.get("lora"):
         raise ValueError(f"{directory} is a checkpoint of a LoRA run: continue it with `tilevlm "
                          "train --resume`, or use the run's model/ (merged) or `tilevlm merge`")
     return directory

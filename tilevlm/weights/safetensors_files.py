@@ -83,6 +83,16 @@ def _check_dtype(path: Path, key: str, dtype: str) -> None:
                          f"{', '.join(WEIGHT_DTYPES)}")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """A ValueError naming the tensors that hold NaN or inf: a model with them is never saved
+    (it would load, and answer garbage, without a word)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(
+        torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what}: non-finite values (NaN or inf) in {len(bad)} tensor(s), e.g. "
+                         f"{', '.join(bad[:3])}; not saved")
+
+
 def safetensors_problem(path: Path) -> str | None:
     """Why `path` is not a complete safetensors file (header and size only), or None."""
     try:

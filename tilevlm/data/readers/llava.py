@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, safe_image_path
+from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, image_source
 from tilevlm.data.sample import Sample, conversation_sample
 from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
 from tilevlm.files import check_regular_file, parse_json, read_json
@@ -38,7 +38,7 @@ def llava_sample(record: Any, root: Path, where: str) -> Sample:
         messages.append({"role": role, "content": turn["value"]})
     names = record.get("image")
     names = [] if names is None else names if isinstance(names, list) else [names]
-    return conversation_sample(messages, [safe_image_path(root, n) for n in names], where)
+    return conversation_sample(messages, [image_source(n, root) for n in names], where)
 
 
 class LlavaReader(RowReader):

@@ -1,9 +1,10 @@
 """The Cauldron / FineVision style rows from local parquet files, streamed in row batches.
 
 A row has `images` (a list of images; one `image` is accepted too) and `texts` (a list of
-`{"user": ..., "assistant": ...}` turns). An image is a `{"bytes", "path"}` struct as `datasets`
-stores its `Image` feature, raw bytes, or a path string; paths are read below the image root (the
-parquet file's directory unless `image_root` is given) and may not leave it.
+`{"user": ..., "assistant": ...}` turns). An image cell is whatever `rows.image_source` reads (a
+`{"bytes", "path"}` struct as `datasets` stores its `Image` feature, raw bytes, or a path string);
+paths are read below the image root (the parquet file's directory unless `image_root` is given)
+and may not leave it.
 
 Memory: pyarrow decodes one row group at a time and we convert only this shard's rows of each
 small batch to Python, so a file is never held whole (a row group is; `datasets` writes image
@@ -15,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, safe_image_path
+from tilevlm.data.readers.rows import Keep, RowFormat, RowReader, image_source
 from tilevlm.data.sample import Sample, conversation_sample
 from tilevlm.data.skips import MALFORMED, SkipCounter, SkipSample
 
@@ -60,21 +61,6 @@ def cauldron_sample(row: dict[str, Any], image_column: str | None, root: Path,
     raw = row.get(image_column) if image_column else None
     raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
     return conversation_sample(messages, [image_source(x, root) for x in raw], where)
-
-
-def image_source(value: Any, root: Path) -> bytes | Path:
-    """What `load_image` takes for one stored image: its bytes, or a safe path below `root`."""
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return value["bytes"]
-        if value.get("path"):
-            return safe_image_path(root, value["path"])
-    elif isinstance(value, (bytes, bytearray)) and value:
-        return bytes(value)
-    elif isinstance(value, str) and value:
-        return safe_image_path(root, value)
-    raise SkipSample(MALFORMED, f"an image must be bytes, a path or a {{bytes, path}} struct, "
-                                f"got {value!r:.80}")
 
 
 def take_rows(batch: Any, first: int, keep: Keep) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -157,3 +157,27 @@ def safe_image_path(root: str | Path, name: str) -> Path:
         return confined(root, name, "image path", "the image root")
     except ValueError as e:
         raise SkipSample(PATH_ESCAPE, str(e)) from None
+
+
+def image_source(cell: Any, root: str | Path) -> bytes | Path:
+    """What `load_image` gets for one image cell of a data set, whatever form the cell takes:
+    encoded bytes, a path string, or a `{"bytes", "path"}` struct as `datasets` stores its
+    `Image` feature (bytes when it has them, else its path). Every path is confined to `root`
+    (`safe_image_path`). Anything else (a number, a list, a string or a number where the bytes
+    belong) is a SkipSample (malformed) naming what it got: nothing but bytes is read as bytes
+    and nothing but a confined path is ever opened."""
+    if isinstance(cell, dict):
+        data, path = cell.get("bytes"), cell.get("path")
+        if data is not None and data != b"":
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise SkipSample(MALFORMED, f"an image struct's 'bytes' must hold bytes, got a "
+                                            f"{type(data).__name__} ({data!r:.60})")
+            return bytes(data)
+        if path is not None:
+            return safe_image_path(root, path)
+    elif isinstance(cell, (bytes, bytearray, memoryview)) and len(cell):
+        return bytes(cell)
+    elif isinstance(cell, str) and cell:
+        return safe_image_path(root, cell)
+    raise SkipSample(MALFORMED, f"an image must be bytes, a path or a {{bytes, path}} struct, "
+                                f"got {cell!r:.80}")
