@@ -222,6 +222,23 @@ def test_truncated_file(tmp_path, photo, fmt):
         load_image(buf.getvalue()[: len(buf.getvalue()) // 2])
 
 
+def test_truncated_file_is_refused_even_when_pillow_was_told_to_accept_them(tmp_path, photo,
+                                                                          monkeypatch):
+    """lmms-eval sets Pillow's LOAD_TRUNCATED_IMAGES at import; our loader still refuses."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    buf = io.BytesIO()
+    photo(120, 90).save(buf, format="PNG")
+    cut = buf.getvalue()[: len(buf.getvalue()) // 2]
+    with pytest.raises(ValueError, match="<bytes>: truncated or corrupt"):
+        load_image(cut)
+    with pytest.raises(ValueError, match="<PIL image>: truncated or corrupt"):
+        load_image(Image.open(io.BytesIO(cut)))
+    assert load_image(buf.getvalue()).size == (120, 90)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the other library's setting is left as it was
+
+
 def test_decompression_bomb_is_refused_from_the_header(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header_only(30000, 30000))

@@ -34,6 +34,11 @@ import lmms_eval.tasks
 from lmms_eval.api.reasoning import parse_reasoning_tags_config, strip_reasoning_tags
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.utils import load_yaml_config
+from PIL import ImageFile
+
+# lmms_eval.api.task turns Pillow's check for truncated files off at import (for a data set of
+# its own); collected first, this module would hand that to every other test of the session.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 from tilevlm.evaluation import metrics
 from tilevlm.evaluation.aggregation import aggregate

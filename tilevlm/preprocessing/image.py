@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from tilevlm.config import VLMConfig
 from tilevlm.preprocessing.decoding import ImageLoadError, decoding, image_file
@@ -47,6 +47,8 @@ _TRANSPOSING = {5, 6, 7, 8}  # orientations that swap width and height
 _DRAFT_SCALES = (8, 4, 2)  # the reduced scales libjpeg decodes at directly
 FAST_RESIZE_GAP = 3.0  # `fast_resize`'s Pillow reducing_gap
 _PIL_LIMIT_LOCK = threading.Lock()
+_TRUNCATED_LOCK = threading.Lock()
+_truncated_seen_allowed = False  # Pillow's LOAD_TRUNCATED_IMAGES was found on: loads serialise
 
 
 # ----------------------------------------------------------------------------- loading
@@ -67,7 +69,7 @@ def load_image(source: ImageLike, max_pixels: int = 89_478_485,
     name = _source_name(source)
     if isinstance(source, Image.Image):
         _check_size(source.size, max_pixels, name)
-        with decoding(name):
+        with decoding(name), _truncated_refused():
             source.load()  # a lazily opened image may still hold undecoded (corrupt) data
         out = _finish(source, name)
         return out.copy() if out is source else out  # never hand back the caller's object
@@ -79,7 +81,8 @@ def load_image(source: ImageLike, max_pixels: int = 89_478_485,
             _check_size(img.size, max_pixels, name)  # before a single pixel is decoded
             if draft_scale is not None and img.format == "JPEG":
                 _draft(img, draft_scale)
-            img.load()  # a full decode: truncated or corrupt data fails here, not later
+            with _truncated_refused():
+                img.load()  # a full decode: truncated or corrupt data fails here, not later
             return _finish(img, name)
 
 
@@ -127,6 +130,27 @@ def _finish(img: Image.Image, name: str) -> Image.Image:
         if img.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even for none
             img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
+
+
+@contextlib.contextmanager
+def _truncated_refused() -> Iterator[None]:
+    """Pillow's check for truncated files on, for one decode. Another library in the process may
+    have switched it off for everyone (lmms-eval does, at import: Pillow then fills the missing
+    rows with grey, without a word); a truncated image must still be refused here. While the
+    switch is off nothing changes; once it has been seen on, decodes take a lock and turn it off
+    for their duration, so no thread of ours decodes while another has turned it back on."""
+    global _truncated_seen_allowed
+    if not (_truncated_seen_allowed or ImageFile.LOAD_TRUNCATED_IMAGES):
+        yield
+        return
+    _truncated_seen_allowed = True
+    with _TRUNCATED_LOCK:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 @contextlib.contextmanager
