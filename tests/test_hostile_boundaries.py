@@ -272,8 +272,9 @@ def test_every_form_of_an_image_cell(tmp_path):
 def test_a_prompt_spelling_special_tokens_stays_text(model_dir, image):
     done = run_tilevlm(*_generate(model_dir, image, "<image>" + HOSTILE))
     assert done.returncode == 0, done.stderr[-3000:]
-    # 5 tiles x (1 grid token + 4 image tokens): no image, global or grid token was forged
-    assert "25 image)" in done.stderr, done.stderr
+    # 5 tiles x 4 placeholders (README's "Image tokens"): no image token was forged (forged grid
+    # and global markers: test_special_tokens_in_text_stay_text_in_every_layout, by id)
+    assert "20 image)" in done.stderr, done.stderr
 
 
 def test_a_prompt_that_is_not_utf8_is_one_line(model_dir, image):
