@@ -165,3 +165,23 @@ def test_engine_bounds_cancellation_and_sampling(setup):
     assert [e.text for e in again["c"]] == [e.text for e in events["b"]]
     counts = engine.snapshot()
     assert (counts.cancelled, counts.completed, counts.refused) == (1, 2, 1)
+
+
+def test_the_per_row_decode_step_has_no_graph_breaks(setup):
+    """The engine's decode step (per-row cache positions over a window of the cache) stays
+    compile-friendly: `torch._dynamo.explain` finds no graph break."""
+    from tilevlm.inference.generation import decode_step
+
+    model, _, batches, _ = setup
+    rows = DecodeRows(model, max_rows=2, max_len=128)
+    with torch.inference_mode():
+        for k in (0, 2):
+            rows.add(batches[k]["input_ids"], batches[k]["pixel_values"])
+        positions = torch.tensor(rows.lengths)
+        rows._attach(0, 2, 128)
+        try:
+            explanation = torch._dynamo.explain(decode_step)(
+                model, torch.tensor([3, 4]), positions, positions.unsqueeze(1), None)
+        finally:
+            model.decoder.clear_cache()
+    assert explanation.graph_break_count == 0
