@@ -345,6 +345,19 @@ def test_queue_bound_429_and_a_client_leaving_frees_its_row(server, client):
     assert_still_serving(client)
 
 
+def test_a_client_that_gives_up_without_streaming_frees_its_row(server, client):
+    before = health(server)
+    body = _body(max_tokens=POSITIONS - 200, temperature=0, messages=image_message(data_url(64, 64)))
+    with pytest.raises(httpx.ReadTimeout):  # the client stops waiting and closes the connection
+        httpx.post(f"{server.url}/v1/chat/completions", json=body,
+                   headers={"Authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(60, read=1.0))
+    _wait_for(lambda: health(server)["cancelled"] == before["cancelled"] + 1)
+    assert health(server)["running"] == 0
+    assert health(server)["completed"] == before["completed"]
+    assert_still_serving(client)
+
+
 def test_many_clients_beyond_the_queue_are_refused_at_once_and_the_rest_complete(server):
     results: list[int] = []
 
@@ -366,10 +379,25 @@ def test_many_clients_beyond_the_queue_are_refused_at_once_and_the_rest_complete
 
 def test_command_errors_are_one_line(server, served_model, tmp_path):
     assert_refused(cli("serve", "--model", str(tmp_path / "none"), timeout=60), "serve")
-    assert_refused(cli("serve", "--model", str(served_model), "--max-batch", "0", timeout=60),
-                   "serve", "max-batch")
     port = server.url.rsplit(":", 1)[1]
     busy = cli("serve", "--model", str(served_model), "--port", port, timeout=60)
     assert busy.returncode == 1, busy.stderr
     assert busy.stderr.strip().splitlines()[-1].startswith("tilevlm serve: error: cannot listen")
     assert "Traceback" not in busy.stderr
+
+
+def test_the_load_generator_reports_every_level(server, tmp_path):
+    out = tmp_path / "load.json"
+    done = cli("bench", "--serve", server.url, "--clients", "1", "3", "--requests-per-client",
+               "2", "--max-tokens", "4", "--api-key", KEY, "--json", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["model"] == NAME and results["cpu"]
+    assert [level["clients"] for level in results["levels"]] == [1, 3]
+    for level in results["levels"]:
+        # 3 clients on 2 rows + 1 waiting: every request fits, none is refused
+        assert level["completed"] == level["requests"] == 2 * level["clients"]
+        assert level["tokens"] > 0 and level["ttft_p50_s"] > 0
+    assert "| 3 | 6 | 0 | 0 |" in done.stdout and level["decode_tokens_per_s"] > 0
+    refused = cli("bench", "--serve", "not-a-url", timeout=60)
+    assert_refused(refused, "bench", "http://")

@@ -58,3 +58,10 @@ def test_the_page_and_the_tile_preview_work_before_the_model(loading_app):
                                                       state.processor.tokenizer)
     bad = _run(app, "POST", "/v1/tiles", json={"image_url": {"url": "https://example.com/a.png"}})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "remote_url_refused"
+
+
+@pytest.mark.parametrize("field, value", [("max_batch", 0), ("max_queue", -1), ("port", 70000),
+                                          ("max_context", 1), ("api_key", " ")])
+def test_settings_refuse_impossible_limits(field, value):
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        ServeSettings(**{field: value})

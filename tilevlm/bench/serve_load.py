@@ -4,8 +4,9 @@ completions server (`tilevlm serve`, `transformers serve`, vLLM, llama-server).
 At each concurrency level, that many clients each send `requests` streaming chat completions
 one after another, every one with an image of its own (a data: URL) and greedy decoding, and
 the level reports requests per second, generated tokens per second (all clients together, over
-the level's wall time) and time to first token p50 / p95 (from sending the request to the first
-chunk with text). Refused requests (429, 503) are counted, not retried. Everything is bounded:
+the level's wall time), decode tokens per second (`decode_rate`: the tokens after each first
+one, over the time some request was decoding) and time to first token p50 / p95 (from sending
+the request to the first chunk with text). Refused requests (429, 503) are counted, not retried. Everything is bounded:
 clients x requests per level, and a timeout per request. Traffic goes only to the URL given.
 """
 
@@ -57,6 +58,7 @@ class LoadConfig:
 @dataclass(frozen=True)
 class Outcome:
     status: int
+    start: float = 0.0  # perf_counter() when it was sent
     ttft: float = 0.0  # seconds to the first text
     seconds: float = 0.0  # the whole request
     tokens: int = 0
@@ -92,7 +94,7 @@ async def one_request(http: Any, url: str, body: dict[str, Any]) -> Outcome:
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
-            return Outcome(response.status_code)
+            return Outcome(response.status_code, start)
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -104,7 +106,7 @@ async def one_request(http: Any, url: str, body: dict[str, Any]) -> Outcome:
                     chunks += 1
                     ttft = ttft or time.perf_counter() - start
     seconds = time.perf_counter() - start
-    return Outcome(200, ttft or seconds, seconds, chunks if tokens is None else tokens)
+    return Outcome(200, start, ttft or seconds, seconds, chunks if tokens is None else tokens)
 
 
 async def run_level(http: Any, config: LoadConfig, model: str, clients: int
@@ -123,13 +125,30 @@ def summarize(outcomes: list[Outcome], clients: int, wall: float) -> dict[str, A
     done = [o for o in outcomes if o.status == 200]
     ttft = [o.ttft for o in done]
     tokens = sum(o.tokens for o in done)
+    origin = min((o.start for o in outcomes), default=0.0)
     return {"clients": clients, "requests": len(outcomes), "completed": len(done),
             "refused": sum(o.status in (429, 503) for o in outcomes),
             "failed": sum(o.status not in (200, 429, 503) for o in outcomes),
             "seconds": round(wall, 3), "requests_per_s": round(len(done) / wall, 3),
             "tokens": tokens, "tokens_per_s": round(tokens / wall, 2),
+            "decode_tokens_per_s": decode_rate(done),
             "ttft_p50_s": _percentile(ttft, 50), "ttft_p95_s": _percentile(ttft, 95),
-            "latency_p50_s": _percentile([o.seconds for o in done], 50)}
+            "latency_p50_s": _percentile([o.seconds for o in done], 50),
+            "each": [[round(o.start - origin, 3), o.status, round(o.ttft, 3),
+                      round(o.seconds, 3), o.tokens] for o in outcomes]}
+
+
+def decode_rate(done: list[Outcome]) -> float | None:
+    """Tokens after each request's first, per second of the time some request was past its
+    first token (the union of those intervals): the aggregate decode speed, without the
+    stretches where every request still waited for its prefill."""
+    spans = sorted((o.start + o.ttft, o.start + o.seconds) for o in done if o.tokens > 1)
+    busy, end = 0.0, float("-inf")
+    for lo, hi in spans:
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    later = sum(o.tokens - 1 for o in done if o.tokens > 1)
+    return round(later / busy, 2) if busy > 0 else None
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -160,9 +179,18 @@ async def run_load(config: LoadConfig) -> dict[str, Any]:
 
 
 async def _wait_ready(http: Any, url: str, timeout: float) -> None:
-    """Until /health answers 200 (a server still loading its model says 503)."""
+    """Until /health answers 200 (a server still loading its model says 503, one still
+    starting refuses the connection)."""
+    import httpx
+
     deadline = time.monotonic() + timeout
-    while (await http.get(f"{url}/health")).status_code != 200:
+    while True:
+        try:
+            if (await http.get(f"{url}/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
         if time.monotonic() > deadline:
             raise ValueError(f"{url}/health: not ready within {timeout:.0f} s")
         await asyncio.sleep(0.5)
@@ -183,11 +211,12 @@ def format_load(results: dict[str, Any]) -> str:
              f"most, {results['requests_per_client']} requests per client, "
              f"{results['image']}; CPU {results['cpu']}, load average "
              f"{' '.join(map(str, results['load_average']))}",
-             "| clients | done | refused | failed | req/s | tokens/s | TTFT p50 s | TTFT p95 s "
-             "| latency p50 s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| clients | done | refused | failed | req/s | tokens/s | decode tokens/s "
+             "| TTFT p50 s | TTFT p95 s | latency p50 s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["levels"]:
         lines.append(f"| {r['clients']} | {r['completed']} | {r['refused']} | {r['failed']} "
-                     f"| {r['requests_per_s']} | {r['tokens_per_s']} | {r['ttft_p50_s']} "
+                     f"| {r['requests_per_s']} | {r['tokens_per_s']} "
+                     f"| {r['decode_tokens_per_s']} | {r['ttft_p50_s']} "
                      f"| {r['ttft_p95_s']} | {r['latency_p50_s']} |")
     return "\n".join(lines)

@@ -177,8 +177,8 @@ class Engine:
                 continue
             try:
                 _, logits = self.rows.add(request.input_ids, request.pixel_values)
-            except (ValueError, RuntimeError) as e:  # this request's prompt or tiles, not the
-                log.warning("request %s failed at prefill: %s", request.id, e)  # others'
+            except Exception as e:  # its own failure (its tiles, memory): it alone gets an
+                log.warning("request %s failed at prefill: %s", request.id, e)  # error
                 self._end(request, Event(finish_reason="error", error=str(e)), "failed")
                 continue
             running = _Running(request, RowState(self.eos_ids, StopStrings(list(request.stop)),
