@@ -14,11 +14,12 @@ so the two servers run the same weights, tokens and image rule.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from tilevlm import preset
 from tilevlm.model.vlm import VisionLanguageModel
@@ -35,22 +36,53 @@ SMOLVLM_TEMPLATE = (
     "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
     "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-CORPUS = ["User: What is in the picture? Describe the image in detail.\n"
-          "Assistant: A red square in row 2, column 3, beside a blue circle.\n"] * 50
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2
+
+
+def base_bpe() -> Tokenizer:
+    """A byte-level BPE with exactly BASE_VOCAB tokens, all of them plain text: the 256 byte
+    symbols, then merges of printable ASCII into 2- and 3-character tokens. Every token a random
+    model picks decodes to text (as a real model's do), and nothing about it is slower to
+    encode or decode than a real vocabulary (49,152 added tokens would be, in transformers)."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_char = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+    printable = [byte_char[b] for b in range(32, 127)]
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for c in sorted(alphabet):
+        vocab[c] = len(vocab)
+    merges = []
+    pairs = [(a, b) for a in printable for b in printable]
+    triples = ((a + b, c) for a, b in pairs for c in printable)
+    for left, right in itertools.chain(pairs, triples):
+        if len(vocab) == BASE_VOCAB:
+            break
+        vocab[left + right] = len(vocab)
+        merges.append((left, right))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS])
+    return tok
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character table (what ByteLevel uses), in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
 
 
 def smolvlm_tokenizer(directory: Path) -> None:
     """tokenizer.json + tokenizer_config.json shaped like SmolVLM's (ids, specials, template)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    # Plain (not special) filler tokens: a random model's tokens then decode to text, as a
-    # real model's do, so a stream carries text from its first token on.
-    filler = BASE_VOCAB - tok.get_vocab_size(with_added_tokens=True)
-    tok.add_tokens([AddedToken(f" w{i}", special=False, normalized=False) for i in range(filler)])
+    tok = base_bpe()
+    assert tok.get_vocab_size(with_added_tokens=True) == BASE_VOCAB
     by_id = {i: t for t, i in smolvlm_token_ids(BASE_VOCAB).items()}
     added = [by_id.get(BASE_VOCAB + k, f"<|reserved_{k}|>") for k in range(SMOLVLM_ADDED_TOKENS)]
     added[-1] = "<end_of_utterance>"

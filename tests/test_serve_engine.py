@@ -185,3 +185,25 @@ def test_the_per_row_decode_step_has_no_graph_breaks(setup):
         finally:
             model.decoder.clear_cache()
     assert explanation.graph_break_count == 0
+
+
+def test_a_burst_joins_over_several_steps_within_the_prefill_budget(setup):
+    """Prompt tokens prefilled between two decode steps are bounded (at least one request a
+    step), so a burst of arrivals does not stall the running rows for all its prefills."""
+    model, tokenizer, batches, alone = setup
+    sizes = [b["input_ids"].shape[1] for b in batches[:3]]  # 58, 26, 29 tokens
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=4,
+                    max_prefill_tokens=sizes[1] + sizes[2])
+    events: dict[str, list] = {str(k): [] for k in range(3)}
+    for k in range(3):
+        engine.reserve()
+        engine.submit(Request(str(k), batches[k]["input_ids"], batches[k]["pixel_values"],
+                              max_tokens=NEW_TOKENS, on_event=_collect(events, str(k))))
+    engine.step()  # the first request alone: it is over the budget with any other
+    assert (engine.snapshot().running, engine.snapshot().waiting) == (1, 2)
+    engine.step()  # the other two fit the budget together
+    assert (engine.snapshot().running, engine.snapshot().waiting) == (3, 0)
+    while not engine.idle():
+        engine.step()
+    for k in range(3):
+        assert "".join(e.text for e in events[str(k)]) == alone[k].texts[0]

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests decoding together (rows of the batch)")
     limits.add_argument("--max-queue", type=int, default=S.max_queue, metavar="N",
                         help="requests waiting for a row; more are refused at once (429)")
+    limits.add_argument("--max-prefill-tokens", type=int, default=S.max_prefill_tokens,
+                        metavar="N", help="prompt tokens prefilled between two decode steps (at "
+                        "least one request): fewer stall running answers less, more let a burst "
+                        "of requests start sooner")
     limits.add_argument("--max-tokens", type=int, default=S.max_tokens, metavar="N",
                         help="the most new tokens one request may ask for")
     limits.add_argument("--default-max-tokens", type=int, default=S.default_max_tokens,
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         host=args.host, port=args.port, api_key=args.api_key,
         model_name=args.served_model_name or source.directory.name,
-        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens,
+        max_batch=args.max_batch, max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens, max_tokens=args.max_tokens,
         default_max_tokens=args.default_max_tokens, max_context=args.max_context,
         max_body_bytes=args.max_body_bytes, max_images=args.max_images,
         max_image_pixels=args.max_image_pixels, retry_after=args.retry_after,

@@ -3,7 +3,9 @@ batching).
 
 Each `step()`: rows whose client went away are freed; waiting requests join while rows are free
 (their prefill, vision tiles included, runs here, between two decode steps, and gives their
-first token); then one decode step runs on every row (`tilevlm.inference.rows.DecodeRows`,
+first token; up to `max_prefill_tokens` prompt tokens a step, at least one request, so a burst
+of arrivals does not stall the running answers for all its prefills at once); then one decode
+step runs on every row (`tilevlm.inference.rows.DecodeRows`,
 each row at its own position) and each row's token is sampled with its own settings. A request
 leaves the batch as soon as it finishes (end of turn, a stop text, its max_tokens), so one long
 answer never holds the others back. End of turn, stop texts and what text is safe to stream are
@@ -64,9 +66,16 @@ class Engine:
     """Continuous batching over one model (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 32,
-                 max_len: int | None = None, step_fn: Any = None) -> None:
+                 max_len: int | None = None, step_fn: Any = None,
+                 max_prefill_tokens: int = 512) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        # Prompt tokens prefilled between two decode steps (at least one request): the running
+        # rows wait for those prefills, so a burst of arrivals joins over several steps instead
+        # of stalling every running answer for all of their prefills at once.
+        self.max_prefill_tokens = max_prefill_tokens
         limit = model.cfg.lm_max_position_embeddings
         self.rows = DecodeRows(model, max_batch, max_len or limit, step_fn)
         self.tokenizer = tokenizer
@@ -166,15 +175,20 @@ class Engine:
                 self._finish(row, "cancelled")
 
     def _admit(self) -> None:
+        prefilled = 0
         while self.rows.free():
             with self._lock:
                 if not self._waiting:
                     return
+                size = self._waiting[0].prompt_tokens
+                if prefilled and prefilled + size > self.max_prefill_tokens:
+                    return  # the rest join after the next decode step
                 request = self._waiting.popleft()
                 self.counts.waiting = len(self._waiting)
             if request.cancelled.is_set():
                 self._end(request, Event(finish_reason="cancelled"), "cancelled")
                 continue
+            prefilled += size
             try:
                 _, logits = self.rows.add(request.input_ids, request.pixel_values)
             except Exception as e:  # its own failure (its tiles, memory): it alone gets an

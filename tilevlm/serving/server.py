@@ -50,7 +50,7 @@ def serve(settings: ServeSettings, processor: Processor, load_model: Callable[[]
         try:
             model = load_model()
             engine = Engine(model, processor.tokenizer, settings.max_batch, settings.max_queue,
-                            max_len)
+                            max_len, max_prefill_tokens=settings.max_prefill_tokens)
             engine.start()
             state.engine = engine
             log.info("ready: %s answers as %r (up to %d rows, %d waiting, %d positions each)",

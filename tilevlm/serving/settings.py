@@ -17,6 +17,7 @@ class ServeSettings:
     model_name: str = "tilevlm"  # the `model` id clients name
     max_batch: int = 8  # rows decoding together
     max_queue: int = 32  # requests waiting for a row beyond those; more: 429 at once
+    max_prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (>= 1 request)
     max_tokens: int = 1024  # the most new tokens one request may ask for
     default_max_tokens: int = 256  # when a request names none (capped by the positions left)
     max_context: int | None = None  # prompt + new tokens of one request; None: the model's
@@ -29,7 +30,8 @@ class ServeSettings:
     retry_after: int = 1  # seconds, the Retry-After of a 429 or 503
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_tokens", "default_max_tokens", "max_body_bytes",
+        for name in ("max_batch", "max_prefill_tokens", "max_tokens", "default_max_tokens",
+                     "max_body_bytes",
                      "max_image_pixels", "max_messages", "retry_after"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, "
