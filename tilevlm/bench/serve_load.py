@@ -94,7 +94,7 @@ async def one_request(http: Any, url: str, body: dict[str, Any]) -> Outcome:
     async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
-            return Outcome(response.status_code, start)
+            return Outcome(response.status_code, start, 0.0, time.perf_counter() - start)
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -111,9 +111,12 @@ async def one_request(http: Any, url: str, body: dict[str, Any]) -> Outcome:
 
 async def run_level(http: Any, config: LoadConfig, model: str, clients: int
                     ) -> dict[str, Any]:
+    # Every client's request is made before the clock starts: encoding images in the event
+    # loop would delay reading the answers that already stream.
+    bodies = [request_body(config, model, image_url(config, k)) for k in range(clients)]
+
     async def client(k: int) -> list[Outcome]:
-        body = request_body(config, model, image_url(config, k))
-        return [await one_request(http, config.url, body) for _ in range(config.requests)]
+        return [await one_request(http, config.url, bodies[k]) for _ in range(config.requests)]
 
     start = time.perf_counter()
     results = await asyncio.gather(*(client(k) for k in range(clients)))
@@ -134,6 +137,8 @@ def summarize(outcomes: list[Outcome], clients: int, wall: float) -> dict[str, A
             "decode_tokens_per_s": decode_rate(done),
             "ttft_p50_s": _percentile(ttft, 50), "ttft_p95_s": _percentile(ttft, 95),
             "latency_p50_s": _percentile([o.seconds for o in done], 50),
+            "refused_latency_max_s": max((round(o.seconds, 3) for o in outcomes
+                                          if o.status in (429, 503)), default=None),
             "each": [[round(o.start - origin, 3), o.status, round(o.ttft, 3),
                       round(o.seconds, 3), o.tokens] for o in outcomes]}
 
