@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import threading
 import time
@@ -347,7 +346,8 @@ def test_queue_bound_429_and_a_client_leaving_frees_its_row(server, client):
 
 def test_a_client_that_gives_up_without_streaming_frees_its_row(server, client):
     before = health(server)
-    body = _body(max_tokens=POSITIONS - 200, temperature=0, messages=image_message(data_url(64, 64)))
+    body = _body(max_tokens=POSITIONS - 200, temperature=0,
+                 messages=image_message(data_url(64, 64)))
     with pytest.raises(httpx.ReadTimeout):  # the client stops waiting and closes the connection
         httpx.post(f"{server.url}/v1/chat/completions", json=body,
                    headers={"Authorization": f"Bearer {KEY}"},

@@ -20,7 +20,8 @@ from tilevlm.serving.settings import ServeSettings
 @pytest.fixture
 def loading_app(tiny_tokenizer):
     cfg = preset("tiny", lm_base_vocab_size=tiny_tokenizer.base_vocab_size)
-    state = ServerState(ServeSettings(model_name="m", retry_after=3), Processor(cfg, tiny_tokenizer))
+    state = ServerState(ServeSettings(model_name="m", retry_after=3),
+                        Processor(cfg, tiny_tokenizer))
     return create_app(state), state
 
 

@@ -6,8 +6,9 @@ one after another, every one with an image of its own (a data: URL) and greedy d
 the level reports requests per second, generated tokens per second (all clients together, over
 the level's wall time), decode tokens per second (`decode_rate`: the tokens after each first
 one, over the time some request was decoding) and time to first token p50 / p95 (from sending
-the request to the first chunk with text). Refused requests (429, 503) are counted, not retried. Everything is bounded:
-clients x requests per level, and a timeout per request. Traffic goes only to the URL given.
+the request to the first chunk with text). Refused requests (429, 503) are counted, not
+retried. Everything is bounded: clients x requests per level, and a timeout per request.
+Traffic goes only to the URL given.
 """
 
 from __future__ import annotations
