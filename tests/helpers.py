@@ -10,10 +10,12 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -490,6 +492,56 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
             break
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+# ----------------------------------------------------------------------------- tilevlm serve
+
+@dataclass
+class Server:
+    """A running `tilevlm serve` child process, its base URL and its log file."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self, timeout: float = 30) -> tuple[int, str]:
+        """SIGTERM (what a service manager sends), wait; (exit code, the whole log)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        return code, self.log.read_text()
+
+
+def start_server(log: Path, *args: str, timeout: float = 120) -> Server:
+    """`tilevlm serve --port 0 ARGS` (any free port; the log says which), once /health says
+    ready; never waits forever."""
+    import httpx
+
+    out = log.open("w")
+    process = subprocess.Popen([sys.executable, "-m", "tilevlm.cli", "serve", "--port", "0",
+                                *args], env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+    out.close()
+    deadline = time.monotonic() + timeout
+    url = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"tilevlm serve exited with {process.returncode}: "
+                                 f"{log.read_text()[-3000:]}")
+        found = re.search(r"listening on (http://\S+)", log.read_text())
+        url = url or (found.group(1) if found else None)
+        if url:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    return Server(process, url, log)
+            except httpx.TransportError:
+                pass
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"tilevlm serve not ready in {timeout} s: {log.read_text()[-3000:]}")
 
 
 # ----------------------------------------------------------------------------- packing passes

@@ -36,6 +36,7 @@ COMMANDS = {
     "merge": "tilevlm.commands.merge",
     "export": "tilevlm.commands.export",
     "bench": "tilevlm.commands.bench",
+    "serve": "tilevlm.commands.serve",
 }
 
 

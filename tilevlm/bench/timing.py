@@ -56,7 +56,7 @@ def timed_part(results: dict[str, Any], key: str, fn: Callable[[], dict[str, Any
                     "load_avg_after": round(os.getloadavg()[0], 2)}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -67,7 +67,7 @@ def _cpu_name() -> str:
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}

@@ -1,5 +1,6 @@
 """`tilevlm bench`: preprocessing, training-step, prefill, decode and vision-encoder speed; with
-`--peer transformers`, prefill and decode against transformers on the same weights."""
+`--peer transformers`, prefill and decode against transformers on the same weights; with
+`--serve URL`, a bounded load on a running chat completions server instead."""
 
 from __future__ import annotations
 
@@ -66,9 +67,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", nargs="+", default=list(BENCH_PARTS), choices=BENCH_PARTS,
                         help="which measurements to run")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the results here")
+    _add_serve_arguments(parser)
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from tilevlm.bench.serve_load import DEFAULT_LEVELS, LoadConfig
+
+    d = LoadConfig(url="")
+    load = parser.add_argument_group(
+        "load on a server (--serve URL; the options above are then unused but --json)")
+    load.add_argument("--serve", metavar="URL", default=None,
+                      help="measure a running OpenAI-compatible server instead (tilevlm serve, "
+                      "transformers serve, ...): requests/s, tokens/s and time to first token "
+                      "at each --clients level, every request with an image")
+    load.add_argument("--clients", type=int, nargs="+", default=list(DEFAULT_LEVELS),
+                      metavar="N", help="concurrent clients, one level after another")
+    load.add_argument("--requests-per-client", type=int, default=d.requests, metavar="N",
+                      help="requests each client sends at each level, one after another")
+    load.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="N",
+                      help="max_tokens of every request (greedy)")
+    load.add_argument("--image", metavar="IMG", default=None,
+                      help="the image every request carries (default: a generated "
+                      f"{d.image_size[0]}x{d.image_size[1]} JPEG per client)")
+    load.add_argument("--prompt", default=d.prompt, help="the question every request asks")
+    load.add_argument("--served-model", metavar="NAME", default=None,
+                      help="the model id to ask for (default: the first /v1/models lists)")
+    load.add_argument("--api-key", default=None, metavar="KEY", help="the server's API key")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.serve:
+        return _run_load(args)
     from tilevlm.bench.bench_config import BenchConfig
     from tilevlm.bench.speed import format_table, run_bench
 
@@ -88,6 +117,31 @@ def run(args: argparse.Namespace) -> int:
         require_peer(bc.peer)
     results = run_bench(bc)
     print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        log.info("results written to %s", args.json)
+    return 0
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tilevlm.bench.serve_load import LoadConfig, format_load, run_load
+
+    config = LoadConfig(url=args.serve.rstrip("/"), levels=tuple(args.clients),
+                        requests=args.requests_per_client, max_tokens=args.max_tokens,
+                        image=Path(args.image) if args.image else None, prompt=args.prompt,
+                        model=args.served_model, api_key=args.api_key)
+    config.validate()
+    try:
+        results = asyncio.run(run_load(config))
+    except ImportError as e:
+        raise ValueError(f"--serve needs httpx ({e}): pip install 'tilevlm[serve]'") from None
+    except Exception as e:  # httpx's connection errors: one line, not a traceback
+        if type(e).__module__.startswith(("httpx", "httpcore")):
+            raise OSError(f"{config.url}: {type(e).__name__}: {e}") from None
+        raise
+    print(format_load(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         log.info("results written to %s", args.json)

@@ -293,11 +293,12 @@ def _batch_stats(model: Any, batch: dict[str, Any]) -> GenerationStats:
                            batch_rows=ids.shape[0])
 
 
-class _RowState:
+class RowState:
     """One batch row's generation: its tokens, why it finished, and its text.
 
     The one place for end of sequence (the EOS token is not kept), stop strings (found in the
-    decoded text, which is cut there) and what of the text is safe to stream.
+    decoded text, which is cut there) and what of the text is safe to stream. The serving
+    engine keeps one per request (tilevlm/serving/engine.py).
     """
 
     def __init__(self, eos_ids: Sequence[int], stops: StopStrings, tokenizer: Any) -> None:
@@ -369,7 +370,7 @@ class _StepTimer:
         self.stats.decode_seconds = elapsed - self.stats.time_to_first_token
 
 
-def _run_rows(model: Any, batch: dict[str, Any], rows: list[_RowState], stats: GenerationStats,
+def _run_rows(model: Any, batch: dict[str, Any], rows: list[RowState], stats: GenerationStats,
               max_new_tokens: int, sampling: SamplingParams, eos_ids: list[int], seed: int | None,
               step_fn: Callable[..., torch.Tensor] | None = None,
               keep_cache: bool = True) -> Iterator[None]:
@@ -414,7 +415,7 @@ def generate(
     stops = StopStrings(stop_strings)
     if stops and tokenizer is None:
         raise ValueError("stop strings need a tokenizer to decode the text")
-    rows = [_RowState(eos_ids, stops, tokenizer) for _ in range(batch["input_ids"].shape[0])]
+    rows = [RowState(eos_ids, stops, tokenizer) for _ in range(batch["input_ids"].shape[0])]
     stats = _batch_stats(model, batch)
     for _ in _run_rows(model, batch, rows, stats, max_new_tokens, sampling, eos_ids, seed, step_fn,
                        keep_cache):
@@ -446,7 +447,7 @@ def stream_generate(
     if batch["input_ids"].shape[0] != 1:
         raise ValueError(f"streaming works on one sequence, got a batch of {batch['input_ids'].shape[0]}")
     eos_ids = _eos_ids(None, tokenizer)
-    row = _RowState(eos_ids, StopStrings(stop_strings), tokenizer)
+    row = RowState(eos_ids, StopStrings(stop_strings), tokenizer)
     own = stats if stats is not None else GenerationStats()
     own.__dict__.update(_batch_stats(model, batch).__dict__)
     run = _run_rows(model, batch, [row], own, max_new_tokens, sampling, eos_ids, seed,

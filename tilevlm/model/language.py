@@ -20,6 +20,14 @@ With the cache (generation; gpt-fast style, shapes never change so the decode st
   length S <= max_len (it is padded with ones up to max_len); pass it as [B, max_len] to keep
   the decode step's shapes static under torch.compile.
 
+Rows with their own positions (continuous batching, `tilevlm.inference.rows`): `cache_position`
+may also be [B, T], one row of slots per batch row, so rows of different lengths decode together
+(each writes at its own length and sees its own slots <= that; slots past it hold stale values
+and are masked). `KVCache.window(first_row, rows, slots)` is a cache over part of another
+cache's buffers (a view, no copy): a row's prefill writes straight into its rows of the shared
+cache, and a decode step attends over only the slots in use. These two are the only additions
+to the attention code for serving; the [T] path is unchanged.
+
 Positions: when `position_ids` is not given they come from the mask, `cumsum(mask) - 1` clamped at
 0, so LEFT padding gives every sequence positions 0, 1, 2, ... from its first real token. Pad
 queries attend to themselves only (never an empty row, so no NaN); their outputs are meaningless.
@@ -72,12 +80,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def attention_mask_4d(key_valid: torch.Tensor | None, query_pos: torch.Tensor,
                       key_len: int) -> torch.Tensor:
-    """Boolean SDPA mask [B or 1, 1, T, L]: causal over slots, pads hidden, a query sees itself."""
+    """Boolean SDPA mask [B or 1, 1, T, L]: causal over slots, pads hidden, a query sees itself.
+    `query_pos` is [T] (every row's queries at the same slots) or [B, T] (per row)."""
     key_idx = torch.arange(key_len, device=query_pos.device)  # (L,)
-    allowed = key_idx.unsqueeze(0) <= query_pos.unsqueeze(1)  # (T, L)
+    allowed = key_idx <= query_pos.unsqueeze(-1)  # (T, L) or (B, T, L)
     if key_valid is None:
-        return allowed[None, None]  # (1, 1, T, L)
-    own = key_idx.unsqueeze(0) == query_pos.unsqueeze(1)  # (T, L)
+        return allowed.unsqueeze(-3) if query_pos.dim() == 2 else allowed[None, None]
+    own = key_idx == query_pos.unsqueeze(-1)  # (T, L) or (B, T, L)
     return (allowed & (key_valid.unsqueeze(1) | own)).unsqueeze(1)  # (B, 1, T, L)
 
 
@@ -91,11 +100,31 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache whose buffers are the given tensors (views of another cache's, say)."""
+        cache = cls.__new__(cls)
+        nn.Module.__init__(cache)
+        cache.register_buffer("k", k, persistent=False)
+        cache.register_buffer("v", v, persistent=False)
+        return cache
+
+    def window(self, first_row: int, rows: int, slots: int) -> KVCache:
+        """Rows [first_row, first_row + rows) and slots [0, slots) of this cache, sharing its
+        memory: what is written through the window is written here."""
+        part = (slice(first_row, first_row + rows), slice(None), slice(0, slots))
+        return KVCache.over(self.k[part], self.v[part])
+
     def update(self, cache_position: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if k.shape[0] != self.k.shape[0]:
             raise ValueError(f"KV cache was set up for batch size {self.k.shape[0]}, "
                              f"got a batch of {k.shape[0]}")
+        if cache_position.dim() == 2:  # [B, T]: each row writes at its own slots
+            index = cache_position[:, None, :, None].expand_as(k)  # (B, n_kv, T, hd)
+            self.k.scatter_(2, index, k.to(self.k.dtype))  # (B, n_kv, L, hd)
+            self.v.scatter_(2, index, v.to(self.v.dtype))  # (B, n_kv, L, hd)
+            return self.k, self.v
         self.k.index_copy_(2, cache_position, k.to(self.k.dtype))  # (B, n_kv, L, hd)
         self.v.index_copy_(2, cache_position, v.to(self.v.dtype))  # (B, n_kv, L, hd)
         return self.k, self.v
@@ -285,8 +314,8 @@ class LanguageModel(nn.Module):
         if max_len is None:
             raise ValueError("cache_position given but no KV cache: call "
                              "setup_cache(batch_size, max_len) first")
-        if cache_position.shape != (t,):
-            raise ValueError(f"cache_position must be [T] = [{t}], "
+        if cache_position.shape not in ((t,), (b, t)):
+            raise ValueError(f"cache_position must be [T] = [{t}] or [batch, T] = [{b}, {t}], "
                              f"got {list(cache_position.shape)}")
         if attention_mask is None:
             return None, cache_position, max_len
@@ -306,5 +335,7 @@ class LanguageModel(nn.Module):
         if query_pos is None:
             return (mask[:, 0].sum(-1) - 1).clamp(min=0).expand(b, t)  # (B, T)
         if key_valid is None:
-            return query_pos.unsqueeze(0).expand(b, -1)  # (B, T)
+            return query_pos.expand(b, t)  # (B, T)
+        if query_pos.dim() == 2:  # per-row slots
+            return positions_from_mask(key_valid).gather(1, query_pos)  # (B, T)
         return positions_from_mask(key_valid).index_select(1, query_pos)  # (B, T)

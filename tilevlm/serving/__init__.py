@@ -1,0 +1,1 @@
+"""`tilevlm serve`: an OpenAI-compatible server over the continuous-batching engine."""
