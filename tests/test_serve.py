@@ -138,7 +138,7 @@ def test_image_answer_is_generates_and_usage_counts_the_image(client, local):
     usage = out.usage
     assert usage.prompt_tokens == batch["input_ids"].shape[1]
     assert usage.prompt_tokens_details.image_tokens == count_image_tokens(
-        80, 50, processor.config, processor.tokenizer)
+        80, 50, processor.config) == 7 * processor.config.mp_image_token_length
     assert usage.model_extra["image_tiles"] == batch["n_tiles"][0] == 7
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 

@@ -74,7 +74,7 @@ def test_the_page_shows_the_tiles_then_streams_the_answer(server, browser, model
     image = tmp_path / "photo.png"
     make_photo(80, 50, seed=5).save(image)
     processor = load_processor(model_dir)
-    tokens = count_image_tokens(80, 50, processor.config, processor.tokenizer)
+    tokens = count_image_tokens(80, 50, processor.config)
 
     browser.get(server.url + "/")
     _wait(browser, "document.getElementById('status').textContent.startsWith('ready')")

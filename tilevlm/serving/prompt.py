@@ -69,8 +69,8 @@ def prepare_prompt(processor: Processor, chat: ChatRequest, settings: ServeSetti
         raise bad_request(f"the prompt ({prompt} tokens) + max_tokens ({max_tokens}) is more "
                           f"than the model's {max_len} positions; ask for at most {room} new "
                           "tokens", "max_tokens", "context_length_exceeded")
-    cfg, tokenizer = processor.config, processor.tokenizer
-    image_tokens = sum(count_image_tokens(i.width, i.height, cfg, tokenizer) for i in images)
+    cfg = processor.config
+    image_tokens = sum(count_image_tokens(i.width, i.height, cfg) for i in images)
     return Prompt(batch["input_ids"], batch["pixel_values"], max_tokens, image_tokens,
                   int(batch["n_tiles"][0]))
 
@@ -94,6 +94,6 @@ def tile_preview(processor: Processor, image: Image.Image) -> dict[str, Any]:
         "global_tile": global_token if global_token in written else None,
         "tiles": image_tiles(image.width, image.height, cfg),
         "tokens_per_tile": cfg.mp_image_token_length,
-        "image_tokens": count_image_tokens(image.width, image.height, cfg, processor.tokenizer),
+        "image_tokens": count_image_tokens(image.width, image.height, cfg),
         "layout": cfg.image_token_layout,
     }
