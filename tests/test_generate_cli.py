@@ -35,7 +35,7 @@ def test_generate_cli_streams_an_answer_and_stats(model_dir, images, name, capsy
     assert "image)" in out.err and "tiles" in out.err
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
 def test_generate_cli_low_precision_weights(model_dir, images, weights, monkeypatch, capsys):
     from tilevlm.inference import quantize
 

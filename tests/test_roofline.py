@@ -1,7 +1,9 @@
-"""The training step's counted FLOPs and the GEMM peak the bench divides them by."""
+"""The training step's counted FLOPs and the GEMM peak the bench divides them by; a decode step's
+weight bytes and the memory bandwidth (the decode bound)."""
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -52,3 +54,54 @@ def test_bench_times_the_bf16_weights_step(tmp_path):
     data = json.loads(out.read_text())
     assert data["train"]["precision"] == "bf16 weights + fp32 masters"
     assert "bf16 weights + fp32 masters" in result.stdout and data["prefill"]["time_to_first_token_s"] > 0
+
+
+# ----------------------------------------------------------------------------- the decode bound
+
+def test_a_decode_step_reads_the_blocks_the_norm_and_the_head():
+    import copy
+
+    from tilevlm.bench.bandwidth import decode_weight_bytes
+    from tilevlm.config import preset
+    from tilevlm.inference.quantize import inference_weights
+    from tilevlm.model.vlm import VisionLanguageModel
+
+    model = VisionLanguageModel(preset("tiny")).eval()
+    d = model.decoder
+    blocks = sum(p.numel() for p in d.blocks.parameters()) + d.norm.weight.numel()
+    tied_head = d.token_embedding.weight.numel()  # tiny ties its head to the embedding
+    assert decode_weight_bytes(model) == 4 * (blocks + tied_head)
+    d.setup_cache(1, 16)  # an attached KV cache is not weights
+    assert decode_weight_bytes(model) == 4 * (blocks + tied_head)
+    d.clear_cache()
+    int8 = inference_weights(copy.deepcopy(model), "int8")
+    head = int8.decoder.lm_head  # its own int8 copy: one byte a weight and a scale a row
+    assert decode_weight_bytes(int8) < decode_weight_bytes(model) / 3
+    assert head.weight_int8.numel() == tied_head
+    int4 = inference_weights(copy.deepcopy(model), "int4")
+    assert decode_weight_bytes(int4) < decode_weight_bytes(int8)
+
+
+def test_the_bound_is_the_bandwidth_over_the_bytes():
+    from tilevlm.bench.bandwidth import decode_roofline, memory_bandwidth
+
+    assert memory_bandwidth(torch.device("cpu"), mib=8, copies=2) > 0
+    row = decode_roofline(tokens_per_s=40.0, batch=8, step_bytes=10**8, gbps=20.0)
+    assert row["bound_tokens_per_s"] == 8 * 200.0  # 20 GB/s over 100 MB: 200 steps of 8 rows
+    assert row["bound_fraction"] == 40.0 / 1600.0 and row["weight_mb_per_step"] == 100.0
+
+
+def test_bench_decode_prints_its_share_of_the_bound(tmp_path):
+    from tilevlm.bench.bench_config import BenchConfig
+    from tilevlm.bench.speed import format_table, run_bench
+
+    bc = BenchConfig(preset="tiny", parts=("decode",), repeats=1, warmup=0, decode_tokens=3,
+                     decode_batches=(1, 2), bandwidth_mib=16, threads=1)
+    results = run_bench(bc)
+    table = format_table(results)
+    assert "memory bandwidth" in table and "of the bandwidth bound" in table
+    gbps = results["bandwidth"]["gbps"]
+    for b in (1, 2):
+        d = results[f"decode_b{b}"]
+        assert d["bound_tokens_per_s"] == pytest.approx(gbps * 1e9 / (d["weight_mb_per_step"] * 1e6) * b)
+        assert d["bound_fraction"] == pytest.approx(d["tokens_per_s_total"] / d["bound_tokens_per_s"])

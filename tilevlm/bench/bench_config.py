@@ -16,7 +16,7 @@ from tilevlm.special_tokens import get_layout
 from tilevlm.training.train_config import BF16_MODES
 
 BENCH_PARTS = ("preprocess", "vision", "train", "prefill", "decode")
-PEERS = ("transformers",)  # what `--peer` can compare with (bench/peer_<name>.py)
+PEERS = ("transformers", "llama.cpp")  # what `--peer` can compare with (bench/peer_*.py)
 
 
 @dataclass
@@ -39,12 +39,15 @@ class BenchConfig:
     answer_tokens: int = 64
     decode_tokens: int = 64
     decode_batches: tuple[int, ...] = (1, 8)
+    bandwidth_mib: int = 1024  # the buffer the memory bandwidth is measured with (bandwidth.py)
     vision_tiles: int = 20
     preprocess_images: int = 40
     preprocess_threads: int | None = None  # the parallel figure's threads; None: the cores (<= 4)
     parts: tuple[str, ...] = BENCH_PARTS
     seed: int = 0
     peer: str | None = None  # one of PEERS: prefill and decode against it (peer_*.py)
+    llama_cpp: str | None = None  # --peer llama.cpp: the llama.cpp checkout (peer_llama_cpp.py)
+    llama_cpp_bin: str | None = None  # its binaries; None: <llama_cpp>/build/bin
     overrides: dict[str, Any] = field(default_factory=dict)  # VLMConfig fields over the preset's
 
     def model_config(self) -> VLMConfig:
@@ -62,6 +65,8 @@ class BenchConfig:
         checked by its module (`check_peer`)."""
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
+        if self.bandwidth_mib < 1:
+            raise ValueError(f"bandwidth_mib must be >= 1, got {self.bandwidth_mib}")
         if self.weights is not None and self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, "
                              f"got {self.weights!r}")
@@ -80,6 +85,8 @@ class BenchConfig:
                              f"{', '.join(BENCH_PARTS)}")
         if self.peer is not None:
             self._check_peer()
+        if (self.llama_cpp or self.llama_cpp_bin) and self.peer != "llama.cpp":
+            raise ValueError("--llama-cpp and --llama-cpp-bin are for --peer llama.cpp")
 
     def _check_peer(self) -> None:
         """The comparison runs Idefics3ForConditionalGeneration (or its converted weights): an
@@ -97,3 +104,6 @@ class BenchConfig:
             raise ValueError(f"--peer {self.peer} compares prefill and decode: add them to --parts")
         if self.baseline:
             raise ValueError(f"--peer {self.peer} already times fp32 weights; drop --baseline")
+        if self.peer == "llama.cpp" and not self.llama_cpp:
+            raise ValueError("--peer llama.cpp needs --llama-cpp DIR: a llama.cpp checkout with "
+                             "its binaries built")

@@ -19,7 +19,7 @@ from tilevlm.bench.roofline import count_flops, gemm_peak
 from tilevlm.bench.timing import median_seconds, spread, timed_runs
 from tilevlm.bench.workload import preprocess_files, synthetic_batch
 from tilevlm.config import VLMConfig
-from tilevlm.inference.generation import GenerationStats, generate
+from tilevlm.inference.generation import GenerationStats, compiled_decode_step, generate
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.image import ImageTransform, default_image_threads
 from tilevlm.training.compile import compile_blocks
@@ -122,6 +122,15 @@ def bench_train(model: VisionLanguageModel, bc: BenchConfig, device: torch.devic
             "seq_len": batch["input_ids"].shape[1], "batch": bc.train_batch,
             "peak_memory_mb": _peak_memory_mb(device),
             "peak_memory_kind": "CUDA max allocated" if device.type == "cuda" else "process peak RSS"}
+
+
+def bench_step_fn(bc: BenchConfig, device: torch.device) -> Callable[..., torch.Tensor] | None:
+    """The decode step the bench times: eager, or with --compile the compiled one, its weights
+    frozen on a CPU (inductor lays bf16 weights out once for oneDNN: 1.3x the bf16 decode here,
+    docs/performance.md)."""
+    if not bc.compile:
+        return None
+    return compiled_decode_step(freeze_weights=device.type == "cpu")
 
 
 def _generation_stats(model: VisionLanguageModel, batch: dict, new_tokens: int,

@@ -32,10 +32,10 @@ from typing import Any, Callable
 
 import torch
 
-from tilevlm.bench.measure import bench_decode, bench_prefill
+from tilevlm.bench.measure import bench_decode, bench_prefill, bench_step_fn
 from tilevlm.bench.timing import spread, timed_part, timed_runs
 from tilevlm.bench.workload import image_token_ids, synthetic_batch
-from tilevlm.inference.generation import compiled_decode_step, generate
+from tilevlm.inference.generation import generate
 from tilevlm.inference.quantize import inference_weights, weight_bytes
 from tilevlm.special_tokens import SMOLVLM_BOS_ID, SMOLVLM_PAD_ID
 from tilevlm.weights.export_idefics3 import (
@@ -44,7 +44,7 @@ from tilevlm.weights.export_idefics3 import (
     idefics3_tensors,
 )
 
-TILEVLM_FORMATS = ("fp32", "bf16", "int8")  # tilevlm's weight formats (quantize.WEIGHT_FORMATS)
+TILEVLM_FORMATS = ("fp32", "bf16", "int8")  # what runs without --weights (int4: --weights int4)
 PEER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what transformers runs in
 TARGETS = {"prefill": 1.5, "decode_b1": 2.0}  # issue 13: tilevlm's speed-up over transformers
 
@@ -188,7 +188,7 @@ def run_peer(model: Any, bc: Any, device: torch.device,
     prefill_batch = synthetic_batch(model, 1, bc.prompt_tokens, 0, device, bc.seed)
     ours: dict[str, dict[str, Any]] = {}
     theirs: dict[str, dict[str, Any]] = {}
-    step_fn = compiled_decode_step() if bc.compile else None
+    step_fn = bench_step_fn(bc, device)
     check: dict[str, Any] = {}
     peer_tokens: list[torch.Tensor] = []
 
@@ -260,8 +260,9 @@ def _metric(key: str) -> tuple[str, bool]:
 
 
 def comparisons(peer: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per workload and pairing: equal precision (fp32, bf16), tilevlm int8 against
-    transformers' better precision, and the best of each; ratio = times faster tilevlm is."""
+    """One row per workload and pairing: equal precision (fp32, bf16), tilevlm int8 (or int4)
+    against transformers' better precision, and the best of each; ratio = times faster tilevlm
+    is."""
     ours, theirs, rows = peer["tilevlm"], peer["transformers"], []
     keys = [k for k in ("prefill", *(f"decode_b{b}" for b in peer["workload"]["decode_batches"]))
             if any(k in v for v in ours.values()) and any(k in v for v in theirs.values())]
@@ -276,8 +277,8 @@ def comparisons(peer: dict[str, Any]) -> list[dict[str, Any]]:
             return (max if higher else min)(present, key=lambda f: value(side, f))
 
         pairs = [(f, f, f) for f in PEER_DTYPES if value(ours, f) and value(theirs, f)]
-        if value(ours, "int8") is not None:
-            pairs.append(("int8 vs their best", "int8", best(theirs)))
+        for fmt in (f for f in ours if f not in PEER_DTYPES and value(ours, f) is not None):
+            pairs.append((f"{fmt} vs their best", fmt, best(theirs)))  # int8, int4
         if len(ours) > 1:  # (with one format, int8 against their best is already that row)
             pairs.append(("best vs best", best(ours), best(theirs)))
         for label, a, b in pairs:

@@ -15,23 +15,26 @@ from typing import Any, Callable
 
 import torch
 
+from tilevlm.bench.bandwidth import decode_roofline, decode_weight_bytes, memory_bandwidth
 from tilevlm.bench.bench_config import BenchConfig
+from tilevlm.bench import peer_llama_cpp, peer_transformers
 from tilevlm.bench.measure import (
     bench_decode,
     bench_prefill,
     bench_preprocess,
+    bench_step_fn,
     bench_train,
     bench_vision,
 )
-from tilevlm.bench.peer_transformers import peer_table, run_peer
 from tilevlm.bench.roofline import PEAK_SIDE
 from tilevlm.bench.timing import environment, timed_part
 from tilevlm.device import resolve_device
-from tilevlm.inference.generation import compiled_decode_step
 from tilevlm.inference.quantize import inference_weights, weight_bytes
 from tilevlm.model.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
+
+PEER_MODULES = {"transformers": peer_transformers, "llama.cpp": peer_llama_cpp}  # run_peer, peer_table
 
 
 def _plain_model(model: VisionLanguageModel, bc: BenchConfig) -> VisionLanguageModel:
@@ -79,7 +82,7 @@ def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, An
         timed_part(results, "vision", lambda: bench_vision(model, bc, device, dtype), progress)
     plain = _plain_model(model, bc)
     if bc.peer:  # prefill and decode: tilevlm's weight formats against the peer, in one table
-        results["peer"] = run_peer(plain, bc, device, progress)
+        results["peer"] = PEER_MODULES[bc.peer].run_peer(plain, bc, device, progress)
         return results
     if bc.baseline:  # the reference for the fast paths: fp32 weights, eager decode step
         plain.float()
@@ -95,12 +98,25 @@ def _run_parts(bc: BenchConfig, progress: Callable[[str], None]) -> dict[str, An
     results["model"]["inference_weight_mb"] = round(weight_bytes(infer) / 2**20, 1)
     if "prefill" in bc.parts:
         timed_part(results, "prefill", lambda: bench_prefill(infer, bc, device), progress)
-    step_fn = compiled_decode_step() if bc.compile else None
+    step_fn = bench_step_fn(bc, device)
     if "decode" in bc.parts:
+        gbps = measure_bandwidth(results, bc, device, progress)
+        step_bytes = decode_weight_bytes(infer)
         for b in bc.decode_batches:
             timed_part(results, f"decode_b{b}", lambda: bench_decode(infer, bc, device, b, step_fn),
                         progress)
+            part = results[f"decode_b{b}"]
+            part.update(decode_roofline(part["tokens_per_s_total"], b, step_bytes, gbps))
     return results
+
+
+def measure_bandwidth(results: dict[str, Any], bc: BenchConfig, device: torch.device,
+                      progress: Callable[[str], None]) -> float:
+    """results["bandwidth"]: the memory bandwidth the decode figures are set against (GB/s)."""
+    timed_part(results, "bandwidth",
+               lambda: {"gbps": memory_bandwidth(device, bc.bandwidth_mib),
+                        "mib": bc.bandwidth_mib, "threads": torch.get_num_threads()}, progress)
+    return results["bandwidth"]["gbps"]
 
 
 def _load(part: dict[str, Any], key: str = "range", digits: int = 1,
@@ -124,6 +140,17 @@ def _vs_baseline(results: dict[str, Any], key: str, metric: str, unit: str, digi
     ours, theirs = results[key][metric], base[metric]
     speedup = ours / theirs if higher_is_better else theirs / ours
     return f"; baseline fp32 eager {theirs:.{digits}f} {unit}: {speedup:.2f}x"
+
+
+def _bandwidth_row(results: dict[str, Any]) -> tuple[str, str, str]:
+    bw = results["bandwidth"]
+    decode = next((results[k] for k in results if k.startswith("decode_b")), None)
+    bound = "" if decode is None or "weight_mb_per_step" not in decode else (
+        f": a decode step reads {decode['weight_mb_per_step']:.1f} MB of weights, so no "
+        f"decode beats {decode['bound_tokens_per_s'] / decode['batch']:.0f} steps/s")
+    return ("memory bandwidth", f"{bw['gbps']:.1f} GB/s",
+            f"copy of {bw['mib']} MiB, read + write counted, best of 5, {bw['threads']} threads"
+            f"{bound}{_load(bw)}")
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -162,12 +189,17 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{p['prompt_tokens']} prompt tokens, {weights} weights"
                      f"{_vs_baseline(results, 'prefill', 'time_to_first_token_s', 's', 3, False)}"
                      f"{_load(p, digits=3)}"))
+    if "bandwidth" in results:
+        rows.append(_bandwidth_row(results))
     for key in sorted((k for k in results if k.startswith("decode_b")), key=lambda k: int(k[8:])):
         d = results[key]
         how = f"{weights} weights" + (", compiled step" if bench.get("compile") else "")
+        bound = (f", {d['bound_fraction']:.0%} of the bandwidth bound "
+                 f"({d['bound_tokens_per_s']:.0f} tok/s)" if "bound_fraction" in d else "")
         rows.append((f"decode, batch {d['batch']}", f"{d['tokens_per_s_total']:.1f} tokens/s total",
                      f"{d['tokens_per_s_per_row']:.1f} per row, {d['new_tokens']} new tokens, "
-                     f"{how}{_vs_baseline(results, key, 'tokens_per_s_total', 'tok/s', 1, True)}"
+                     f"{how}{bound}"
+                     f"{_vs_baseline(results, key, 'tokens_per_s_total', 'tok/s', 1, True)}"
                      f"{_load(d)}"))
     head = (f"tilevlm bench: {results['model']['preset']} ({results['model']['parameters']:,} params, "
             f"max_img_size {results['model']['max_img_size']}) on {env['device']} "
@@ -177,5 +209,5 @@ def format_table(results: dict[str, Any]) -> str:
     resw = max(len(r[1]) for r in rows) if rows else 0
     lines = [head] + [f"  {a:<{width}}  {b:<{resw}}  {c}" for a, b, c in rows]
     if "peer" in results:
-        lines += peer_table(results)
+        lines += PEER_MODULES[results["bench"]["peer"]].peer_table(results)
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """`tilevlm bench`: preprocessing, training-step, prefill, decode and vision-encoder speed; with
-`--peer transformers`, prefill and decode against transformers on the same weights; with
-`--serve URL`, a bounded load on a running chat completions server instead."""
+`--peer transformers` or `--peer llama.cpp`, prefill and decode against that peer on the same
+weights; with `--serve URL`, a bounded load on a running chat completions server instead."""
 
 from __future__ import annotations
 
@@ -41,12 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time prefill and decode with fp32 weights and the eager step "
                              "in the same run, and print each speed-up beside it")
     parser.add_argument("--peer", choices=PEERS, default=d.peer,
-                        help="also time transformers' Idefics3ForConditionalGeneration.generate "
-                             "on the same random weights, image and prompt (an Idefics3 preset: "
-                             "smolvlm_256m): time to first token and decode for tilevlm with "
-                             "fp32, bf16 and int8 weights (or the one --weights names) and "
-                             "transformers in fp32 and bf16, alternately, with the ratio; "
-                             "needs transformers (pip install transformers)")
+                        help="compare with a peer on the same random weights (an Idefics3 "
+                             "preset: smolvlm_256m), alternately, with the ratio per row. "
+                             "transformers: its Idefics3ForConditionalGeneration.generate, time "
+                             "to first token and decode, tilevlm with fp32, bf16 and int8 "
+                             "weights (or the one --weights names) against transformers in fp32 "
+                             "and bf16 (pip install transformers). llama.cpp: the weights "
+                             "converted by llama.cpp's own converter, llama-bench's decode and "
+                             "512-token prompt and llama-mtmd-cli's time to first token with an "
+                             "image against tilevlm's, fp32/bf16/int8/int4 against "
+                             "f32/bf16/q8_0/q4_0, each decode also as a share of the memory "
+                             "bandwidth bound (needs --llama-cpp)")
+    parser.add_argument("--llama-cpp", metavar="DIR", default=d.llama_cpp,
+                        help="--peer llama.cpp: a llama.cpp source checkout you built (its "
+                             "convert_hf_to_gguf.py and gguf-py are used, and the binaries "
+                             "llama-bench, llama-mtmd-cli, llama-quantize)")
+    parser.add_argument("--llama-cpp-bin", metavar="DIR", default=d.llama_cpp_bin,
+                        help="where those binaries are (default: DIR/build/bin)")
     parser.add_argument("--train-loss", default=d.train_loss, choices=["labels", "full"],
                         help="labels: LM head only at label positions (forward with return_logits=False); "
                              "full: model(**batch).loss over every position")
@@ -105,16 +116,21 @@ def run(args: argparse.Namespace) -> int:
                      dtype=args.dtype, weights=weights_format(args), compile=args.compile,
                      compile_train=args.compile_train, train_loss=args.train_loss,
                      bf16_mode=args.bf16_mode,
-                     baseline=args.baseline, peer=args.peer,
+                     baseline=args.baseline, peer=args.peer, llama_cpp=args.llama_cpp,
+                     llama_cpp_bin=args.llama_cpp_bin,
                      threads=args.threads, preprocess_threads=args.preprocess_threads,
                      repeats=args.repeats, warmup=args.warmup,
                      train_batch=args.train_batch, decode_tokens=args.decode_tokens,
                      decode_batches=tuple(args.decode_batches), parts=tuple(args.parts))
     bc.validate()
-    if bc.peer:  # before any model is built: one line and exit 2 when it is not installed
+    if bc.peer == "transformers":  # before any model is built: one line and exit 2 when absent
         from tilevlm.bench.peer_transformers import require_peer
 
         require_peer(bc.peer)
+    elif bc.peer == "llama.cpp":  # the same: what to build when a binary is missing
+        from tilevlm.bench.peer_llama_cpp import check_llama_cpp
+
+        check_llama_cpp(bc.llama_cpp, bc.llama_cpp_bin)
     results = run_bench(bc)
     print(format_table(results))
     if args.json:

@@ -27,9 +27,10 @@ def add_weights_argument(parser: argparse.ArgumentParser, purpose: str, auto: st
 
     parser.add_argument("--weights", default=AUTO_WEIGHTS, choices=(AUTO_WEIGHTS, *WEIGHT_FORMATS),
                         help=f"how the weights are stored for {purpose}. {AUTO_WEIGHTS}: {auto}. "
-                        "bf16 and int8 (weight-only) read fewer bytes per token, and a decode "
-                        "step is bound by those bytes, so they generate faster, with slightly "
-                        "different numbers (docs/performance.md has the figures)")
+                        "bf16, int8 and int4 (weight-only; int4 in groups of 32, the LM head in "
+                        "int8) read fewer bytes per token, and a decode step is bound by those "
+                        "bytes, so they generate faster, with slightly different numbers "
+                        "(docs/performance.md has the figures and what each costs)")
 
 
 def weights_format(args: argparse.Namespace) -> str | None:

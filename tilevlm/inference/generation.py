@@ -93,18 +93,33 @@ def decode_step(model: Any, tokens: torch.Tensor, positions: torch.Tensor,
 
 
 def compiled_decode_step(mode: str | None = "reduce-overhead", fullgraph: bool = True,
-                         backend: str = "inductor") -> Callable[..., torch.Tensor]:
+                         backend: str = "inductor", freeze_weights: bool = False
+                         ) -> Callable[..., torch.Tensor]:
     """`decode_step` under `torch.compile`, for `generate(..., step_fn=...)`.
 
     fullgraph=True makes a graph break an error instead of a silent slowdown. dynamic=False: the
     shapes of a decode step are fixed for a whole generation (batch, max_len), so each new
     (batch, max_len) compiles once; "reduce-overhead" then replays a CUDA graph per step (on a CPU
     it is plain inductor). The first call of each shape pays the compile time.
+
+    freeze_weights: inductor's freezing, the weights taken as constants of the compiled step. On
+    a CPU it lets inductor lay bf16 weights out once for oneDNN's kernels (instead of at every
+    call) and fold constant work; the step keeps those copies (memory) and never sees a later
+    change of the weights: build a new step after training or reloading the model. (Freezing is
+    read when a shape compiles, which happens at a call, so the option is set around each call:
+    `torch.compile(options=...)` does not reach it.)
     """
-    kwargs: dict[str, Any] = {"fullgraph": fullgraph, "dynamic": False, "backend": backend}
-    if backend == "inductor" and mode is not None:
-        kwargs["mode"] = mode
-    return torch.compile(decode_step, **kwargs)
+    if backend != "inductor":
+        return torch.compile(decode_step, fullgraph=fullgraph, dynamic=False, backend=backend)
+    compiled = torch.compile(decode_step, fullgraph=fullgraph, dynamic=False, mode=mode)
+    if not freeze_weights:
+        return compiled
+
+    def frozen_step(*args: Any) -> torch.Tensor:
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
+
+    return frozen_step
 
 
 # ----------------------------------------------------------------------------- kept KV caches
