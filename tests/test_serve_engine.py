@@ -207,3 +207,40 @@ def test_a_burst_joins_over_several_steps_within_the_prefill_budget(setup):
         engine.step()
     for k in range(3):
         assert "".join(e.text for e in events[str(k)]) == alone[k].texts[0]
+
+
+def test_started_engine_does_its_torch_work_on_the_torch_thread_only(setup):
+    """`serve`'s wiring: the engine's loop runs each step (prefill, decode, sampling) on the
+    server's one torch thread, never on its own loop thread, and answers as `generate` does."""
+    import threading
+
+    from tilevlm.serving.torch_thread import TorchThread
+
+    model, tokenizer, batches, alone = setup
+    engine = Engine(model, tokenizer, max_batch=2, max_queue=4, torch_thread=TorchThread())
+    threads: set[str] = set()
+    step = engine.rows.step
+
+    def recording_step(tokens):
+        threads.add(threading.current_thread().name)
+        return step(tokens)
+
+    engine.rows.step = recording_step
+    done = threading.Event()
+    events: list = []
+
+    def on_event(event) -> None:
+        events.append(event)
+        if event.finish_reason:
+            done.set()
+
+    engine.start()
+    try:
+        engine.reserve()
+        engine.submit(Request("0", batches[0]["input_ids"], batches[0]["pixel_values"],
+                              max_tokens=NEW_TOKENS, on_event=on_event))
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert threads == {"tilevlm-torch"}
+    assert "".join(e.text for e in events) == alone[0].texts[0]

@@ -33,17 +33,19 @@ from tilevlm.serving.prompt import Prompt, load_request_image, prepare_prompt, t
 from tilevlm.serving.request import Event
 from tilevlm.serving.request import Request as EngineRequest
 from tilevlm.serving.settings import ServeSettings
+from tilevlm.serving.torch_thread import TorchThread
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServerState:
-    """What the routes share: the settings, the processor (ready at once) and the engine (once
-    the model has loaded)."""
+    """What the routes share: the settings, the processor (ready at once), the thread that
+    does torch work (the tiles too) and the engine (once the model has loaded)."""
 
     settings: ServeSettings
     processor: Processor
+    torch_thread: TorchThread = field(default_factory=TorchThread)
     engine: Engine | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -80,7 +82,7 @@ def create_app(state: ServerState) -> FastAPI:
             raise bad_request("expected {\"image_url\": {\"url\": \"data:image/...\"}}",
                               "image_url")
         image = await run_in_threadpool(load_request_image, url, "image_url", state.settings)
-        return await run_in_threadpool(tile_preview, state.processor, image)
+        return await state.torch_thread.call(tile_preview, state.processor, image)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -94,8 +96,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiError(429, f"the server is busy ({e}); retry later", type="server_busy",
                            code="queue_full", headers=_retry(state)) from None
         try:
-            prompt = await run_in_threadpool(prepare_prompt, state.processor, chat,
-                                             state.settings, engine.max_len)
+            prompt = await state.torch_thread.call(prepare_prompt, state.processor, chat,
+                                                   state.settings, engine.max_len)
         except BaseException:
             engine.release()
             raise

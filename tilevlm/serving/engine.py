@@ -13,7 +13,9 @@ answer never holds the others back. End of turn, stop texts and what text is saf
 
 Bounds: `max_batch` rows decode at once and at most `max_queue` more wait; beyond that
 `reserve` refuses at once (`QueueFull`), before any work is done for the request.
-`start()` runs `step()` on a thread of its own; tests call `step()` directly.
+`start()` runs `step()` in a loop on a thread of its own, each step on the server's
+`TorchThread` when one is given (so that one thread does all torch work); tests call `step()`
+directly.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from tilevlm.inference.generation import RowState
 from tilevlm.inference.rows import DecodeRows
 from tilevlm.inference.sampling import StopStrings, sample_next_token
 from tilevlm.serving.request import FINISH_REASONS, Event, Request
+from tilevlm.serving.torch_thread import TorchThread
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ class Engine:
 
     def __init__(self, model: Any, tokenizer: Any, max_batch: int = 8, max_queue: int = 32,
                  max_len: int | None = None, step_fn: Any = None,
-                 max_prefill_tokens: int = 512) -> None:
+                 max_prefill_tokens: int = 512, torch_thread: TorchThread | None = None) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         if max_prefill_tokens < 1:
@@ -79,6 +82,7 @@ class Engine:
         limit = model.cfg.lm_max_position_embeddings
         self.rows = DecodeRows(model, max_batch, max_len or limit, step_fn)
         self.tokenizer = tokenizer
+        self.torch_thread = torch_thread
         self.eos_ids = [tokenizer.eos_token_id]
         self.max_batch, self.max_queue = max_batch, max_queue
         self.counts = EngineCounts()
@@ -145,7 +149,10 @@ class Engine:
                 if self._stopping:
                     return
             try:
-                self.step()
+                if self.torch_thread is None:
+                    self.step()
+                else:
+                    self.torch_thread.run(self.step)
             except Exception:  # never leave the loop: fail what was running, keep serving
                 log.exception("engine step failed; its requests get an error")
                 self._fail_running("the model failed on this request's batch")

@@ -1,6 +1,6 @@
 """Running the server: bind the socket (a port in use is one line, before anything loads),
 answer at once (`/health` says 503 while the model loads, the tile preview already works), load
-the model on a thread of its own, then start the engine. Uvicorn runs the app until Ctrl-C or
+the model on the server's torch thread (`torch_thread.py`), then start the engine. Uvicorn runs the app until Ctrl-C or
 SIGTERM; the engine is stopped with it."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import threading
 from typing import Any, Callable
 
 import uvicorn
@@ -17,6 +16,7 @@ from tilevlm.preprocessing.processor import Processor
 from tilevlm.serving.app import ServerState, create_app
 from tilevlm.serving.engine import Engine
 from tilevlm.serving.settings import ServeSettings
+from tilevlm.serving.torch_thread import TorchThread
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def serve(settings: ServeSettings, processor: Processor, load_model: Callable[[]
           max_len: int) -> None:
     """Serve until stopped; a failure to load the model ends the server and is raised here."""
     sock = bind(settings.host, settings.port)
-    state = ServerState(settings, processor)
+    torch_thread = TorchThread()
+    state = ServerState(settings, processor, torch_thread)
     config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
@@ -50,7 +51,8 @@ def serve(settings: ServeSettings, processor: Processor, load_model: Callable[[]
         try:
             model = load_model()
             engine = Engine(model, processor.tokenizer, settings.max_batch, settings.max_queue,
-                            max_len, max_prefill_tokens=settings.max_prefill_tokens)
+                            max_len, max_prefill_tokens=settings.max_prefill_tokens,
+                            torch_thread=torch_thread)
             engine.start()
             state.engine = engine
             log.info("ready: %s answers as %r (up to %d rows, %d waiting, %d positions each)",
@@ -63,8 +65,7 @@ def serve(settings: ServeSettings, processor: Processor, load_model: Callable[[]
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (loading the model; /health is 503 until it is ready)",
              _url_host(host), port)
-    loader = threading.Thread(target=load, name="tilevlm-load", daemon=True)
-    loader.start()
+    torch_thread.submit(load)
     # Uvicorn shuts down gracefully on SIGTERM, then raises the signal again: with this handler
     # in place the command then ends normally (exit code 0) instead of dying of the signal.
     previous = signal.signal(signal.SIGTERM, _stopped)
@@ -76,6 +77,7 @@ def serve(settings: ServeSettings, processor: Processor, load_model: Callable[[]
         signal.signal(signal.SIGTERM, previous)
         if state.engine is not None:
             state.engine.stop()
+        torch_thread.shutdown()
         sock.close()
     if failure:
         raise failure[0]
