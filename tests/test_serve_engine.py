@@ -5,6 +5,8 @@ their own positions in the KV cache (the model's per-row cache_position)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.serving.engine import Engine, QueueFull
 from tilevlm.serving.request import Request
+from tilevlm.serving.torch_thread import TorchThread
 
 from helpers import make_photo
 
@@ -212,10 +215,6 @@ def test_a_burst_joins_over_several_steps_within_the_prefill_budget(setup):
 def test_started_engine_does_its_torch_work_on_the_torch_thread_only(setup):
     """`serve`'s wiring: the engine's loop runs each step (prefill, decode, sampling) on the
     server's one torch thread, never on its own loop thread, and answers as `generate` does."""
-    import threading
-
-    from tilevlm.serving.torch_thread import TorchThread
-
     model, tokenizer, batches, alone = setup
     engine = Engine(model, tokenizer, max_batch=2, max_queue=4, torch_thread=TorchThread())
     threads: set[str] = set()

@@ -119,7 +119,7 @@ def _submit(engine: Engine, request_id: str, prompt: Prompt, chat: Any,
     """Queue the request in the engine; its events come back on this event loop."""
     loop = asyncio.get_running_loop()
 
-    def on_event(event: Event) -> None:  # on the engine's thread
+    def on_event(event: Event) -> None:  # on the torch thread (the engine's steps)
         try:
             loop.call_soon_threadsafe(events.put_nowait, event)
         except RuntimeError:  # the loop has closed: the server is going down

@@ -1,7 +1,7 @@
 """Running the server: bind the socket (a port in use is one line, before anything loads),
 answer at once (`/health` says 503 while the model loads, the tile preview already works), load
-the model on the server's torch thread (`torch_thread.py`), then start the engine. Uvicorn runs the app until Ctrl-C or
-SIGTERM; the engine is stopped with it."""
+the model on the server's torch thread (`torch_thread.py`), then start the engine. Uvicorn runs
+the app until Ctrl-C or SIGTERM; the engine is stopped with it."""
 
 from __future__ import annotations
 
