@@ -7,6 +7,7 @@ Everything is made here (no network, no files from outside the test's tmp direct
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import byte_level_bpe, make_photo
+from helpers import SMALL, byte_level_bpe, make_photo, png, run_tilevlm, train_args
 from tilevlm import preset
 from tilevlm.config import VLMConfig
 from tilevlm.model.vlm import VisionLanguageModel
@@ -74,3 +75,40 @@ def hf_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
               "tokenizer_class": "GPT2Tokenizer"}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
+
+
+# ----------------------------------------------------------------------------- runs and copies
+@pytest.fixture(scope="session")
+def small_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset at SMALL's sizes, as a config file for `tilevlm train --config`."""
+    path = tmp_path_factory.mktemp("config") / "small.json"
+    preset("tiny", **SMALL).to_json(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished_run(small_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished synthetic run, made once: checkpoint-1, checkpoint-2 (`latest`), model/,
+    metrics.jsonl. Read it only; change a `run_copy`."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    done = run_tilevlm(*train_args(small_config, out, "--steps", 2, "--save-every", 1))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+@pytest.fixture
+def model_copy(model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small PNG file (40x30)."""
+    path = tmp_path_factory.mktemp("image") / "photo.png"
+    path.write_bytes(png(40, 30))
+    return path

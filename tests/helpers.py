@@ -44,6 +44,12 @@ SMALL = dict(vit_hidden_dim=32, vit_inter_dim=64, vit_n_heads=2, vit_n_blocks=1,
              max_img_size=64)
 
 
+def train_args(config: Path, out: Path, *extra: object) -> list[object]:
+    """`tilevlm train` on synthetic data for one step of batch 2, no evaluation, no bar."""
+    return ["train", "--config", config, "--data", "synthetic", "--out", out, "--steps", 1,
+            "--batch-size", 2, "--train-size", 20, "--eval-batches", 0, "--no-progress", *extra]
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,7 +13,7 @@ from tilevlm.weights.huggingface import build_from_hf
 from tilevlm.weights.nanovlm import load_nanovlm
 from tilevlm.weights.native import load_pretrained, save_pretrained
 from tilevlm.config import preset
-from tilevlm.special_tokens import IMAGE_TOKEN, grid_token
+from tilevlm.special_tokens import IMAGE_TOKEN
 from tilevlm.model import VisionLanguageModel
 
 from helpers import (LLAMA_VOCAB, base_config, make_llama, make_siglip, write_base_tokenizer,

@@ -14,7 +14,7 @@ import pytest
 from tilevlm import preset
 from tilevlm.evaluation import metrics
 from tilevlm.evaluation.task_run import run_task, task_samples
-from tilevlm.evaluation.tasks import TASKS, TaskRows, get_task
+from tilevlm.evaluation.tasks import TASKS, get_task
 from tilevlm.preprocessing.processor import Processor
 from tilevlm.training.loop import train
 

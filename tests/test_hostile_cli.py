@@ -16,52 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import SMALL, assert_refused, png, records, run_tilevlm
-from tilevlm import preset
+from helpers import assert_refused, png, records, run_tilevlm, train_args
 
 DEEP = "[" * 100_000 + "]" * 100_000  # far deeper than any JSON parser's recursion
 QUESTION = [{"from": "human", "value": "<image>What is it?"}, {"from": "gpt", "value": "A photo."}]
 
 
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def small_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "small.json"
-    preset("tiny", **SMALL).to_json(path)
-    return path
-
-
-def _train_args(config: Path, out: Path, *extra: object) -> list[object]:
-    return ["train", "--config", config, "--data", "synthetic", "--out", out, "--steps", 1,
-            "--batch-size", 2, "--train-size", 20, "--eval-batches", 0, "--no-progress", *extra]
-
-
-@pytest.fixture(scope="module")
-def run_dir(small_config, tmp_path_factory) -> Path:
-    """A synthetic run with checkpoint-1 and checkpoint-2 (`latest` names checkpoint-2)."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    done = run_tilevlm(*_train_args(small_config, out, "--steps", 2, "--save-every", 1))
-    assert done.returncode == 0, done.stderr
-    return out
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path) -> Path:
-    return Path(shutil.copytree(run_dir, tmp_path / "run"))
-
-
-@pytest.fixture
-def model_copy(model_dir, tmp_path) -> Path:
-    return Path(shutil.copytree(model_dir, tmp_path / "model"))
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("image") / "photo.png"
-    path.write_bytes(png(40, 30))
-    return path
-
-
+# ----------------------------------------------------------------------------- helpers
 def _resume(run: Path, *extra: object) -> list[object]:
     return ["train", "--resume", run, "--data", "synthetic", "--out", run, "--steps", 3,
             "--batch-size", 2, "--train-size", 20, "--eval-batches", 0, "--no-progress", *extra]
@@ -88,14 +49,14 @@ def test_bad_config_files_are_one_line(tmp_path, config_text, message):
         config.write_bytes(config_text)
     else:
         config.write_text(config_text)
-    done = run_tilevlm(*_train_args(config, tmp_path / "out"), timeout=60)
+    done = run_tilevlm(*train_args(config, tmp_path / "out"), timeout=60)
     assert_refused(done, "train", str(config), message)
 
 
 def test_config_missing_or_a_directory_is_an_input_error(tmp_path):
-    assert_refused(run_tilevlm(*_train_args(tmp_path / "none.json", tmp_path / "o")), "train",
+    assert_refused(run_tilevlm(*train_args(tmp_path / "none.json", tmp_path / "o")), "train",
                    "file not found")
-    assert_refused(run_tilevlm(*_train_args(tmp_path, tmp_path / "o")), "train",
+    assert_refused(run_tilevlm(*train_args(tmp_path, tmp_path / "o")), "train",
                    "not a regular file")
 
 
@@ -109,20 +70,20 @@ def test_config_missing_or_a_directory_is_an_input_error(tmp_path):
 def test_bad_training_options_are_refused_before_step_1(small_config, tmp_path, extra,
                                                          message):
     out = tmp_path / "out"
-    assert_refused(run_tilevlm(*_train_args(small_config, out, *extra)), "train", message)
+    assert_refused(run_tilevlm(*train_args(small_config, out, *extra)), "train", message)
     assert not list(out.glob("checkpoint-*"))
 
 
 def test_out_an_existing_file_is_an_input_error(small_config, tmp_path):
     out = tmp_path / "taken"
     out.write_text("a file")
-    assert_refused(run_tilevlm(*_train_args(small_config, out)), "train", "is not a directory")
+    assert_refused(run_tilevlm(*train_args(small_config, out)), "train", "is not a directory")
 
 
 def test_val_data_nested_too_deep_is_one_line(small_config, model_dir, image, tmp_path):
     val = tmp_path / "val.json"
     val.write_text(DEEP)
-    done = run_tilevlm(*_train_args(small_config, tmp_path / "out", "--val-data", val,
+    done = run_tilevlm(*train_args(small_config, tmp_path / "out", "--val-data", val,
                                     "--eval-batches", 1))
     assert_refused(done, "train", str(val), "nested more than 64 levels deep")
 
@@ -231,8 +192,8 @@ def test_latest_a_directory_is_an_input_error(run_copy):
     assert "Traceback" not in done.stderr
 
 
-def test_latest_pointing_into_another_run_is_not_followed(run_dir, run_copy, tmp_path):
-    other = Path(shutil.copytree(run_dir, tmp_path / "other-run"))
+def test_latest_pointing_into_another_run_is_not_followed(finished_run, run_copy, tmp_path):
+    other = Path(shutil.copytree(finished_run, tmp_path / "other-run"))
     shutil.rmtree(run_copy / "checkpoint-2")
     (run_copy / "latest").write_text("../other-run/checkpoint-2\n")
     done = run_tilevlm(*_resume(run_copy))

@@ -11,7 +11,6 @@ import shutil
 import struct
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,7 +19,6 @@ from safetensors.torch import save_file
 
 from helpers import SMALL, make_model, png, quick, write_parquet
 from tilevlm import preset
-from tilevlm.config import VLMConfig
 from tilevlm.data.batch import TrainBatch
 from tilevlm.data.readers.save_to_disk import arrow_files
 from tilevlm.data.lengths import SampleMeter
