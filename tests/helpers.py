@@ -607,3 +607,24 @@ class PackedBatches:
         logging.getLogger(__name__).info("packing pass: %d samples in %d rows, %d batches, %.1f%% padding, skipped %s",
                  self.stats.samples, self.stats.rows, self.stats.batches,
                  100 * self.stats.padding_fraction, self.skips.as_dict())
+
+
+def text_part(text: str) -> dict:
+    """A text part of a transformers-style message's content."""
+    return {"type": "text", "text": text}
+
+
+def as_tilevlm_chat(conversation: list[dict]) -> tuple[list[dict], list]:
+    """A transformers-style conversation (content parts) as tilevlm's messages, "<image>" where
+    each image part stands, and the images in order."""
+    messages, images = [], []
+    for message in conversation:
+        text = ""
+        for part in message["content"]:
+            if part["type"] == "image":
+                text += "<image>"
+                images.append(part["image"])
+            else:
+                text += part["text"]
+        messages.append({"role": message["role"], "content": text})
+    return messages, images

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_idefics3, make_photo, run_tilevlm, write_idefics3_tokenizer
+from helpers import (as_tilevlm_chat, make_idefics3, make_photo, run_tilevlm, text_part,
+                     write_idefics3_tokenizer)
 from tilevlm.inference.generation import generate
 from tilevlm.weights.loading import load_for_inference
 
@@ -34,37 +35,19 @@ def _image(seed: int) -> dict:
     return {"type": "image", "image": make_photo(150 + 40 * seed, 100 + 30 * seed, 30 + seed)}
 
 
-def _text(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
 # Conversations as transformers' processors take them (parts); tilevlm gets the same text with
 # "<image>" where each image part stands, and the images in order.
 CONVERSATIONS = {
-    "image_then_text": [{"role": "user", "content": [_image(0), _text("What is in it?")]}],
-    "text_then_image": [{"role": "user", "content": [_text("Look: "), _image(1)]}],
-    "two_images": [{"role": "user", "content": [_image(2), _text(" or "), _image(3),
-                                                _text(" - which?")]}],
-    "multi_turn": [{"role": "user", "content": [_image(1), _text("What is it?")]},
-                   {"role": "assistant", "content": [_text("Blobs.")]},
-                   {"role": "user", "content": [_text("Colours?")]}],
-    "system": [{"role": "system", "content": [_text("Be brief.")]},
-               {"role": "user", "content": [_image(4), _text("Colour?")]}],
+    "image_then_text": [{"role": "user", "content": [_image(0), text_part("What is in it?")]}],
+    "text_then_image": [{"role": "user", "content": [text_part("Look: "), _image(1)]}],
+    "two_images": [{"role": "user", "content": [_image(2), text_part(" or "), _image(3),
+                                                text_part(" - which?")]}],
+    "multi_turn": [{"role": "user", "content": [_image(1), text_part("What is it?")]},
+                   {"role": "assistant", "content": [text_part("Blobs.")]},
+                   {"role": "user", "content": [text_part("Colours?")]}],
+    "system": [{"role": "system", "content": [text_part("Be brief.")]},
+               {"role": "user", "content": [_image(4), text_part("Colour?")]}],
 }
-
-
-def _as_tilevlm(conversation: list[dict]) -> tuple[list[dict], list]:
-    messages, images = [], []
-    for message in conversation:
-        text = ""
-        for part in message["content"]:
-            if part["type"] == "image":
-                text += "<image>"
-                images.append(part["image"])
-            else:
-                text += part["text"]
-        messages.append({"role": message["role"], "content": text})
-    return messages, images
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +87,7 @@ def test_auto_processor_apply_chat_template_gives_our_prompt_and_answers(exporte
         theirs = hf_processor.apply_chat_template(conversation, add_generation_prompt=True,
                                                   tokenize=True, return_dict=True,
                                                   return_tensors="pt")
-        messages, images = _as_tilevlm(conversation)
+        messages, images = as_tilevlm_chat(conversation)
         ours = processor([messages], [images], add_generation_prompt=True)
         assert ours["input_ids"].tolist() == theirs["input_ids"].tolist(), name
         with torch.no_grad():
@@ -149,7 +132,7 @@ def test_the_written_template_renders_in_transformers_what_ours_renders(template
                                                  for c in m["content"]]} for m in conversation]
         (theirs,), _ = render_jinja_template(conversations=[parts], chat_template=written,
                                              add_generation_prompt=True)
-        messages, _ = _as_tilevlm(conversation)
+        messages, _ = as_tilevlm_chat(conversation)
         ours = "".join(text for text, _ in VLMTokenizer.chat_segments(
             SimpleNamespace(chat_template=template, bos_token=None, eos_token="<|im_end|>"),
             messages, True))

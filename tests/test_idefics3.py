@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import idefics3_processor, make_idefics3, make_photo, write_idefics3_tokenizer
+from helpers import (as_tilevlm_chat, idefics3_processor, make_idefics3, make_photo, text_part,
+                     write_idefics3_tokenizer)
 from tilevlm.inference.generation import generate
 from tilevlm.weights.loading import load_for_inference, load_processor
 from tilevlm.preprocessing.processor import image_prompt_tokens
@@ -372,39 +373,21 @@ def _image(seed: int) -> dict:
     return {"type": "image", "image": make_photo(300 + 70 * seed, 200 + 40 * seed, 20 + seed)}
 
 
-def _text(text: str) -> dict:
-    return {"type": "text", "text": text}
-
-
 # Conversations as transformers' processors take them (parts); tilevlm gets the same text with
-# "<image>" where each image part stands (`_as_tilevlm`), and the images in order.
+# "<image>" where each image part stands (`as_tilevlm_chat`), and the images in order.
 TEMPLATE_CASES = {
-    "image_then_text": [{"role": "user", "content": [_image(0), _text("What is in the picture?")]}],
-    "text_then_image": [{"role": "user", "content": [_text("Look at this: "), _image(1)]}],
-    "two_images": [{"role": "user", "content": [_image(2), _text(" and "), _image(3),
-                                                _text(" - which is brighter?")]}],
-    "two_images_first": [{"role": "user", "content": [_image(0), _image(4), _text("Compare.")]}],
-    "multi_turn": [{"role": "user", "content": [_image(1), _text("What is it?")]},
-                   {"role": "assistant", "content": [_text("A photo of blobs.")]},
-                   {"role": "user", "content": [_text("And its colours?")]},
-                   {"role": "assistant", "content": [_text("Red and blue.")]}],
-    "system": [{"role": "system", "content": [_text("Answer in one word.")]},
-               {"role": "user", "content": [_image(2), _text("Colour?")]}],
+    "image_then_text": [{"role": "user", "content": [_image(0), text_part("What is in the picture?")]}],
+    "text_then_image": [{"role": "user", "content": [text_part("Look at this: "), _image(1)]}],
+    "two_images": [{"role": "user", "content": [_image(2), text_part(" and "), _image(3),
+                                                text_part(" - which is brighter?")]}],
+    "two_images_first": [{"role": "user", "content": [_image(0), _image(4), text_part("Compare.")]}],
+    "multi_turn": [{"role": "user", "content": [_image(1), text_part("What is it?")]},
+                   {"role": "assistant", "content": [text_part("A photo of blobs.")]},
+                   {"role": "user", "content": [text_part("And its colours?")]},
+                   {"role": "assistant", "content": [text_part("Red and blue.")]}],
+    "system": [{"role": "system", "content": [text_part("Answer in one word.")]},
+               {"role": "user", "content": [_image(2), text_part("Colour?")]}],
 }
-
-
-def _as_tilevlm(conversation: list[dict]) -> tuple[list[dict], list]:
-    messages, images = [], []
-    for message in conversation:
-        text = ""
-        for part in message["content"]:
-            if part["type"] == "image":
-                text += "<image>"
-                images.append(part["image"])
-            else:
-                text += part["text"]
-        messages.append({"role": message["role"], "content": text})
-    return messages, images
 
 
 @pytest.fixture(scope="module")
@@ -438,7 +421,7 @@ def test_chat_template_prompt_and_ids_match_transformers(templated, which, case,
                                                          generation_prompt):
     directory, ref = templated(which)
     conversation = TEMPLATE_CASES[case]
-    messages, images = _as_tilevlm(conversation)
+    messages, images = as_tilevlm_chat(conversation)
     processor = load_processor(directory)
     theirs_text = ref.apply_chat_template(conversation, tokenize=False,
                                           add_generation_prompt=generation_prompt)
@@ -457,7 +440,7 @@ def test_chat_template_prompt_and_ids_match_transformers(templated, which, case,
 
 def test_template_labels_keep_the_replies_with_image_parts(templated):
     directory, _ = templated("hub")
-    messages, images = _as_tilevlm(TEMPLATE_CASES["multi_turn"])
+    messages, images = as_tilevlm_chat(TEMPLATE_CASES["multi_turn"])
     processor = load_processor(directory)
     batch = processor([messages], [images])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
