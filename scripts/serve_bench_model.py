@@ -24,8 +24,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tilevlm import preset
 from tilevlm.model.vlm import VisionLanguageModel
 from tilevlm.preprocessing.tokenizer import load_tokenizer
-from tilevlm.special_tokens import (SMOLVLM_ADDED_TOKENS, SMOLVLM_GRID_SIDE,
-                                    smolvlm_token_ids)
+from tilevlm.special_tokens import (SMOLVLM_ADDED_TOKENS, SMOLVLM_EOS_TOKEN, SMOLVLM_GRID_SIDE,
+                                    smolvlm_added_tokens)
 from tilevlm.weights.export_idefics3 import export_idefics3
 
 BASE_VOCAB = 49152
@@ -83,14 +83,12 @@ def smolvlm_tokenizer(directory: Path) -> None:
     """tokenizer.json + tokenizer_config.json shaped like SmolVLM's (ids, specials, template)."""
     tok = base_bpe()
     assert tok.get_vocab_size(with_added_tokens=True) == BASE_VOCAB
-    by_id = {i: t for t, i in smolvlm_token_ids(BASE_VOCAB).items()}
-    added = [by_id.get(BASE_VOCAB + k, f"<|reserved_{k}|>") for k in range(SMOLVLM_ADDED_TOKENS)]
-    added[-1] = "<end_of_utterance>"
+    added = smolvlm_added_tokens(BASE_VOCAB)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
     assert tok.get_vocab_size(with_added_tokens=True) == BASE_VOCAB + SMOLVLM_ADDED_TOKENS
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<end_of_utterance>",
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SMOLVLM_EOS_TOKEN,
               "bos_token": "<|im_start|>", "pad_token": "<|im_end|>",
               "chat_template": SMOLVLM_TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

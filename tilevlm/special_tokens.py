@@ -47,6 +47,7 @@ Piece = tuple[str, bool]  # (text, is_special): a special token, or text to toke
 SMOLVLM_GRID_SIDE = 6
 SMOLVLM_ADDED_TOKENS = 128
 SMOLVLM_BOS_ID, SMOLVLM_PAD_ID = 1, 2
+SMOLVLM_EOS_TOKEN = "<end_of_utterance>"
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,20 @@ def smolvlm_token_ids(base_vocab_size: int) -> dict[str, int]:
         for c in range(1, SMOLVLM_GRID_SIDE + 1):
             ids[grid_token(r, c)] = base_vocab_size + 1 + (r - 1) * SMOLVLM_GRID_SIDE + c - 1
     return ids
+
+
+def smolvlm_added_tokens(base_vocab_size: int, count: int = SMOLVLM_ADDED_TOKENS) -> list[str]:
+    """The `count` tokens SmolVLM's tokenizer adds after the base vocabulary, in id order: the
+    idefics3 layout's (`smolvlm_token_ids`), reserved fillers, and <end_of_utterance> (its EOS)
+    last when there is room for it. For tokenizers made to SmolVLM's shape (benchmarks)."""
+    layout = sorted(smolvlm_token_ids(base_vocab_size).items(), key=lambda kv: kv[1])
+    tokens = [token for token, _ in layout]
+    room = count - len(tokens)
+    if room < 0:
+        raise ValueError(f"lm_vocab_size {base_vocab_size + count} leaves no room for SmolVLM's "
+                         f"{len(tokens)} image tokens after {base_vocab_size}")
+    reserved = [f"<|reserved_special_token_{k}|>" for k in range(room - 1)]
+    return tokens + reserved + ([SMOLVLM_EOS_TOKEN] if room else [])
 
 
 def special_tokens(grid_side: int) -> list[str]:

@@ -27,14 +27,13 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from tilevlm.preprocessing.tokenizer import VLMTokenizer, load_tokenizer
-from tilevlm.special_tokens import smolvlm_token_ids
+from tilevlm.special_tokens import SMOLVLM_EOS_TOKEN, smolvlm_added_tokens
 from tilevlm.weights.export_idefics3 import export_idefics3
 
 log = logging.getLogger(__name__)
 
 GGUF_TOOLS = Path(__file__).with_name("gguf_tools.py")
 FIRST_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # SmolLM2's ids 0, 1, 2
-END_OF_UTTERANCE = "<end_of_utterance>"  # SmolVLM's eos, its last token
 TEXT_TYPES = ("f32", "bf16", "q8_0")  # what the converter writes itself
 QUANTIZED_TYPES = ("q4_0",)  # what llama-quantize makes from the f32 file
 MMPROJ_TYPES = ("f32", "f16")
@@ -78,24 +77,17 @@ def stand_in_tokenizer(cfg: Any, directory: Path) -> VLMTokenizer:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": FIRST_TOKENS[1],
               "pad_token": FIRST_TOKENS[2], "eos_token": _eos(cfg)}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return load_tokenizer(directory, grid_side=cfg.max_tiles_per_side, layout=cfg.image_token_layout)
+    return load_tokenizer(directory, grid_side=cfg.max_tiles_per_side,
+                          layout=cfg.image_token_layout)
 
 
 def _added_tokens(cfg: Any) -> list[str]:
     """The tokens after the base vocabulary, in id order."""
-    layout = sorted(smolvlm_token_ids(cfg.lm_base_vocab_size).items(), key=lambda kv: kv[1])
-    tokens = [token for token, _ in layout]
-    room = cfg.lm_vocab_size - cfg.lm_base_vocab_size - len(tokens)
-    if room < 0:
-        raise ValueError(f"lm_vocab_size {cfg.lm_vocab_size} leaves no room for SmolVLM's "
-                         f"{len(tokens)} image tokens after {cfg.lm_base_vocab_size}")
-    reserved = [f"<|reserved_special_token_{k}|>" for k in range(room - 1)]
-    return tokens + reserved + ([END_OF_UTTERANCE] if room else [])
+    return smolvlm_added_tokens(cfg.lm_base_vocab_size, cfg.lm_vocab_size - cfg.lm_base_vocab_size)
 
 
 def _eos(cfg: Any) -> str:
-    room = cfg.lm_vocab_size - cfg.lm_base_vocab_size - len(smolvlm_token_ids(0))
-    return END_OF_UTTERANCE if room > 0 else FIRST_TOKENS[2]
+    return SMOLVLM_EOS_TOKEN if SMOLVLM_EOS_TOKEN in _added_tokens(cfg) else FIRST_TOKENS[2]
 
 
 # ----------------------------------------------------------------------------- the files
